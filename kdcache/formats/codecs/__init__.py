@@ -1,0 +1,35 @@
+"""Codec registry. `get_codec(name)` returns a codec class; defaults are chosen by measurement
+(BENCHMARKS.md, `kdcache codec eval`)."""
+
+from __future__ import annotations
+
+from kdcache.formats.codecs.base import TARGET_KINDS, TargetCodec, id_dtype
+from kdcache.formats.codecs.raw import RawCodec
+
+_REGISTRY: dict[str, type[TargetCodec]] = {RawCodec.name: RawCodec}
+
+DEFAULT_CODEC: dict[str, str] = {"topk": "raw", "sampled": "raw"}
+
+
+def register_codec(cls: type[TargetCodec]) -> type[TargetCodec]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_codec(name: str) -> type[TargetCodec]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown codec {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_codecs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def default_codec(kind: str) -> str:
+    return DEFAULT_CODEC[kind]
+
+
+__all__ = ["TARGET_KINDS", "TargetCodec", "id_dtype", "get_codec", "register_codec",
+           "available_codecs", "default_codec", "DEFAULT_CODEC", "RawCodec"]

@@ -1,0 +1,67 @@
+"""One packed window with its teacher targets: what the writer takes and the reader gives back.
+
+Row semantics (FORMAT.md): a window of n tokens carries n target rows; row i is the teacher's
+distribution for token i+1 given tokens up to i. `valid[i]` is False for rows with no target: the
+window's last token always, and in document-masked modes each document's last token (its EOS).
+Invalid rows hold ids -1 and log-probs -inf (weights 0 for sampled targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PACKING_MODES = ("causal", "document", "document-global")
+
+
+@dataclass
+class WindowRecord:
+    """Writer input, numpy arrays. `ids`/`values` cover all n rows; rows where `valid` is False
+    are ignored. `doc_offsets` are cu_seqlens: [0, end_0, end_1, ..., n]."""
+
+    window_index: int
+    tokens: np.ndarray  # int [n]
+    doc_offsets: np.ndarray  # int [d+1], starts at 0, ends at n, strictly increasing
+    valid: np.ndarray  # bool [n]
+    ids: np.ndarray  # int [n, k]
+    values: np.ndarray  # float32 [n, k]: log-probs (topk) or weights (sampled)
+    doc_ids: np.ndarray | None = None  # int64 [d]: source document index of each segment
+    doc_pieces: np.ndarray | None = None  # int32 [d]: piece number of a split document (0 = first)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class Window:
+    """Reader output, torch tensors (int32 ids, float32 values)."""
+
+    window_index: int
+    tokens: "torch.Tensor"  # int32 [n]
+    doc_offsets: "torch.Tensor"  # int32 [d+1]
+    valid: "torch.Tensor"  # bool [n]
+    ids: "torch.Tensor"  # int32 [n, k], -1 where invalid or padded
+    logprobs: "torch.Tensor | None" = None  # float32 [n, k] for topk targets, -inf where invalid
+    weights: "torch.Tensor | None" = None  # float32 [n, k] for sampled targets, 0 where invalid
+    doc_ids: "torch.Tensor | None" = None  # int64 [d]
+    doc_pieces: "torch.Tensor | None" = None  # int32 [d]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def default_valid(n: int, doc_offsets: np.ndarray, mode: str) -> np.ndarray:
+    """The `valid` flags FORMAT.md prescribes for a packing mode."""
+    if mode not in PACKING_MODES:
+        raise ValueError(f"unknown packing mode {mode!r}; expected one of {PACKING_MODES}")
+    valid = np.ones(n, dtype=bool)
+    if n:
+        valid[-1] = False
+    if mode != "causal":
+        ends = np.asarray(doc_offsets[1:], dtype=np.int64) - 1
+        valid[ends[(ends >= 0) & (ends < n)]] = False
+    return valid

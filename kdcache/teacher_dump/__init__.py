@@ -1,0 +1,1 @@
+"""kdcache.teacher_dump"""
