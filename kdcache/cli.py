@@ -17,7 +17,10 @@ from kdcache.errors import KdcacheError
 _COMMAND_MODULES = (
     "kdcache.teacher_dump.commands",
     "kdcache.formats.commands",
+    "kdcache.formats.codec_commands",
     "kdcache.student_train.commands",
+    "kdcache.student_train.eval.commands",
+    "kdcache.student_train.analysis.commands",
     "kdcache.kernels.commands",
     "kdcache.demo",
 )
