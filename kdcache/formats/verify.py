@@ -1,0 +1,136 @@
+"""`verify`: prove a dataset copy is complete and intact before anyone trains on it.
+
+Checks, in order: the manifest (format, major version, fields); the codec table (size, xxh3);
+every shard (present, size, Arrow magic, xxh3, schema metadata, window count); every window
+(token range, document offsets, `valid` flags required by the packing mode, decoded targets
+with the same checks the writer applies); and the totals. Problems are collected, not raised,
+so one run lists everything wrong with a copy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import KdcacheError
+from kdcache.formats import storage
+from kdcache.formats.manifest import SHARD_DIR
+from kdcache.formats.reader import LogitDataset
+from kdcache.formats.validate import validate_window
+from kdcache.formats.window import WindowRecord
+
+
+@dataclass
+class VerifyReport:
+    root: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+    windows_checked: int = 0
+    tokens_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"root": self.root, "ok": self.ok, "problems": self.problems,
+                "warnings": self.warnings, "shards_checked": self.shards_checked,
+                "windows_checked": self.windows_checked, "tokens_checked": self.tokens_checked}
+
+
+def verify_dataset(root: str | os.PathLike, *, decode: bool = True,
+                   progress: bool = False) -> VerifyReport:
+    """Check everything about a dataset; `decode=False` skips per-window target decoding."""
+    report = VerifyReport(root=os.fspath(root))
+    try:
+        ds = LogitDataset(root, verify_hashes=True, max_open_shards=1)
+    except KdcacheError as exc:
+        report.problems.append(str(exc))
+        return report
+    except Exception as exc:  # anything else unreadable is still a finding, not a crash
+        report.problems.append(f"{root}: cannot open dataset: {type(exc).__name__}: {exc}")
+        return report
+
+    seen_windows: list[int] = []
+    totals = {"windows": 0, "tokens": 0, "valid_rows": 0}
+    shard_iter = range(len(ds.shards))
+    if progress:
+        from tqdm import tqdm
+        shard_iter = tqdm(shard_iter, desc="verify", unit="shard")
+    for s in shard_iter:
+        info = ds.shards[s]
+        try:
+            reader = ds.shard(s)
+        except KdcacheError as exc:
+            report.problems.append(str(exc))
+            continue
+        report.shards_checked += 1
+        tokens = valid_rows = 0
+        for j in range(len(reader)):
+            where = f"{reader.path}: window {j}"
+            try:
+                f = reader.fields(j)
+                seen_windows.append(f["window_index"])
+                n = f["tokens"].shape[0]
+                tokens += n
+                valid_rows += int(f["valid"].sum())
+                if not info.first_window <= f["window_index"] <= info.last_window:
+                    report.problems.append(f"{where}: window_index {f['window_index']} outside the "
+                                           f"manifest's range {info.first_window}..{info.last_window}")
+                if decode:
+                    w = ds.decode_window(f, where=where)
+                    values = w.logprobs if w.logprobs is not None else w.weights
+                    rec = WindowRecord(window_index=f["window_index"], tokens=f["tokens"],
+                                       doc_offsets=f["doc_offsets"], valid=f["valid"],
+                                       ids=w.ids.numpy(), values=values.numpy(),
+                                       doc_ids=f["doc_ids"], doc_pieces=f["doc_pieces"])
+                    validate_window(rec, ds.header, where=reader.path)
+                report.windows_checked += 1
+                report.tokens_checked += n
+            except KdcacheError as exc:
+                report.problems.append(str(exc))
+        for key, got, want in (("tokens", tokens, info.tokens),
+                               ("valid_rows", valid_rows, info.valid_rows)):
+            if got != want:
+                report.problems.append(f"{reader.path}: {got} {key}, manifest says {want}")
+
+    for key in totals:
+        totals[key] = sum(getattr(info, key) for info in ds.shards)
+    for key, got in totals.items():
+        want = ds.manifest["totals"].get(key)
+        if got != want:
+            report.problems.append(f"manifest totals: {key} is {want}, shards add up to {got}")
+    if report.shards_checked == len(ds.shards):  # indices are only meaningful over every shard
+        _check_window_indices(seen_windows, report)
+    _check_stray_files(ds, report)
+    return report
+
+
+def _check_window_indices(seen: list[int], report: VerifyReport) -> None:
+    if not seen:
+        return
+    arr = np.sort(np.asarray(seen, dtype=np.int64))
+    dups = arr[1:][arr[1:] == arr[:-1]]
+    if dups.size:
+        report.problems.append(f"window_index repeated across shards: {sorted(set(dups.tolist()))[:10]}")
+    expected = np.arange(arr.size)
+    if not dups.size and not np.array_equal(arr, expected):
+        missing = np.setdiff1d(np.arange(arr.max() + 1), arr)
+        report.problems.append(f"window indices are not 0..{arr.size - 1}: missing "
+                               f"{missing[:10].tolist()}")
+
+
+def _check_stray_files(ds: LogitDataset, report: VerifyReport) -> None:
+    shard_dir = storage.join(ds.base, SHARD_DIR)
+    try:
+        present = {p.rsplit("/", 1)[-1] for p in ds.fs.ls(shard_dir, detail=False)}
+    except (FileNotFoundError, OSError):
+        return
+    listed = {s.name.rsplit("/", 1)[-1] for s in ds.shards}
+    for name in sorted(present - listed):
+        kind = "leftover temporary file" if storage.TMP_MARKER in name else "file not in manifest"
+        report.warnings.append(f"{storage.join(shard_dir, name)}: {kind}")

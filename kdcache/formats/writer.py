@@ -1,0 +1,162 @@
+"""Writing datasets: validated targets -> codec -> Arrow IPC shards, atomically; manifest last.
+
+Two entry points:
+- `write_shard` + `finalize_dataset`: for distributed writers (the dump's Ray actors each write
+  whole shards and return ShardInfo; the driver finalises once every shard is in place).
+- `DatasetWriter`: a single-process writer that rolls shards as windows arrive.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from kdcache import __version__
+from kdcache.errors import FormatError
+from kdcache.formats import storage
+from kdcache.formats.card import render_card
+from kdcache.formats.codecs import TargetCodec, get_codec
+from kdcache.formats.manifest import (CARD_NAME, MANIFEST_NAME, SHARD_DIR, TABLE_PATH,
+                                      DatasetHeader, ShardInfo, build_manifest, dump_manifest)
+from kdcache.formats.shard import shard_schema, window_batch
+from kdcache.formats.validate import validate_window
+from kdcache.formats.window import WindowRecord
+
+IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+
+
+def shard_path(shard_name: str) -> str:
+    """Dataset-relative path of a shard: "shard-00003" -> "shards/shard-00003.arrow"."""
+    if "/" in shard_name or not shard_name or shard_name.startswith("."):
+        raise ValueError(f"invalid shard name {shard_name!r}")
+    return f"{SHARD_DIR}/{shard_name}.arrow"
+
+
+def make_codec(header: DatasetHeader, table: bytes | None = None) -> TargetCodec:
+    """The codec instance a dataset's header describes (with its dataset-level table, if any)."""
+    cls = get_codec(header.codec)
+    return cls(kind=header.kind, k=header.k, vocab_size=header.vocab_size, table=table,
+               **header.codec_params)
+
+
+def prepare_codec(header: DatasetHeader, *, token_counts: np.ndarray | None = None,
+                  sample_ids: np.ndarray | None = None) -> TargetCodec:
+    """Build the codec's dataset-level table (if it uses one) from what is known up front."""
+    cls = get_codec(header.codec)
+    table = cls.build_table(vocab_size=header.vocab_size, token_counts=token_counts,
+                            sample_ids=sample_ids)
+    return make_codec(header, table)
+
+
+def write_codec_table(root: str, codec: TargetCodec) -> dict[str, Any] | None:
+    """Store the codec's table as codec/table.bin; returns its manifest entry."""
+    if codec.table is None:
+        return None
+    fs, base = storage.resolve(root)
+    digest = storage.atomic_write_bytes(fs, storage.join(base, TABLE_PATH), codec.table)
+    return {"path": TABLE_PATH, "bytes": len(codec.table), "xxh3": digest}
+
+
+def write_shard(root: str, shard_name: str, windows: Iterable[WindowRecord],
+                header: DatasetHeader, codec: TargetCodec) -> ShardInfo:
+    """Validate, encode and write one shard atomically; returns its manifest entry."""
+    if codec.name != header.codec or codec.k != header.k or codec.kind != header.kind:
+        raise ValueError(f"codec ({codec.name}, k={codec.k}, {codec.kind}) does not match the "
+                         f"header ({header.codec}, k={header.k}, {header.kind})")
+    fs, base = storage.resolve(root)
+    rel = shard_path(shard_name)
+    path = storage.join(base, rel)
+    schema = shard_schema(header)
+    n_windows = tokens = valid_rows = target_bytes = 0
+    first = last = None
+    with storage.atomic_writer(fs, path) as out:
+        with ipc.new_file(out, schema, options=IPC_OPTIONS) as arrow_writer:
+            for rec in windows:
+                ids, values = validate_window(rec, header, where=path)
+                blob = codec.encode(ids, values)
+                n = rec.n_tokens
+                n_docs = len(rec.doc_offsets) - 1
+                doc_ids = rec.doc_ids if rec.doc_ids is not None else np.full(n_docs, -1)
+                doc_pieces = rec.doc_pieces if rec.doc_pieces is not None else np.zeros(n_docs)
+                arrow_writer.write_batch(window_batch(
+                    schema, window_index=rec.window_index, tokens=np.asarray(rec.tokens),
+                    doc_offsets=np.asarray(rec.doc_offsets), doc_ids=np.asarray(doc_ids),
+                    doc_pieces=np.asarray(doc_pieces), valid=np.asarray(rec.valid), blob=blob))
+                n_windows += 1
+                tokens += n
+                valid_rows += ids.shape[0]
+                target_bytes += len(blob) + (n + 7) // 8  # the blob plus the valid bitmap
+                first = rec.window_index if first is None else min(first, rec.window_index)
+                last = rec.window_index if last is None else max(last, rec.window_index)
+            if n_windows == 0:
+                raise ValueError(f"{path}: a shard needs at least one window")
+    return ShardInfo(name=rel, windows=n_windows, tokens=tokens, valid_rows=valid_rows,
+                     bytes=out.nbytes, target_bytes=target_bytes, xxh3=out.hasher.hexdigest(),
+                     first_window=int(first), last_window=int(last))
+
+
+def finalize_dataset(root: str, header: DatasetHeader, shards: list[ShardInfo], *,
+                     stats: dict[str, Any] | None = None,
+                     table: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the dataset card, then manifest.json (last: its presence marks a complete dataset)."""
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        raise FormatError(f"{root}: duplicate shard names in the manifest")
+    fs, base = storage.resolve(root)
+    manifest = build_manifest(header, shards, table=table, stats=stats,
+                              created_by=f"kdcache {__version__}")
+    storage.atomic_write_bytes(fs, storage.join(base, CARD_NAME), render_card(manifest).encode())
+    storage.atomic_write_bytes(fs, storage.join(base, MANIFEST_NAME), dump_manifest(manifest))
+    return manifest
+
+
+class DatasetWriter:
+    """Single-process writer: `add` windows in order, `close` to finalise.
+
+    Refuses to write into a directory that already holds a finished dataset unless
+    `overwrite=True`, so that one team's targets are never mixed with another run's.
+    """
+
+    def __init__(self, root: str | os.PathLike, header: DatasetHeader,
+                 codec: TargetCodec | None = None, *, windows_per_shard: int = 64,
+                 overwrite: bool = False) -> None:
+        self.root = os.fspath(root)
+        self.header = header
+        self.codec = codec or prepare_codec(header)
+        self.windows_per_shard = windows_per_shard
+        fs, base = storage.resolve(self.root)
+        if fs.exists(storage.join(base, MANIFEST_NAME)) and not overwrite:
+            raise FormatError(f"{self.root}: already holds a finished dataset (manifest.json); "
+                              "choose another directory or pass overwrite=True")
+        storage.remove_stale_temporaries(fs, storage.join(base, SHARD_DIR))
+        self.table_info = write_codec_table(self.root, self.codec)
+        self.shards: list[ShardInfo] = []
+        self._pending: list[WindowRecord] = []
+
+    def add(self, rec: WindowRecord) -> None:
+        self._pending.append(rec)
+        if len(self._pending) >= self.windows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard-{len(self.shards):05d}"
+        self.shards.append(write_shard(self.root, name, self._pending, self.header, self.codec))
+        self._pending = []
+
+    def close(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.flush()
+        return finalize_dataset(self.root, self.header, self.shards, stats=stats,
+                                table=self.table_info)
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
