@@ -78,7 +78,9 @@ class ShardReader:
 
     def fields(self, j: int) -> dict[str, Any]:
         try:
-            return batch_fields(self._file.get_batch(j))
+            batch = self._file.get_batch(j)
+            batch.validate(full=True)  # offsets and lengths in bounds before numpy sees them
+            return batch_fields(batch)
         except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
             raise FormatError(f"{self.path}: window {j} cannot be read: {exc}") from None
 
