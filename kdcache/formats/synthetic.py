@@ -25,7 +25,8 @@ def synthetic_targets(rng: np.random.Generator, n: int, vocab_size: int, k: int,
     ranks = np.minimum((rng.pareto(1.1, size=(n, cand)) * 50).astype(np.int64), vocab_size - 1)
     ids = np.empty((n, k_eff), dtype=np.int64)
     for r in range(n):  # distinct ids per row: first occurrences, topped up at random
-        u = np.unique(ranks[r])[: k_eff]
+        _, first = np.unique(ranks[r], return_index=True)
+        u = ranks[r][np.sort(first)][:k_eff]  # distinct, in draw order
         if u.size < k_eff:
             extra = rng.choice(vocab_size, size=k_eff * 2 + 8, replace=False)
             u = np.unique(np.concatenate([u, extra]))[:k_eff]
