@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from kdcache.formats.codecs.base import TARGET_KINDS, TargetCodec, id_dtype
+from kdcache.formats.codecs.qrank import QRankCodec
 from kdcache.formats.codecs.raw import RawCodec
 
-_REGISTRY: dict[str, type[TargetCodec]] = {RawCodec.name: RawCodec}
+_REGISTRY: dict[str, type[TargetCodec]] = {RawCodec.name: RawCodec, QRankCodec.name: QRankCodec}
 
 DEFAULT_CODEC: dict[str, str] = {"topk": "raw", "sampled": "raw"}
 
@@ -32,4 +33,4 @@ def default_codec(kind: str) -> str:
 
 
 __all__ = ["TARGET_KINDS", "TargetCodec", "id_dtype", "get_codec", "register_codec",
-           "available_codecs", "default_codec", "DEFAULT_CODEC", "RawCodec"]
+           "available_codecs", "default_codec", "DEFAULT_CODEC", "RawCodec", "QRankCodec"]

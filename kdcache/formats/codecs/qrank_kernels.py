@@ -1,0 +1,227 @@
+"""numba kernels of the `qrank` codec: the per-entry loops that numpy cannot vectorise.
+
+Integer code (for ranks and rank gaps, any value below 2^31): v = x + 1, e = floor(log2 v).
+Values 1..3 are symbols 0..2 with no extra bits; otherwise the symbol is 3 + 4 (e - 2) + the two
+bits of v below its leading one, followed by e - 2 raw extra bits (the rest of v). So the symbol
+carries the magnitude and the leading bits (where a Zipf-like distribution has its information,
+entropy-coded by zstd's Huffman stage), the extra bits are close to uniform and stored packed.
+Symbols fit a byte (at most 122 for x < 2^31).
+
+Extra bits are packed least-significant first into uint64 words, one word of padding at the end
+so the reader may always load two words.
+
+Decoding traverses entries column by column (all rows' entry 0, then all rows' entry 1, ...),
+matching the encoder's stream order: column-major streams let zstd's per-block Huffman tables
+adapt to how value gaps and ranks change with position in the row. Every stream read is bounds
+checked; a kernel returns a negative status instead of reading out of bounds on corrupt input.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+N_SYMBOLS = 123
+_SYM_BASE = np.zeros(N_SYMBOLS, dtype=np.int64)
+_SYM_BITS = np.zeros(N_SYMBOLS, dtype=np.int64)
+for _s in range(N_SYMBOLS):
+    if _s < 3:
+        _SYM_BASE[_s] = _s + 1
+    else:
+        _e, _mant = (_s - 3) // 4 + 2, (_s - 3) % 4
+        _SYM_BASE[_s], _SYM_BITS[_s] = (4 + _mant) << (_e - 2), _e - 2
+SYM_BASE, SYM_BITS = _SYM_BASE, _SYM_BITS
+
+# Status codes of the decoders (0 = ok).
+OK, ERR_STREAM, ERR_SYMBOL, ERR_BITS, ERR_RANGE, ERR_LEFTOVER = 0, -1, -2, -3, -4, -5
+
+
+def symbolize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(symbols uint8, extra-bit counts int64, extra-bit values uint64) for x >= 0 (int64)."""
+    v = x.astype(np.int64) + 1
+    e = np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1  # floor(log2 v), exact < 2^53
+    small = e < 2
+    nbits = np.where(small, 0, e - 2)
+    mant = (v >> np.maximum(e - 2, 0)) & 3
+    sym = np.where(small, v - 1, 3 + 4 * (e - 2) + mant)
+    extra = (v & ((np.int64(1) << nbits) - 1)).astype(np.uint64)
+    return sym.astype(np.uint8), nbits, extra
+
+
+@numba.njit(cache=True, nogil=True)
+def pack_bits(nbits: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Pack values[i] (nbits[i] <= 32 bits each) LSB-first into uint64 words (+1 padding word)."""
+    total = 0
+    for n in nbits:
+        total += n
+    out = np.zeros(total // 64 + 2, dtype=np.uint64)
+    pos = 0
+    for i in range(nbits.shape[0]):
+        n = nbits[i]
+        if n == 0:
+            continue
+        w, off = pos >> 6, pos & 63
+        v = values[i]
+        out[w] |= v << np.uint64(off)
+        if off + n > 64:
+            out[w + 1] |= v >> np.uint64(64 - off)
+        pos += n
+    return out
+
+
+@numba.njit(inline="always")
+def _read_bits(words, pos, n):
+    # Branch-free: the high word is shifted in two steps so that off == 0 never shifts by 64.
+    w, off = pos >> 6, pos & 63
+    lo = words[w] >> np.uint64(off)
+    hi = (words[w + 1] << np.uint64(1)) << np.uint64(63 - off)
+    return np.int64((lo | hi) & ((np.uint64(1) << np.uint64(n)) - np.uint64(1)))
+
+
+@numba.njit(inline="always")
+def _rank_to_id(rank, ids_by_rank, escape_keys):
+    n = ids_by_rank.shape[0]
+    if rank < n:
+        return np.int64(ids_by_rank[rank])
+    x = rank - n
+    lo, hi = 0, n  # count of escape_keys[j] <= x (binary search, keys non-decreasing)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if escape_keys[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return x + lo
+
+
+TILE_ROWS = 64  # rows decoded together: their output (TILE_ROWS x k) stays in L1 cache
+
+
+@numba.njit(cache=True, nogil=True)
+def decode_topk(m, k, head, dq, dq_escape, fsyms, gsyms, words, col_bits, sym_base, sym_bits,
+                levels, ids_by_rank, escape_keys, vocab, out_ids, out_lp):
+    """Rebuild ids int32 [m, k] and log-probs float32 [m, k]; returns a status code.
+
+    Streams are column-major over all m rows; rows are decoded in tiles of TILE_ROWS with one
+    read position per column and stream, found by a first pass over the code gaps (dq).
+    """
+    n_levels = levels.shape[0]
+    n_f, n_g, n_e = fsyms.shape[0], gsyms.shape[0], dq_escape.shape[0]
+    if dq.shape[0] != m * (k - 1) or head.shape[0] != m or col_bits.shape[0] != k + 1:
+        return ERR_STREAM
+    total_bits = (words.shape[0] - 1) * 64 - 1  # a read may always touch the next word
+    f_pos = np.zeros(k + 1, dtype=np.int64)
+    g_pos = np.zeros(k + 1, dtype=np.int64)
+    e_pos = np.zeros(k + 1, dtype=np.int64)
+    b_pos = np.zeros(k + 1, dtype=np.int64)
+    # Pass 1: where each column starts in the first/gap/escape streams.
+    f_pos[1] = m
+    for col in range(1, k):
+        base = (col - 1) * m
+        nf = 0
+        ne = 0
+        for r in range(m):
+            b = dq[base + r]
+            nf += b > 0
+            ne += b == 255
+        f_pos[col + 1] = f_pos[col] + nf
+        g_pos[col + 1] = g_pos[col] + (m - nf)
+        e_pos[col + 1] = e_pos[col] + ne
+    if f_pos[k] != n_f or g_pos[k] != n_g or e_pos[k] != n_e:
+        return ERR_LEFTOVER
+    for col in range(k + 1):
+        b_pos[col] = col_bits[col]
+        if b_pos[col] > total_bits or (col > 0 and b_pos[col] < b_pos[col - 1]):
+            return ERR_BITS
+    f_end = f_pos.copy()
+    g_end = g_pos.copy()
+    cur = np.empty(TILE_ROWS, dtype=np.int64)
+    prev = np.empty(TILE_ROWS, dtype=np.int64)
+    # Pass 2: tiles of rows; within a tile, column by column.
+    for r0 in range(0, m, TILE_ROWS):
+        r1 = min(r0 + TILE_ROWS, m)
+        fp = f_pos[0]
+        bp = b_pos[0]
+        b_end = col_bits[1]
+        for r in range(r0, r1):
+            c = np.int64(head[r])
+            if c >= n_levels:
+                return ERR_RANGE
+            s = fsyms[fp]
+            fp += 1
+            nb = sym_bits[s]
+            if s >= sym_base.shape[0] or bp + nb > b_end:
+                return ERR_SYMBOL
+            rank = (sym_base[s] | _read_bits(words, bp, nb)) - 1
+            bp += nb
+            cur[r - r0] = c
+            prev[r - r0] = rank
+            out_lp[r, 0] = levels[c]
+            tok = _rank_to_id(rank, ids_by_rank, escape_keys)
+            if tok >= vocab:
+                return ERR_RANGE
+            out_ids[r, 0] = tok
+        f_pos[0] = fp
+        b_pos[0] = bp
+        for col in range(1, k):
+            base = (col - 1) * m
+            fp, gp, ep = f_pos[col], g_pos[col], e_pos[col]
+            f_last, g_last = f_end[col + 1] - 1, g_end[col + 1] - 1
+            bp = b_pos[col]
+            b_end = col_bits[col + 1]
+            for r in range(r0, r1):
+                step = np.int64(dq[base + r])
+                if step == 255:
+                    if ep >= n_e:
+                        return ERR_STREAM
+                    step += dq_escape[ep]
+                    ep += 1
+                first = step > 0
+                c = cur[r - r0] + step
+                # Read both symbol streams (clamped in range), keep the one this entry uses.
+                fs = fsyms[min(fp, f_last)] if f_last >= 0 else 0
+                gs = gsyms[min(gp, g_last)] if g_last >= 0 else 0
+                s = fs if first else gs
+                fp += first
+                gp += 1 - first
+                nb = sym_bits[s]
+                if c >= n_levels or s >= sym_base.shape[0] or bp + nb > b_end:
+                    return ERR_SYMBOL
+                v = sym_base[s] | _read_bits(words, bp, nb)
+                bp += nb
+                rank = v - 1 if first else prev[r - r0] + v
+                cur[r - r0] = c
+                prev[r - r0] = rank
+                out_lp[r, col] = levels[c]
+                tok = _rank_to_id(rank, ids_by_rank, escape_keys)
+                if tok >= vocab:
+                    return ERR_RANGE
+                out_ids[r, col] = tok
+            if fp > f_end[col + 1] or gp > g_end[col + 1]:
+                return ERR_STREAM
+            f_pos[col], g_pos[col], e_pos[col], b_pos[col] = fp, gp, ep, bp
+    return OK
+
+
+@numba.njit(cache=True, nogil=True)
+def decode_ranks(n, syms, words, total_bits, sym_base, sym_bits, ids_by_rank, escape_keys,
+                 vocab, out_ids):
+    """Decode n independently coded ranks into ids (the sampled kind); returns a status code."""
+    if syms.shape[0] != n:
+        return ERR_STREAM
+    bp = 0
+    for i in range(n):
+        s = syms[i]
+        if s >= sym_base.shape[0]:
+            return ERR_SYMBOL
+        nb = sym_bits[s]
+        v = sym_base[s]
+        if bp + nb > total_bits:
+            return ERR_BITS
+        v |= _read_bits(words, bp, nb)
+        bp += nb
+        tok = _rank_to_id(v - 1, ids_by_rank, escape_keys)
+        if tok >= vocab:
+            return ERR_RANGE
+        out_ids[i] = tok
+    return OK
