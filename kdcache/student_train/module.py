@@ -1,0 +1,164 @@
+"""The LightningModule: student forward, KD + CE loss through the fused sparse-KL kernel, AdamW.
+
+    loss = alpha * KD_T(teacher || student) + (1 - alpha) * CE(next token)
+
+alpha = 1 is pure logit distillation, alpha = 0 the paper's cross-entropy baseline on the same
+windows. Both terms come out of one call of `kdcache.kernels.fused_sparse_kl`, which applies the
+tied lm_head blockwise (the N x V logits never exist) and shares the logsumexp between KD and CE.
+Only rows with a target enter the loss (`labels != -100`: the window's last token and, in
+document-masked data, each document's EOS have none).
+
+Optimisation: AdamW (fused on CUDA), decoupled weight decay on matrices only, linear warmup then
+cosine decay to `min_lr_ratio * lr`, gradient clipping by the Trainer. On CUDA the Trainer runs
+bf16 autocast; the loss then takes bf16 hidden states and weight (fp32 accumulation inside).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from kdcache.student_train.data import IGNORE_INDEX
+from kdcache.student_train.model import ModelArgs, Student
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0  # weight of KD; 1 - alpha weighs CE
+    temperature: float = 1.0
+    tail: str = "renormalize"  # how the teacher mass outside the top-k is treated (kernels)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    total_steps: int = 1000  # length of the cosine schedule
+    min_lr_ratio: float = 0.1
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base LR at `step`: linear warmup, cosine down to min_lr_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=True if on_cuda else None)
+
+
+def distillation_loss(model: Student, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
+                      loss_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Forward the student on a batch and return {'loss', 'kd', 'ce', 'rows'}."""
+    from kdcache.kernels import fused_sparse_kl
+
+    hidden = model(batch["tokens"], batch["seg_ids"])  # (R, L, d)
+    labels = batch["labels"]
+    rows = labels != IGNORE_INDEX  # rows with a teacher target and a next token
+    h = hidden[rows]
+    weight = model.lm_head_weight
+    if loss_dtype is not None:
+        h, weight = h.to(loss_dtype), weight.to(loss_dtype)
+    kd, ce = fused_sparse_kl(h, weight, batch["target_ids"][rows], batch["target_logprobs"][rows],
+                             labels[rows], tail=loss_cfg.tail, temperature=loss_cfg.temperature,
+                             ignore_index=IGNORE_INDEX, reduction="mean",
+                             loss_weights=(loss_cfg.alpha, 1.0 - loss_cfg.alpha))
+    alpha = loss_cfg.alpha
+    if alpha == 1.0:
+        loss = kd
+    elif alpha == 0.0:
+        loss = ce
+    else:
+        loss = alpha * kd + (1.0 - alpha) * ce
+    return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "rows": rows.sum()}
+
+
+class StudentModule(pl.LightningModule):
+    """Trains a `Student` from teacher targets; see the module docstring for the loss."""
+
+    def __init__(self, model_args: dict[str, Any], loss: dict[str, Any] | None = None,
+                 optim: dict[str, Any] | None = None, compile_blocks: bool = False,
+                 checkpoint_layers: int = 0, init_from: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_args = ModelArgs(**model_args)
+        self.loss_cfg = LossConfig(**(loss or {}))
+        self.optim_cfg = OptimConfig(**(optim or {}))
+        if init_from:
+            from kdcache.student_train.model import load_hf
+
+            # A later stage: the previous stage's weights, this stage's theta and masks.
+            self.model = load_hf(init_from, rope_theta=self.model_args.rope_theta,
+                                 attention=self.model_args.attention,
+                                 positions=self.model_args.positions,
+                                 max_seq_len=self.model_args.max_seq_len)
+            if self.model.args.as_dict() != self.model_args.as_dict():
+                self.model_args = self.model.args
+        else:
+            self.model = Student(self.model_args)
+        self.model.checkpoint_layers = checkpoint_layers
+        self.compile_blocks = compile_blocks
+        self.loss_history: list[float] = []  # per step, rank 0's view (tests, summaries)
+        self._step_started: float | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.compile_blocks and torch.cuda.is_available():
+            self.model.compile_blocks()
+
+    def _loss_dtype(self) -> torch.dtype | None:
+        precision = str(getattr(self.trainer, "precision", "32")) if self._trainer else "32"
+        return torch.bfloat16 if precision.startswith("bf16") else None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = distillation_loss(self.model, batch, self.loss_cfg, self._loss_dtype())
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "mark_consumed"):
+            datamodule.mark_consumed(batch)  # before any checkpoint of this step is written
+        self.loss_history.append(float(out["loss"].detach()))
+        now = time.perf_counter()
+        logs = {"loss": out["loss"].detach(), "kd": out["kd"], "ce": out["ce"],
+                "lr": self.optimizers().param_groups[0]["lr"] if self._trainer else 0.0,
+                "epoch_data": float(batch["epoch"])}
+        if self._step_started is not None:
+            seconds = now - self._step_started
+            logs["tokens_per_s"] = float(batch["n_tokens"]) * self.trainer.world_size / seconds
+        self._step_started = now
+        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=1,
+                      rank_zero_only=True)
+        return out["loss"]
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.optim_cfg)
+        cfg = self.optim_cfg
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.total_steps,
+                                              cfg.min_lr_ratio))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def module_config(model_args: ModelArgs, loss: LossConfig, optim: OptimConfig) -> dict[str, Any]:
+    return {"model_args": model_args.as_dict(), "loss": asdict(loss), "optim": asdict(optim)}

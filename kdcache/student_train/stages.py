@@ -1,0 +1,337 @@
+"""Training runs as a list of stages read from one YAML file; phase-wise RoPE lives here.
+
+A run file:
+
+    name: phasewise-kd-tiny
+    output_dir: runs/phasewise-kd-tiny
+    defaults:                        # merged (deeply) into every stage
+      model: {preset: tiny, vocab_size: dataset}
+      loss: {alpha: 1.0, temperature: 1.0}
+      data: {paths: [demo-out/dataset]}
+    stages:
+      - name: stage1
+        model: {rope_theta: 10000}
+        data: {window: 256}          # cut from document-mode data (refused otherwise)
+        trainer: {max_steps: 100}
+      - name: stage2
+        init_from: previous          # stage 1's exported weights, with this stage's theta
+        model: {rope_theta: 500000}
+        trainer: {max_steps: 50}
+
+Each stage trains with Lightning into `<output_dir>/<stage>/` (checkpoints/, logs/), then exports
+the student as an HF Llama directory `<output_dir>/<stage>/hf/` and writes `summary.json`. A stage
+whose summary exists is skipped; a stage with `checkpoints/last.ckpt` resumes from it (weights,
+optimizer, schedule and data order). A later stage starts from the previous stage's exported
+weights with a fresh optimizer and schedule: that, with a new `rope_theta`, is phase-wise RoPE.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from kdcache.errors import KdcacheError
+
+log = logging.getLogger("kdcache.train")
+
+
+class TrainConfigError(KdcacheError):
+    """A training config file is malformed (unknown key, wrong type, missing field)."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    rope_theta: float = 10_000.0
+    vocab_size: int | str | None = None  # None: the preset's; "dataset": the teacher's
+    attention: str | None = None  # None: match the dataset's packing mode
+    positions: str | None = None
+    force_mode: bool = False  # train with a mask/positions that differ from the data's
+    tokenizer: str | None = None  # student tokenizer dir, for the vocabulary check
+    checkpoint_layers: int = 0  # activation checkpointing of the first n layers
+    compile: bool = False  # torch.compile each block (CUDA)
+    overrides: dict[str, Any] = field(default_factory=dict)  # any other ModelArgs field
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str | None = None  # None: bf16-mixed on CUDA, 32-true on CPU
+    gradient_clip_val: float = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every: int = 100
+    progress_bar: bool = True
+
+
+@dataclass
+class StageConfig:
+    name: str
+    model: ModelConfig
+    data: Any  # DataConfig
+    loss: Any  # LossConfig
+    optim: Any  # OptimConfig
+    trainer: TrainerConfig
+    init_from: str | None = None  # "previous", an HF directory, or None (random init)
+
+
+@dataclass
+class RunConfig:
+    name: str
+    output_dir: str
+    stages: list[StageConfig]
+    source: str = ""
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _build(cls, values: Any, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TrainConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise TrainConfigError(f"{where}: {exc}") from None
+
+
+def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    from kdcache.student_train.data import DataConfig
+    from kdcache.student_train.module import LossConfig, OptimConfig
+
+    if not isinstance(raw, dict):
+        raise TrainConfigError(f"{source}: a run config is a mapping with 'stages'")
+    unknown = sorted(set(raw) - {"name", "output_dir", "defaults", "stages"})
+    if unknown:
+        raise TrainConfigError(f"{source}: unknown top-level key(s) {unknown}")
+    stages_raw = raw.get("stages")
+    if not stages_raw or not isinstance(stages_raw, list):
+        raise TrainConfigError(f"{source}: 'stages' must be a non-empty list")
+    defaults = raw.get("defaults") or {}
+    stages = []
+    for index, stage_raw in enumerate(stages_raw):
+        merged = _merge(defaults, stage_raw or {})
+        name = merged.pop("name", f"stage{index + 1}")
+        where = f"{source}: stage {name!r}"
+        unknown = sorted(set(merged) - {"model", "data", "loss", "optim", "trainer", "init_from"})
+        if unknown:
+            raise TrainConfigError(f"{where}: unknown key(s) {unknown}")
+        data_raw = merged.get("data") or {}
+        if isinstance(data_raw.get("paths"), str):
+            data_raw["paths"] = [data_raw["paths"]]
+        data_raw.setdefault("paths", [])
+        trainer = _build(TrainerConfig, merged.get("trainer"), f"{where}.trainer")
+        optim_raw = dict(merged.get("optim") or {})
+        optim_raw.setdefault("total_steps", trainer.max_steps)
+        if "betas" in optim_raw:
+            optim_raw["betas"] = tuple(optim_raw["betas"])
+        stages.append(StageConfig(
+            name=name,
+            model=_build(ModelConfig, merged.get("model"), f"{where}.model"),
+            data=_build(DataConfig, data_raw, f"{where}.data"),
+            loss=_build(LossConfig, merged.get("loss"), f"{where}.loss"),
+            optim=_build(OptimConfig, optim_raw, f"{where}.optim"),
+            trainer=trainer,
+            init_from=merged.get("init_from")))
+    if stages[0].init_from == "previous":
+        raise TrainConfigError(f"{source}: the first stage cannot start from 'previous'")
+    return RunConfig(name=raw.get("name") or os.path.splitext(os.path.basename(source))[0],
+                     output_dir=raw.get("output_dir") or os.path.join("runs", raw.get("name", "run")),
+                     stages=stages, source=source)
+
+
+def load_run(path: str) -> RunConfig:
+    import yaml
+
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise TrainConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise TrainConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_run(raw, source=path)
+
+
+def bundled_configs() -> list[str]:
+    """The YAML configs shipped with kdcache (paper settings, KD and CE, paper and tiny sizes)."""
+    directory = os.path.join(os.path.dirname(__file__), "configs")
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".yaml"))
+
+
+def resolve_config_path(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    for path in bundled_configs():
+        if os.path.splitext(os.path.basename(path))[0] == name:
+            return path
+    raise TrainConfigError(f"{name}: no such config file or bundled config "
+                           f"({', '.join(os.path.basename(p)[:-5] for p in bundled_configs())})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+def model_args_for(stage: StageConfig, header, where: str):
+    """ModelArgs for a stage on a dataset: preset + theta + the mask/positions the data needs,
+    after the vocabulary check."""
+    from kdcache.student_train.model import ModelArgs, mode_for_packing
+    from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
+
+    cfg = stage.model
+    attention, positions = mode_for_packing(header.packing["mode"], cfg.attention, cfg.positions,
+                                            force=cfg.force_mode, where=where)
+    overrides = dict(cfg.overrides)
+    if cfg.vocab_size == "dataset":
+        overrides["vocab_size"] = header.vocab_size
+    elif cfg.vocab_size is not None:
+        overrides["vocab_size"] = int(cfg.vocab_size)
+    overrides.update(rope_theta=float(cfg.rope_theta), attention=attention, positions=positions)
+    for key in ("bos_id", "eos_id"):
+        value = header.packing.get(key)
+        if value is not None and key not in overrides:
+            overrides[key] = int(value)
+    args = ModelArgs.from_preset(cfg.preset, **overrides)
+    verdict = check_vocab(student_vocab(args.vocab_size, cfg.tokenizer, f"preset {cfg.preset}"),
+                          teacher_vocab(header, where))
+    log.info("%s: %s", where, verdict)
+    return args, verdict
+
+
+def _precision(trainer_cfg: TrainerConfig) -> str:
+    import torch
+
+    if trainer_cfg.precision:
+        return trainer_cfg.precision
+    cuda = torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if cuda else "32-true"
+
+
+def build_trainer(stage: StageConfig, stage_dir: str, callbacks: list | None = None,
+                  logger: Any = True):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    t = stage.trainer
+    checkpoint = ModelCheckpoint(dirpath=os.path.join(stage_dir, "checkpoints"),
+                                 every_n_train_steps=t.checkpoint_every, save_last=True,
+                                 save_top_k=1, filename="step{step:06d}",
+                                 auto_insert_metric_name=False)
+    if logger is True:
+        logger = CSVLogger(stage_dir, name="logs", version=0)
+    return pl.Trainer(
+        max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(t),
+        gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        callbacks=[checkpoint, *(callbacks or [])], logger=logger,
+        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
+        enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        default_root_dir=stage_dir)
+
+
+def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
+    """The data module and the LightningModule for one stage (nothing is trained yet)."""
+    from kdcache.student_train.data import WindowDataModule
+    from kdcache.student_train.module import StudentModule
+
+    datamodule = WindowDataModule(stage.data)
+    where = f"stage {stage.name!r} data {stage.data.paths[0] if stage.data.paths else '?'}"
+    if not stage.data.paths:
+        raise TrainConfigError(f"stage {stage.name!r}: data.paths is empty (give --data PATH)")
+    args, verdict = model_args_for(stage, datamodule.header, where)
+    datamodule.student_vocab_size = args.vocab_size
+    init_from = stage.init_from
+    if init_from == "previous":
+        init_from = previous_hf
+    module = StudentModule(args.as_dict(), asdict(stage.loss), asdict(stage.optim),
+                           compile_blocks=stage.model.compile,
+                           checkpoint_layers=stage.model.checkpoint_layers, init_from=init_from)
+    return datamodule, module, verdict
+
+
+def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None, *,
+              resume: bool = True, callbacks: list | None = None) -> dict[str, Any]:
+    """Train one stage to `trainer.max_steps`, export it, return its summary."""
+    import time
+
+    from kdcache.student_train.model import save_hf
+
+    summary_path = os.path.join(stage_dir, "summary.json")
+    if resume and os.path.exists(summary_path):
+        with open(summary_path) as handle:
+            summary = json.load(handle)
+        log.info("stage %s already finished (%s): skipped", stage.name, summary_path)
+        return summary
+    os.makedirs(stage_dir, exist_ok=True)
+    datamodule, module, verdict = prepare_stage(stage, stage_dir, previous_hf)
+    trainer = build_trainer(stage, stage_dir, callbacks)
+    last = os.path.join(stage_dir, "checkpoints", "last.ckpt")
+    ckpt_path = last if (resume and os.path.exists(last)) else None
+    started = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    seconds = time.time() - started
+    hf_dir = os.path.join(stage_dir, "hf")
+    summary = {
+        "stage": stage.name, "steps": int(trainer.global_step), "seconds": round(seconds, 2),
+        "resumed_from": ckpt_path, "init_from": module.hparams.get("init_from"),
+        "rope_theta": module.model.args.rope_theta, "attention": module.model.args.attention,
+        "positions": module.model.args.positions, "vocab": verdict,
+        "final_loss": module.loss_history[-1] if module.loss_history else None,
+        "data_state": datamodule.state.as_dict(), "hf_dir": hf_dir,
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    if trainer.is_global_zero:
+        save_hf(module.model, hf_dir, extra_config={"kdcache_training": {
+            "stage": stage.name, "steps": summary["steps"], "loss": asdict(stage.loss),
+            "data": list(stage.data.paths)}})
+        from kdcache.formats.storage import atomic_write_bytes, resolve
+
+        fs, base = resolve(summary_path)
+        atomic_write_bytes(fs, base, (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def run(config: RunConfig, *, only_stage: str | None = None, resume: bool = True,
+        callbacks: list | None = None) -> list[dict[str, Any]]:
+    """Run the stages in order (or one of them); each later stage starts from the one before."""
+    summaries = []
+    previous_hf = None
+    names = [s.name for s in config.stages]
+    if only_stage is not None and only_stage not in names:
+        raise TrainConfigError(f"{config.source}: no stage {only_stage!r} (stages: {names})")
+    for stage in config.stages:
+        stage_dir = os.path.join(config.output_dir, stage.name)
+        if only_stage is None or stage.name == only_stage:
+            if stage.init_from == "previous" and (previous_hf is None
+                                                  or not os.path.exists(previous_hf)):
+                raise TrainConfigError(
+                    f"stage {stage.name!r} starts from the previous stage, whose export "
+                    f"{previous_hf} does not exist yet: run that stage first")
+            summaries.append(run_stage(stage, stage_dir, previous_hf, resume=resume,
+                                       callbacks=callbacks))
+        previous_hf = os.path.join(stage_dir, "hf")
+    return summaries
