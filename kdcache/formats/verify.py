@@ -10,10 +10,10 @@ so one run lists everything wrong with a copy.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from kdcache.errors import KdcacheError
 from kdcache.formats import storage
@@ -111,17 +111,18 @@ def verify_dataset(root: str | os.PathLike, *, decode: bool = True,
 
 
 def _check_window_indices(seen: list[int], report: VerifyReport) -> None:
-    if not seen:
-        return
-    arr = np.sort(np.asarray(seen, dtype=np.int64))
-    dups = arr[1:][arr[1:] == arr[:-1]]
-    if dups.size:
-        report.problems.append(f"window_index repeated across shards: {sorted(set(dups.tolist()))[:10]}")
-    expected = np.arange(arr.size)
-    if not dups.size and not np.array_equal(arr, expected):
-        missing = np.setdiff1d(np.arange(arr.max() + 1), arr)
-        report.problems.append(f"window indices are not 0..{arr.size - 1}: missing "
-                               f"{missing[:10].tolist()}")
+    """Window indices across all shards must be 0..W-1, each exactly once."""
+    total = len(seen)
+    counts = Counter(seen)
+    repeated = sorted(w for w, c in counts.items() if c > 1)
+    if repeated:
+        report.problems.append(f"window_index repeated across shards: {repeated[:10]}")
+    outside = sorted(w for w in counts if not 0 <= w < total)
+    if outside:
+        report.problems.append(f"window_index outside 0..{total - 1}: {outside[:10]}")
+    missing = [w for w in range(total) if w not in counts][:10]
+    if missing and not repeated and not outside:
+        report.problems.append(f"window indices are not 0..{total - 1}: missing {missing}")
 
 
 def _check_stray_files(ds: LogitDataset, report: VerifyReport) -> None:
