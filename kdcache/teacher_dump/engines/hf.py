@@ -1,0 +1,71 @@
+"""The transformers reference engine (CPU or GPU): the backbone in HF, the shared chunked top-k.
+
+It serves all three packing modes by running each request of `segments_for_mode` separately with
+explicit position ids: causal = the whole window from 0; document = each document from 0;
+document-global = each document from its offset in the window. The last is exactly the paper's
+setting (document mask, positions counted over the window) without building an n x n mask.
+Tests use it to check the vLLM engine; it is also the engine for GPU machines without vLLM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, TeacherEngine,
+                                               WindowTargets, chunked_topk, empty_targets,
+                                               finish_targets, segments_for_mode)
+from kdcache.teacher_dump.pack import PackedWindow
+
+
+class HFEngine(TeacherEngine):
+    name = "hf"
+    modes = ("causal", "document", "document-global")
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        super().__init__(cfg)
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
+            else cfg.device
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}.get(cfg.dtype)
+        if dtype is None:
+            raise EngineError(f"unsupported dtype {cfg.dtype!r}")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"{cfg.model}: cannot load the teacher with transformers: {exc}") \
+                from None
+        self.model = model.to(self.device).eval()
+        self.backbone = self.model.get_decoder()
+        self.weight = self.model.get_output_embeddings().weight
+        self.vocab_size = int(self.weight.shape[0])
+        if cfg.k > self.vocab_size:
+            raise EngineError(f"k={cfg.k} exceeds the teacher's vocabulary ({self.vocab_size})")
+
+    def hidden_states(self, tokens: np.ndarray, first_position: int):
+        """Final-norm hidden states [m, d] of one request."""
+        import torch
+
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device)[None]
+        pos = torch.arange(first_position, first_position + ids.shape[1],
+                           device=self.device)[None]
+        with torch.inference_mode():
+            out = self.backbone(input_ids=ids, position_ids=pos, use_cache=False)
+        return out.last_hidden_state[0]
+
+    def topk(self, windows: list[PackedWindow]) -> list[WindowTargets]:
+        k, mode = self.cfg.k, self.cfg.mode
+        results = []
+        for win in windows:
+            ids, logprobs = empty_targets(win.n_tokens, k)
+            for start, end, first_pos in segments_for_mode(win, mode):
+                h = self.hidden_states(win.tokens[start:end], first_pos)
+                chunked_topk(h, self.weight, k, chunk_elements=self.cfg.chunk_elements,
+                             out_ids=ids[start:end], out_logprobs=logprobs[start:end])
+            results.append(finish_targets(win, mode, ids, logprobs))
+        return results
+
+    def close(self) -> None:
+        del self.model, self.backbone, self.weight

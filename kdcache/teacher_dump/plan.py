@@ -1,0 +1,217 @@
+"""The dump plan: configuration, fingerprints and shard layout, written before any shard.
+
+`plan.json` sits at the dataset root. It records
+- `config`: every setting that changes the targets (teacher, corpus, k, window, mode, seed,
+  packing options, engine, dtype, codec, windows per shard);
+- `execution`: settings that do not (workers, tensor parallel, Ray address), free to change
+  between an interrupted run and its resume;
+- fingerprints of the corpus (file names, sizes, head/tail hashes) and of the teacher (config,
+  tokenizer, weight file names, sizes and head/tail hashes);
+- `shards`: the deterministic layout, shard name -> windows and tokens, from a first packing pass.
+
+A re-run in the same directory loads the plan and refuses (ConfigMismatchError) if any
+target-changing setting or fingerprint differs, so that targets from two configurations are
+never mixed in one dataset. Completed shards are marked by `progress/<shard>.json` (their
+manifest entries), written by the driver after the shard file is in place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kdcache.errors import ConfigMismatchError, FormatError
+from kdcache.formats import storage
+
+PLAN_NAME = "plan.json"
+PROGRESS_DIR = "progress"
+PLAN_FORMAT = "kdcache-dump-plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class DumpConfig:
+    """One `kdcache dump` run. Fields above `workers` change the targets; the rest do not."""
+
+    model: str
+    corpus: str
+    out: str
+    k: int = 64
+    window: int = 131072
+    mode: str = "document"
+    engine: str = "vllm"
+    seed: int = 0
+    split_long_docs: bool = True
+    shuffle_buffer: int = 4096
+    text_field: str = "text"
+    builtin_documents: int = 400
+    windows_per_shard: int = 16
+    codec: str | None = None  # None: the formats default for top-k
+    dtype: str = "float32"
+    vllm_path: str = "hidden"
+    bos_id: int | None = None
+    eos_id: int | None = None
+    # execution only
+    workers: int = 1
+    tensor_parallel: int = 1
+    ray_address: str | None = None
+    max_retries: int = 3
+    kv_cache_gib: float = 1.0
+    device: str = "auto"
+    progress: bool = True
+
+    EXECUTION_FIELDS = ("out", "workers", "tensor_parallel", "ray_address", "max_retries",
+                        "kv_cache_gib", "device", "progress")
+
+    def identity(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = os.path.abspath(self.model)
+        if self.corpus != "builtin" and "://" not in self.corpus:
+            d["corpus"] = os.path.abspath(self.corpus)
+        if self.corpus != "builtin":
+            d.pop("builtin_documents")
+        return {k: v for k, v in d.items() if k not in self.EXECUTION_FIELDS}
+
+    def execution(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.EXECUTION_FIELDS}
+
+
+@dataclass
+class Plan:
+    config: dict[str, Any]
+    execution: dict[str, Any]
+    corpus: dict[str, Any]
+    teacher: dict[str, Any]
+    shards: list[dict[str, Any]] = field(default_factory=list)  # name, windows, tokens
+    packing_stats: dict[str, Any] = field(default_factory=dict)
+    corpus_stats: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    def to_json(self) -> bytes:
+        body = {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
+        return (json.dumps(body, indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> "Plan":
+        try:
+            body = json.loads(data)
+            if body.get("format") != PLAN_FORMAT:
+                raise ValueError("not a kdcache dump plan")
+            if body.get("version") != PLAN_VERSION:
+                raise ValueError(f"unsupported plan version {body.get('version')}")
+            return cls(**{k: body[k] for k in cls.__dataclass_fields__})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FormatError(f"{where}: invalid plan: {exc}") from None
+
+
+def teacher_fingerprint(model_dir: str) -> dict[str, Any]:
+    """Config hash, tokenizer hash and a cheap weights hash (names, sizes, 1 MiB head/tail)."""
+    import xxhash
+
+    from kdcache.teacher_dump.pack import tokenizer_hash
+
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FormatError(f"{model_dir}: not a model directory (no config.json)")
+    with open(cfg_path, "rb") as fh:
+        config_bytes = fh.read()
+    config = json.loads(config_bytes)
+    weights = xxhash.xxh3_64()
+    n_bytes = 0
+    for name in sorted(os.listdir(model_dir)):
+        if not name.endswith((".safetensors", ".bin", ".pt")):
+            continue
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        n_bytes += size
+        weights.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as fh:
+            weights.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                weights.update(fh.read(1 << 20))
+    text_cfg = config.get("text_config", config)
+    return {
+        "name": os.path.basename(os.path.abspath(model_dir)),
+        "path": os.path.abspath(model_dir),
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "vocab_size": int(text_cfg["vocab_size"]),
+        "config_hash": xxhash.xxh3_64_hexdigest(config_bytes),
+        "tokenizer_hash": tokenizer_hash(model_dir),
+        "weights_hash": weights.hexdigest(),
+        "weights_bytes": n_bytes,
+    }
+
+
+def _diff(old: dict, new: dict, prefix: str) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key == "path" and prefix == "teacher":
+            continue  # a moved teacher with the same fingerprint is the same teacher
+        if old.get(key) != new.get(key):
+            out.append(f"{prefix}.{key}: plan has {old.get(key)!r}, this run has {new.get(key)!r}")
+    return out
+
+
+def check_against(existing: Plan, new: Plan, where: str) -> None:
+    """Refuse to resume with different targets-defining settings."""
+    problems = (_diff(existing.config, new.config, "config")
+                + _diff(existing.corpus, new.corpus, "corpus")
+                + _diff(existing.teacher, new.teacher, "teacher"))
+    if problems:
+        raise ConfigMismatchError(
+            f"{where}: this output directory holds a dump with a different configuration; "
+            "refusing to mix targets. Differences:\n  " + "\n  ".join(problems)
+            + "\nUse a new --out directory (or delete this one) to start over.")
+
+
+def load_plan(root: str) -> Plan | None:
+    fs, base = storage.resolve(root)
+    path = storage.join(base, PLAN_NAME)
+    if not fs.exists(path):
+        return None
+    return Plan.from_json(storage.read_bytes(fs, path), where=path)
+
+
+def write_plan(root: str, plan: Plan) -> None:
+    if not plan.created_at:
+        plan.created_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    fs, base = storage.resolve(root)
+    storage.atomic_write_bytes(fs, storage.join(base, PLAN_NAME), plan.to_json())
+
+
+def progress_path(base: str, shard_name: str) -> str:
+    return storage.join(base, PROGRESS_DIR, f"{shard_name}.json")
+
+
+def mark_done(root: str, shard_name: str, info: dict[str, Any]) -> None:
+    fs, base = storage.resolve(root)
+    storage.atomic_write_bytes(fs, progress_path(base, shard_name),
+                               (json.dumps(info) + "\n").encode())
+
+
+def completed_shards(root: str) -> dict[str, dict[str, Any]]:
+    """Shards whose file and completion record both exist: name -> ShardInfo dict."""
+    from kdcache.formats.writer import shard_path
+
+    fs, base = storage.resolve(root)
+    pdir = storage.join(base, PROGRESS_DIR)
+    if not fs.exists(pdir):
+        return {}
+    done = {}
+    for p in fs.ls(pdir, detail=False):
+        fname = p.rsplit("/", 1)[-1]
+        if not fname.endswith(".json") or storage.TMP_MARKER in fname:
+            continue
+        name = fname[:-5]
+        try:
+            info = json.loads(storage.read_bytes(fs, p))
+        except ValueError:
+            continue  # an unreadable record: redo the shard
+        shard_file = storage.join(base, shard_path(name))
+        if fs.exists(shard_file) and fs.size(shard_file) == info.get("bytes"):
+            done[name] = info
+    return done
