@@ -10,8 +10,10 @@ Top-k targets (lossy on values, lossless on the id set), per window of m rows:
    a tie group be coded as gaps, which saves the log2(g!) bits an arbitrary order would cost.
 4. Streams, in column-major order (entry 0 of every row, then entry 1, ...):
    - head:  code of each row's first entry (uint16)
-   - dq:    code differences to the previous entry (>= 0), one byte each, min(dq, 255)
-   - dq_escape: dq - 255 (uint16) for the rare entries whose byte is 255
+   - dq:    code differences to the previous entry (>= 0) as nibbles min(dq, 15), two rows to a
+            byte (row 2i high, 2i+1 low): pairs make a larger alphabet, on which zstd's
+            Huffman code wastes less than on single, mostly-zero values
+   - dq_escape: dq - 15 (uint16) for the entries whose nibble is 15
    - first: symbol of the rank of each entry that starts a tie group (dq > 0 or entry 0)
    - gap:   symbol of rank - previous rank - 1 for the other entries
    - col_bits: where each column's extra bits start (u64 [k + 1]), so the decoder can work on
@@ -49,13 +51,20 @@ _HEAD = struct.Struct("<3sBBBHIIQB")
 _STREAM = struct.Struct("<IIB")
 _KIND_CODE = {"topk": 0, "sampled": 1}
 _FLAG_COUNTS = 1  # sampled: weights stored as counts of `draws`
-_ESCAPE = 255
+_ESCAPE = 15  # a dq nibble of 15 means 15 + the next value of the escape stream
+
+
+def _padded(stream: bytes) -> np.ndarray:
+    """uint8 copy of a symbol stream with zero bytes after it (the decoder reads ahead)."""
+    out = np.zeros(len(stream) + kern.SYM_PADDING, dtype=np.uint8)
+    out[:len(stream)] = np.frombuffer(stream, dtype=np.uint8)
+    return out
 
 
 class QRankCodec(TargetCodec):
     name = "qrank"
 
-    def __init__(self, *, step_max: float = 0.2, sqrt_step: float = 0.03, level: int = 9,
+    def __init__(self, *, step_max: float = 0.8, sqrt_step: float = 0.015, level: int = 6,
                  draws: int | None = None, **kwargs: Any) -> None:
         super().__init__(step_max=step_max, sqrt_step=sqrt_step, level=level, draws=draws,
                          **kwargs)
@@ -108,9 +117,11 @@ class QRankCodec(TargetCodec):
         syms, nbits, extra = kern.symbolize(np.where(first, ranks, gaps).ravel())
         words = kern.pack_bits(nbits, extra)
         col_bits = np.concatenate([[0], np.cumsum(nbits.reshape(k, m).sum(axis=1))])
+        nibbles = np.zeros((k - 1, m + m % 2), dtype=np.uint8)
+        nibbles[:, :m] = np.minimum(dq, _ESCAPE)
         flat_dq, flat_first = dq.ravel(), first.ravel()
         streams = [codes[0].astype("<u2").tobytes(),
-                   np.minimum(flat_dq, _ESCAPE).astype(np.uint8).tobytes(),
+                   (nibbles[:, 0::2] << 4 | nibbles[:, 1::2]).tobytes(),
                    (flat_dq[flat_dq >= _ESCAPE] - _ESCAPE).astype("<u2").tobytes(),
                    syms[flat_first].tobytes(), syms[~flat_first].tobytes(),
                    col_bits.astype("<u8").tobytes()]
@@ -189,8 +200,8 @@ class QRankCodec(TargetCodec):
         k = self.k
         n_entries = m * k
         max_words = (n_entries * 29) // 64 + 2
-        n_dq = m * (k - 1)
-        bounds = [(2 * m, 2 * m), (n_dq, n_dq), (0, 2 * n_dq), (0, n_entries), (0, n_entries),
+        n_dq = (m + 1) // 2 * (k - 1)
+        bounds = [(2 * m, 2 * m), (n_dq, n_dq), (0, 4 * n_dq), (0, n_entries), (0, n_entries),
                   (8 * (k + 1), 8 * (k + 1)), (16, 8 * max_words)]
         _, _, (head, dq, dq_esc, fsyms, gsyms, col_bits, bits) = self._unpack(blob, m, bounds)
         if len(fsyms) + len(gsyms) != n_entries or len(bits) % 8 or len(dq_esc) % 2:
@@ -199,8 +210,8 @@ class QRankCodec(TargetCodec):
         out_lp = np.empty((m, k), dtype=np.float32)
         status = kern.decode_topk(
             m, k, np.frombuffer(head, dtype="<u2"), np.frombuffer(dq, dtype=np.uint8),
-            np.frombuffer(dq_esc, dtype="<u2"), np.frombuffer(fsyms, dtype=np.uint8),
-            np.frombuffer(gsyms, dtype=np.uint8), np.frombuffer(bits, dtype="<u8"),
+            np.frombuffer(dq_esc, dtype="<u2"), _padded(fsyms), len(fsyms), _padded(gsyms),
+            len(gsyms), np.frombuffer(bits, dtype="<u8"),
             np.frombuffer(col_bits, dtype="<u8").astype(np.int64), kern.SYM_BASE, kern.SYM_BITS,
             self.levels, self._ids_by_rank, self._escape_keys, self.vocab_size, out_ids, out_lp)
         if status != kern.OK:

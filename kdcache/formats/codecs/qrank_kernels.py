@@ -22,8 +22,10 @@ import numba
 import numpy as np
 
 N_SYMBOLS = 123
-_SYM_BASE = np.zeros(N_SYMBOLS, dtype=np.int64)
-_SYM_BITS = np.zeros(N_SYMBOLS, dtype=np.int64)
+# Tables cover every byte: a corrupt symbol >= N_SYMBOLS decodes to a rank no vocabulary holds,
+# which the decoder reports, so the inner loop needs no symbol check.
+_SYM_BASE = np.full(256, 2**40, dtype=np.int64)
+_SYM_BITS = np.zeros(256, dtype=np.int64)
 for _s in range(N_SYMBOLS):
     if _s < 3:
         _SYM_BASE[_s] = _s + 1
@@ -72,9 +74,9 @@ def pack_bits(nbits: np.ndarray, values: np.ndarray) -> np.ndarray:
 @numba.njit(inline="always")
 def _read_bits(words, pos, n):
     # Branch-free: the high word is shifted in two steps so that off == 0 never shifts by 64.
-    w, off = pos >> 6, pos & 63
+    w, off = np.uint64(pos >> 6), pos & 63
     lo = words[w] >> np.uint64(off)
-    hi = (words[w + 1] << np.uint64(1)) << np.uint64(63 - off)
+    hi = (words[w + np.uint64(1)] << np.uint64(1)) << np.uint64(63 - off)
     return np.int64((lo | hi) & ((np.uint64(1) << np.uint64(n)) - np.uint64(1)))
 
 
@@ -82,7 +84,7 @@ def _read_bits(words, pos, n):
 def _rank_to_id(rank, ids_by_rank, escape_keys):
     n = ids_by_rank.shape[0]
     if rank < n:
-        return np.int64(ids_by_rank[rank])
+        return np.int64(ids_by_rank[np.uint64(rank)])
     x = rank - n
     lo, hi = 0, n  # count of escape_keys[j] <= x (binary search, keys non-decreasing)
     while lo < hi:
@@ -95,19 +97,27 @@ def _rank_to_id(rank, ids_by_rank, escape_keys):
 
 
 TILE_ROWS = 64  # rows decoded together: their output (TILE_ROWS x k) stays in L1 cache
+SYM_PADDING = TILE_ROWS + 8  # zero bytes after each symbol stream: the decoder may read ahead
 
 
 @numba.njit(cache=True, nogil=True)
-def decode_topk(m, k, head, dq, dq_escape, fsyms, gsyms, words, col_bits, sym_base, sym_bits,
-                levels, ids_by_rank, escape_keys, vocab, out_ids, out_lp):
+def decode_topk(m, k, head, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bits, sym_base,
+                sym_bits, levels, ids_by_rank, escape_keys, vocab, out_ids, out_lp):
     """Rebuild ids int32 [m, k] and log-probs float32 [m, k]; returns a status code.
 
     Streams are column-major over all m rows; rows are decoded in tiles of TILE_ROWS with one
     read position per column and stream, found by a first pass over the code gaps (dq).
+    fsyms/gsyms hold n_f/n_g symbols followed by SYM_PADDING bytes, so the inner loop can read
+    both streams unconditionally and keep the one the entry uses (no branch); positions are
+    range-checked once per tile and column (a tile cannot run more than TILE_ROWS past its end). Indices are cast to unsigned so numba emits no
+    negative-index wraparound.
     """
+    U = np.uint64
     n_levels = levels.shape[0]
-    n_f, n_g, n_e = fsyms.shape[0], gsyms.shape[0], dq_escape.shape[0]
-    if dq.shape[0] != m * (k - 1) or head.shape[0] != m or col_bits.shape[0] != k + 1:
+    n_e = dq_escape.shape[0]
+    half = (m + 1) // 2  # dq bytes per column: two rows' nibbles each
+    if dq.shape[0] != half * (k - 1) or head.shape[0] != m or col_bits.shape[0] != k + 1 \
+            or fsyms.shape[0] < n_f + SYM_PADDING or gsyms.shape[0] < n_g + SYM_PADDING:
         return ERR_STREAM
     total_bits = (words.shape[0] - 1) * 64 - 1  # a read may always touch the next word
     f_pos = np.zeros(k + 1, dtype=np.int64)
@@ -117,13 +127,15 @@ def decode_topk(m, k, head, dq, dq_escape, fsyms, gsyms, words, col_bits, sym_ba
     # Pass 1: where each column starts in the first/gap/escape streams.
     f_pos[1] = m
     for col in range(1, k):
-        base = (col - 1) * m
+        base = (col - 1) * half
         nf = 0
         ne = 0
-        for r in range(m):
-            b = dq[base + r]
-            nf += b > 0
-            ne += b == 255
+        for i in range(half):
+            b = dq[base + i]
+            hi = b >> 4
+            lo = b & 15
+            nf += (hi > 0) + (lo > 0)
+            ne += (hi == 15) + (lo == 15)
         f_pos[col + 1] = f_pos[col] + nf
         g_pos[col + 1] = g_pos[col] + (m - nf)
         e_pos[col + 1] = e_pos[col] + ne
@@ -145,59 +157,57 @@ def decode_topk(m, k, head, dq, dq_escape, fsyms, gsyms, words, col_bits, sym_ba
         b_end = col_bits[1]
         for r in range(r0, r1):
             c = np.int64(head[r])
-            if c >= n_levels:
-                return ERR_RANGE
-            s = fsyms[fp]
+            s = U(fsyms[U(fp)])
             fp += 1
             nb = sym_bits[s]
-            if s >= sym_base.shape[0] or bp + nb > b_end:
-                return ERR_SYMBOL
+            if c >= n_levels or bp + nb > b_end:
+                return ERR_RANGE
             rank = (sym_base[s] | _read_bits(words, bp, nb)) - 1
             bp += nb
-            cur[r - r0] = c
-            prev[r - r0] = rank
-            out_lp[r, 0] = levels[c]
+            cur[U(r - r0)] = c
+            prev[U(r - r0)] = rank
+            out_lp[U(r), 0] = levels[U(c)]
             tok = _rank_to_id(rank, ids_by_rank, escape_keys)
             if tok >= vocab:
                 return ERR_RANGE
-            out_ids[r, 0] = tok
+            out_ids[U(r), 0] = tok
         f_pos[0] = fp
         b_pos[0] = bp
         for col in range(1, k):
-            base = (col - 1) * m
+            base = (col - 1) * half
             fp, gp, ep = f_pos[col], g_pos[col], e_pos[col]
-            f_last, g_last = f_end[col + 1] - 1, g_end[col + 1] - 1
+            f_lim, g_lim = f_end[col + 1], g_end[col + 1]
             bp = b_pos[col]
             b_end = col_bits[col + 1]
+            bad = False
             for r in range(r0, r1):
-                step = np.int64(dq[base + r])
-                if step == 255:
+                i = U(r - r0)
+                # Row r's nibble: the high one for even rows, the low one for odd rows.
+                step = np.int64((dq[U(base + (r >> 1))] >> (4 - 4 * (r & 1))) & 15)
+                if step == 15:
                     if ep >= n_e:
                         return ERR_STREAM
-                    step += dq_escape[ep]
+                    step += dq_escape[U(ep)]
                     ep += 1
-                first = step > 0
-                c = cur[r - r0] + step
-                # Read both symbol streams (clamped in range), keep the one this entry uses.
-                fs = fsyms[min(fp, f_last)] if f_last >= 0 else 0
-                gs = gsyms[min(gp, g_last)] if g_last >= 0 else 0
-                s = fs if first else gs
+                first = np.int64(step > 0)
+                c = cur[i] + step
+                fs = np.int64(fsyms[U(fp)])
+                gs = np.int64(gsyms[U(gp)])
+                s = U(gs + first * (fs - gs))  # the first-symbol if first, else the gap-symbol
                 fp += first
                 gp += 1 - first
                 nb = sym_bits[s]
-                if c >= n_levels or s >= sym_base.shape[0] or bp + nb > b_end:
-                    return ERR_SYMBOL
-                v = sym_base[s] | _read_bits(words, bp, nb)
+                v = sym_base[s] | _read_bits(words, min(bp, b_end), nb)
                 bp += nb
-                rank = v - 1 if first else prev[r - r0] + v
-                cur[r - r0] = c
-                prev[r - r0] = rank
-                out_lp[r, col] = levels[c]
+                rank = v + (1 - first) * prev[i] - first  # v - 1 if first, else prev + v
+                cur[i] = c
+                prev[i] = rank
+                out_lp[U(r), U(col)] = levels[U(min(c, n_levels - 1))]
                 tok = _rank_to_id(rank, ids_by_rank, escape_keys)
-                if tok >= vocab:
-                    return ERR_RANGE
-                out_ids[r, col] = tok
-            if fp > f_end[col + 1] or gp > g_end[col + 1]:
+                bad |= (c >= n_levels) | (bp > b_end) | (tok >= vocab) | (fp > f_lim) \
+                    | (gp > g_lim)
+                out_ids[U(r), U(col)] = tok
+            if bad:
                 return ERR_STREAM
             f_pos[col], g_pos[col], e_pos[col], b_pos[col] = fp, gp, ep, bp
     return OK
@@ -212,8 +222,6 @@ def decode_ranks(n, syms, words, total_bits, sym_base, sym_bits, ids_by_rank, es
     bp = 0
     for i in range(n):
         s = syms[i]
-        if s >= sym_base.shape[0]:
-            return ERR_SYMBOL
         nb = sym_bits[s]
         v = sym_base[s]
         if bp + nb > total_bits:
