@@ -1,0 +1,233 @@
+"""Triton implementation of the fused linear sparse-KL loss (math: sparse_kl_reference.py).
+
+Per chunk of C rows (C chosen so the logits buffer stays under ~800 MiB):
+
+    logits = h_c @ W^T (+ b)                 cuBLAS, 2 C d V flops, into one reused [C, V] buffer
+    _sparse_kl_rows_kernel                   Triton, one program per row:
+        A. online logsumexp of z/T (and of z for CE when T != 1), per-lane running max/sum
+        B. gather z at the target ids and the label -> per-row KD and CE losses
+        C. overwrite the row in place with its dense gradient  a*dense_kd*p_T(v) + c*p_1(v)
+        D. overwrite the target ids (and the label) with their full gradient values
+    dh_c  = G @ W                            cuBLAS, 2 C d V
+    dW   += G^T @ h_c                        cuBLAS, 2 C d V, accumulated in fp32
+    db   += G.sum(0)                         (only with a bias)
+
+So the whole forward+backward is 6NdV matmul flops plus three passes over each logits chunk
+(read, read, write); the logits never exist for more than C rows. Phase D recomputes each sparse
+value from fp32 statistics (it does not add to the bf16 dense value), so ids must be distinct
+within a row. Only pure `tl` math is used (log1p is written out), so the kernel also runs under
+TRITON_INTERPRET=1 on CPU, where the tests drive it with fp32 tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kdcache.kernels.sparse_kl_reference import TAIL_EPS
+
+# Logits buffer budget: with an fp32 dW (0.96 GiB at d=1280, V=202,048) this keeps the extra
+# peak memory under 2 GiB at any N.
+LOGITS_BUFFER_BYTES = 800 * 2**20
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) accurate for small |x| without libdevice: log(u) * x / (u - 1), u = 1 + x."""
+    u = 1.0 + x
+    du = u - 1.0
+    safe = tl.where(du == 0.0, 1.0, du)
+    return tl.where(du == 0.0, x, tl.log(u) * (x / safe))
+
+
+@triton.jit
+def _sparse_kl_rows_kernel(
+    logits_ptr, stride_l,
+    ids_ptr, stride_i, lp_ptr, stride_p, labels_ptr,
+    kd_w_ptr, ce_w_ptr, kd_out_ptr, ce_out_ptr,
+    V, K, inv_T, T, tail_eps,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BUCKET: tl.constexpr, HAS_CE: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_l
+    offs = tl.arange(0, BLOCK_V)
+
+    # A. online logsumexp, one running (max, sum) per lane; -1e30 (not -inf) keeps empty lanes NaN-free
+    m_t = tl.full([BLOCK_V], -1e30, tl.float32)
+    s_t = tl.zeros([BLOCK_V], tl.float32)
+    m_1 = tl.full([BLOCK_V], -1e30, tl.float32)
+    s_1 = tl.zeros([BLOCK_V], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        zt = z * inv_T
+        m_new = tl.maximum(m_t, zt)
+        s_t = s_t * tl.exp(m_t - m_new) + tl.exp(zt - m_new)
+        m_t = m_new
+        if SEPARATE_CE_LSE:
+            m1_new = tl.maximum(m_1, z)
+            s_1 = s_1 * tl.exp(m_1 - m1_new) + tl.exp(z - m1_new)
+            m_1 = m1_new
+    M = tl.max(m_t, 0)
+    lse_t = M + tl.log(tl.sum(s_t * tl.exp(m_t - M), 0))
+    if SEPARATE_CE_LSE:
+        M1 = tl.max(m_1, 0)
+        lse_1 = M1 + tl.log(tl.sum(s_1 * tl.exp(m_1 - M1), 0))
+    else:
+        lse_1 = lse_t
+
+    # B. gathers at the target ids / label, then the row's losses and gradient coefficients
+    koffs = tl.arange(0, BLOCK_K)
+    kmask = koffs < K
+    ids = tl.load(ids_ptr + row * stride_i + koffs, mask=kmask, other=-1).to(tl.int64)
+    valid = ids >= 0
+    t = tl.load(lp_ptr + row * stride_p + koffs, mask=kmask, other=float("-inf")).to(tl.float32)
+    t = tl.where(valid, t, float("-inf"))
+    z_ids = tl.load(row_ptr + tl.where(valid, ids, 0), mask=valid, other=0.0).to(tl.float32)
+    log_p_ids = z_ids * inv_T - lse_t
+    if BUCKET:
+        q = tl.where(valid, tl.exp(t), 0.0)
+        Q = tl.sum(q, 0)
+        q_tail = tl.maximum(1.0 - Q, 0.0)
+        p_ids = tl.where(valid, tl.exp(log_p_ids), 0.0)
+        P = tl.sum(p_ids, 0)
+        clamped = P > 1.0 - tail_eps
+        P_c = tl.where(clamped, 1.0 - tail_eps, P)
+        log_tail_s = _log1p(-P_c)
+        log_tail_t = _log1p(-tl.where(q_tail > 0, Q, 0.0))
+        head = tl.sum(tl.where(q > 0, q * (t - log_p_ids), 0.0), 0)
+        kd = head + tl.where(q_tail > 0, q_tail * (log_tail_t - log_tail_s), 0.0)
+        r = tl.where(clamped, 0.0, q_tail / (1.0 - P_c))
+        dense_kd = Q - r * P
+        sparse_kd = tl.where(valid, r * p_ids - q, 0.0)
+    else:
+        tt = t * inv_T
+        mq = tl.max(tt, 0)
+        has_any = mq > -1e30
+        mq_safe = tl.where(has_any, mq, 0.0)
+        e = tl.where(valid, tl.exp(tt - mq_safe), 0.0)
+        lse_q = mq_safe + tl.log(tl.where(has_any, tl.sum(e, 0), 1.0))
+        log_q = tl.where(valid, tt - lse_q, 0.0)
+        q = tl.where(valid, tl.exp(log_q), 0.0)
+        kd = T * T * tl.sum(tl.where(q > 0, q * (log_q - log_p_ids), 0.0), 0)
+        dense_kd = T * tl.sum(q, 0)
+        sparse_kd = -T * q
+    tl.store(kd_out_ptr + row, kd)
+    if HAS_CE:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        z_lab = tl.load(row_ptr + label).to(tl.float32)
+        tl.store(ce_out_ptr + row, lse_1 - z_lab)
+
+    if WRITE_GRAD:
+        a = tl.load(kd_w_ptr + row)
+        cd_kd = a * dense_kd
+        if HAS_CE:
+            c = tl.load(ce_w_ptr + row)
+        tl.debug_barrier()  # every gather above must read logits before phase C overwrites them
+        # C. dense gradient, in place
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            cmask = cols < V
+            z = tl.load(row_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            g = cd_kd * tl.exp(z * inv_T - lse_t)
+            if HAS_CE:
+                g += c * tl.exp(z - lse_1)
+            tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=cmask)
+        tl.debug_barrier()  # phase D overwrites elements phase C wrote from other threads
+        # D. sparse entries: full value recomputed in fp32
+        g_ids = cd_kd * tl.exp(log_p_ids) + a * sparse_kd
+        if HAS_CE:
+            g_ids += c * tl.exp(z_ids - lse_1) - tl.where(ids == label, c, 0.0)
+            lab_in = tl.sum((ids == label).to(tl.int32), 0) > 0
+            g_lab = cd_kd * tl.exp(z_lab * inv_T - lse_t) + c * tl.exp(z_lab - lse_1) - c
+            tl.store(row_ptr + label, g_lab.to(logits_ptr.dtype.element_ty), mask=lab_in == 0)
+        tl.store(row_ptr + tl.where(valid, ids, 0), g_ids.to(logits_ptr.dtype.element_ty), mask=valid)
+
+
+def default_chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
+    rows = max(16, LOGITS_BUFFER_BYTES // (vocab * itemsize))
+    if rows >= 128:
+        rows = rows // 128 * 128
+    return max(1, min(n_rows, rows))
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with fp32 accumulation and output, whatever the dtype of a and b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:  # bf16/fp16 operands, fp32 accumulator: cuBLAS with an fp32 C matrix (torch >= 2.8)
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
+def loss_and_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    kd_weight: torch.Tensor | None,
+    ce_weight: torch.Tensor | None,
+    *,
+    tail: str,
+    temperature: float,
+    chunk_rows: int | None = None,
+    block_v: int | None = None,
+    num_warps: int = 8,
+):
+    """Same contract as sparse_kl_reference.loss_and_grads: per-row losses [N] (fp32) and, when
+    kd_weight is given, dh [N, d] (hidden's dtype), dW [V, d] (fp32), db [V] (fp32) of
+    sum_n kd_weight[n] KD_n + ce_weight[n] CE_n."""
+    N, d = hidden.shape
+    V = weight.shape[0]
+    K = target_ids.shape[1]
+    dev = hidden.device
+    want = kd_weight is not None
+    has_ce = labels is not None
+    T = float(temperature)
+    C = chunk_rows or default_chunk_rows(N, V, hidden.element_size())
+    C = max(1, min(C, N))
+    BLOCK_V = block_v or min(4096, triton.next_power_of_2(V))
+    BLOCK_K = max(2, triton.next_power_of_2(K))
+
+    ids = target_ids.contiguous()
+    lp = target_logprobs.to(torch.float32).contiguous()
+    lab = labels.to(torch.int64).contiguous() if has_ce else ids  # dummy pointer without CE
+    kd_w = kd_weight.to(torch.float32).contiguous() if want else lp
+    if want and has_ce and ce_weight is not None:
+        ce_w = ce_weight.to(torch.float32).contiguous()
+    else:
+        ce_w = torch.zeros(N, dtype=torch.float32, device=dev)
+    kd_rows = torch.empty(N, dtype=torch.float32, device=dev)
+    ce_rows = torch.empty(N, dtype=torch.float32, device=dev) if has_ce else kd_rows
+    buf = torch.empty(C, V, dtype=hidden.dtype, device=dev)
+    dh = torch.empty_like(hidden) if want else None
+    dW = torch.zeros(V, d, dtype=torch.float32, device=dev) if want else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if (want and bias is not None) else None
+    w_t = weight.T
+    for r0 in range(0, N, C):
+        r1 = min(N, r0 + C)
+        n = r1 - r0
+        logits = buf[:n]
+        hc = hidden[r0:r1]
+        if bias is None:
+            torch.mm(hc, w_t, out=logits)
+        else:
+            torch.addmm(bias, hc, w_t, out=logits)
+        _sparse_kl_rows_kernel[(n,)](
+            logits, logits.stride(0),
+            ids[r0:r1], ids.stride(0), lp[r0:r1], lp.stride(0), lab[r0:r1] if has_ce else lab,
+            kd_w[r0:r1] if want else kd_w, ce_w[r0:r1], kd_rows[r0:r1], ce_rows[r0:r1] if has_ce else kd_rows,
+            V, K, 1.0 / T, T, TAIL_EPS,
+            BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, BUCKET=(tail == "bucket"), HAS_CE=has_ce,
+            SEPARATE_CE_LSE=(has_ce and T != 1.0), WRITE_GRAD=want, num_warps=num_warps,
+        )
+        if want:
+            torch.mm(logits, weight, out=dh[r0:r1])
+            _accumulate_fp32(dW, logits.T, hc)
+            if db is not None:
+                db += logits.sum(dim=0, dtype=torch.float32)
+    return kd_rows, (ce_rows if has_ce else None), dh, dW, db
