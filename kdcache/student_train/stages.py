@@ -54,6 +54,7 @@ class ModelConfig:
     tokenizer: str | None = None  # student tokenizer dir, for the vocabulary check
     checkpoint_layers: int = 0  # activation checkpointing of the first n layers
     compile: bool = False  # torch.compile each block (CUDA)
+    init_seed: int = 0  # random initialisation (stages without init_from)
     overrides: dict[str, Any] = field(default_factory=dict)  # any other ModelArgs field
 
 
@@ -241,7 +242,7 @@ def build_trainer(stage: StageConfig, stage_dir: str, callbacks: list | None = N
                                  save_top_k=1, filename="step{step:06d}",
                                  auto_insert_metric_name=False)
     if logger is True:
-        logger = CSVLogger(stage_dir, name="logs", version=0)
+        logger = CSVLogger(stage_dir, name="logs")  # a new version per (re)start
     return pl.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(t),
@@ -264,6 +265,9 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
         raise TrainConfigError(f"stage {stage.name!r}: data.paths is empty (give --data PATH)")
     args, verdict = model_args_for(stage, datamodule.header, where)
     datamodule.student_vocab_size = args.vocab_size
+    import lightning.pytorch as pl
+
+    pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
     init_from = stage.init_from
     if init_from == "previous":
         init_from = previous_hf
