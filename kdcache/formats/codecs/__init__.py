@@ -9,7 +9,8 @@ from kdcache.formats.codecs.raw import RawCodec
 
 _REGISTRY: dict[str, type[TargetCodec]] = {RawCodec.name: RawCodec, QRankCodec.name: QRankCodec}
 
-DEFAULT_CODEC: dict[str, str] = {"topk": "raw", "sampled": "raw"}
+# Measured: BENCHMARKS.md "Codec (formats)" (qrank ~1.4 B/entry at k=64 vs raw ~4).
+DEFAULT_CODEC: dict[str, str] = {"topk": "qrank", "sampled": "qrank"}
 
 
 def register_codec(cls: type[TargetCodec]) -> type[TargetCodec]:

@@ -1,0 +1,281 @@
+"""Target codecs: round trips for both kinds, the KL budget, and clean failures on bad blobs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kdcache.errors import KdcacheError
+from kdcache.formats.codecs import (QRankCodec, RawCodec, available_codecs, default_codec,
+                                    get_codec)
+from kdcache.formats.codecs.quantize import LogProbQuantizer
+from kdcache.formats.codecs.rank_table import RankTable
+
+VOCABS = (2, 255, 256, 65_536, 65_537, 202_048, 2**31 - 1)
+KS = (1, 3, 64, 256)
+
+
+def synthetic_topk(m: int, k: int, vocab: int, seed: int = 0, spread: float = 2.5):
+    """Peaked, Zipf-like top-k: ids drawn by a Zipf law over a pool of common ids (spread
+    across the vocabulary), log-probs of a softmax with a random tail mass, rows descending."""
+    rng = np.random.default_rng(seed)
+    pool = min(vocab, max(4 * k, 2048))
+    if vocab <= 4_000_000:
+        pool_ids = rng.permutation(vocab)[:pool]
+    else:
+        pool_ids = np.unique(rng.integers(0, vocab, size=2 * pool))[:pool]
+        pool = pool_ids.size
+    zipf = 1.0 / np.arange(1, pool + 1)
+    zipf /= zipf.sum()
+    ids = np.empty((m, k), dtype=np.int64)
+    logits = rng.standard_normal((m, k)) * spread
+    logits[:, 0] += rng.exponential(3.0, size=m)  # a peak, of varying height
+    for r in range(m):
+        ids[r] = pool_ids[rng.choice(pool, size=k, replace=False, p=zipf)]
+    tail = rng.uniform(0.01, 0.4, size=(m, 1)) if k < vocab else np.zeros((m, 1))
+    lp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True) + np.log1p(-tail)
+    lp = -np.sort(-lp, axis=1)
+    return ids, lp.astype(np.float32)
+
+
+def synthetic_sampled(m: int, k: int, vocab: int, draws: int, seed: int = 0):
+    """RS-KD-like targets: n_i <= k distinct ids per row with count/draws weights, -1 padded."""
+    rng = np.random.default_rng(seed)
+    ids = np.full((m, k), -1, dtype=np.int64)
+    weights = np.zeros((m, k), dtype=np.float32)
+    for r in range(m):
+        n = int(rng.integers(1, min(k, vocab, draws) + 1))
+        row_ids = rng.choice(min(vocab, 10 * k + 10), size=n, replace=False)
+        counts = np.bincount(rng.integers(0, n, size=draws - n), minlength=n) + 1
+        ids[r, :n] = row_ids
+        weights[r, :n] = (counts / draws).astype(np.float32)
+    return ids, weights
+
+
+def renorm_kl(ids, lp, dec_ids, dec_lp):
+    o, d = np.argsort(ids, axis=1), np.argsort(dec_ids, axis=1)
+    p = np.take_along_axis(lp, o, 1).astype(np.float64)
+    q = np.take_along_axis(dec_lp, d, 1).astype(np.float64)
+    p -= np.logaddexp.reduce(p, axis=1, keepdims=True)
+    q -= np.logaddexp.reduce(q, axis=1, keepdims=True)
+    return (np.exp(p) * (p - q)).sum(axis=1)
+
+
+def check_topk_roundtrip(codec, ids, lp):
+    m, k = ids.shape
+    blob = codec.encode(ids, lp)
+    dec_ids, dec_lp = codec.decode(blob, m)
+    assert dec_ids.dtype == np.int32 and dec_lp.dtype == np.float32
+    assert dec_ids.shape == (m, k) and dec_lp.shape == (m, k)
+    # The id set of each row is kept exactly; values come back sorted descending.
+    np.testing.assert_array_equal(np.sort(dec_ids, axis=1), np.sort(ids, axis=1))
+    assert (np.diff(dec_lp, axis=1) <= 0).all()
+    # Each id keeps (about) its log-prob: match rows id by id.
+    o, d = np.argsort(ids, axis=1), np.argsort(dec_ids, axis=1)
+    err = np.abs(np.take_along_axis(lp, o, 1) - np.take_along_axis(dec_lp, d, 1))
+    assert err.max(initial=0) <= codec.quantizer.step_max / 2 + 1e-4
+    return blob, dec_ids, dec_lp
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("m", (0, 1, 37))
+def test_qrank_topk_roundtrip(vocab, k, m):
+    if k > vocab:
+        pytest.skip("k distinct ids need k <= vocab")
+    ids, lp = synthetic_topk(m, k, vocab, seed=vocab % 1000 + k + m)
+    table = QRankCodec.build_table(vocab_size=vocab, sample_ids=ids[: max(m // 2, 1)])
+    for tab in (None, table):
+        codec = QRankCodec(kind="topk", k=k, vocab_size=vocab, table=tab)
+        check_topk_roundtrip(codec, ids, lp)
+
+
+def test_qrank_table_covers_ids_it_never_saw():
+    """Ids outside the table (escape ranks) decode through the search path, at the top of a
+    2^31-1 vocabulary too."""
+    vocab = 2**31 - 1
+    ids, lp = synthetic_topk(50, 16, vocab, seed=3)
+    ids[:, -1] = vocab - 1 - np.arange(50)  # far above anything in the table
+    lp[:, -1] = lp[:, -2] - 0.5
+    table = QRankCodec.build_table(vocab_size=vocab, sample_ids=ids[:10, :8])
+    codec = QRankCodec(kind="topk", k=16, vocab_size=vocab, table=table)
+    assert codec.rank_table.size > 0
+    check_topk_roundtrip(codec, ids, lp)
+
+
+def test_qrank_kl_within_budget_on_peaked_targets():
+    ids, lp = synthetic_topk(3000, 64, 50_000, seed=11)
+    table = QRankCodec.build_table(vocab_size=50_000, sample_ids=ids[:1000])
+    codec = QRankCodec(kind="topk", k=64, vocab_size=50_000, table=table)
+    _, dec_ids, dec_lp = check_topk_roundtrip(codec, ids, lp)
+    kl = renorm_kl(ids, lp, dec_ids, dec_lp)
+    assert kl.mean() <= 1e-3
+    assert kl.max() <= 5e-3
+    raw = RawCodec(kind="topk", k=64, vocab_size=50_000)
+    assert len(codec.encode(ids, lp)) < len(raw.encode(ids, lp)) / 2
+
+
+def test_qrank_handles_ties_extremes_and_unsorted_order_of_equal_values():
+    vocab, k = 1000, 8
+    lp = np.array([[0.0, -1e-7, -1e-7, -3.0, -3.0, -3.0, -80.0, -2e4]], dtype=np.float32)
+    ids = np.array([[5, 999, 0, 7, 3, 998, 1, 2]])
+    codec = QRankCodec(kind="topk", k=k, vocab_size=vocab)
+    dec_ids, dec_lp = codec.decode(codec.encode(ids, lp), 1)
+    assert set(dec_ids[0].tolist()) == set(ids[0].tolist())
+    assert dec_lp[0, 0] == 0.0 and (np.diff(dec_lp[0]) <= 0).all()
+    assert dec_lp[0, -1] < -1e4  # far tails saturate only below about -13,000 nats
+
+
+@pytest.mark.parametrize("k", (1, 3, 64))
+@pytest.mark.parametrize("m", (0, 1, 29))
+def test_qrank_sampled_lossless(k, m):
+    ids, weights = synthetic_sampled(m, k, 5000, draws=100, seed=k + m)
+    for draws in (None, 100):
+        table = QRankCodec.build_table(vocab_size=5000, sample_ids=ids)
+        codec = QRankCodec(kind="sampled", k=k, vocab_size=5000, table=table, draws=draws)
+        dec_ids, dec_w = codec.decode(codec.encode(ids, weights), m)
+        np.testing.assert_array_equal(dec_ids, ids)
+        np.testing.assert_array_equal(dec_w, weights)
+        assert dec_ids.dtype == np.int32 and dec_w.dtype == np.float32
+
+
+def test_qrank_sampled_counts_are_smaller_and_fall_back_when_not_counts():
+    ids, weights = synthetic_sampled(200, 32, 50_000, draws=64, seed=5)
+    as_counts = QRankCodec(kind="sampled", k=32, vocab_size=50_000, draws=64)
+    as_floats = QRankCodec(kind="sampled", k=32, vocab_size=50_000)
+    assert len(as_counts.encode(ids, weights)) < len(as_floats.encode(ids, weights))
+    # Weights that are not count/64 are still stored exactly (as float32).
+    odd = weights.copy()
+    odd[:, 0] = np.where(ids[:, 0] >= 0, odd[:, 0] * 0.999, 0).astype(np.float32)
+    dec_ids, dec_w = as_counts.decode(as_counts.encode(ids, odd), 200)
+    np.testing.assert_array_equal(dec_w, odd)
+    np.testing.assert_array_equal(dec_ids, ids)
+
+
+@pytest.mark.parametrize("kind", ("topk", "sampled"))
+def test_raw_codec_still_exact(kind):
+    if kind == "topk":
+        ids, values = synthetic_topk(20, 5, 300, seed=1)
+    else:
+        ids, values = synthetic_sampled(20, 5, 300, draws=10, seed=1)
+    codec = RawCodec(kind=kind, k=5, vocab_size=300)
+    dec_ids, dec_values = codec.decode(codec.encode(ids, values), 20)
+    np.testing.assert_array_equal(dec_ids, ids)
+    np.testing.assert_array_equal(dec_values, values)
+
+
+def test_registry_and_defaults():
+    assert {"raw", "qrank"} <= set(available_codecs())
+    assert get_codec("qrank") is QRankCodec
+    assert default_codec("topk") == "qrank" and default_codec("sampled") == "qrank"
+    with pytest.raises(KeyError, match="unknown codec"):
+        get_codec("nope")
+    assert QRankCodec(kind="topk", k=4, vocab_size=10).config()["step_max"] > 0
+
+
+def test_quantizer_is_monotone_and_levels_are_fixed_points():
+    q = LogProbQuantizer()
+    lp = -np.logspace(-8, 4, 5000)[::-1]  # descending from about 0 to -10^4
+    codes = q.encode(lp)
+    assert (np.diff(codes) <= 0).all() or (np.diff(codes) >= 0).all()
+    levels = q.levels()
+    assert levels[0] == 0.0 and (np.diff(levels[:2000]) < 0).all()
+    np.testing.assert_array_equal(q.encode(levels[:2000]), np.arange(2000))
+    with pytest.raises(ValueError):
+        LogProbQuantizer(step_max=0.01, sqrt_step=0.1)
+
+
+def test_rank_table_roundtrip_and_ranks_are_a_bijection():
+    vocab = 1000
+    rng = np.random.default_rng(0)
+    sample = rng.zipf(1.3, size=5000) % vocab
+    table = RankTable.from_sample(vocab, sample_ids=sample)
+    again = RankTable.from_bytes(table.to_bytes())
+    np.testing.assert_array_equal(again.ids_by_rank, table.ids_by_rank)
+    ranks = table.ranks(np.arange(vocab))
+    np.testing.assert_array_equal(np.sort(ranks), np.arange(vocab))
+    counts = np.bincount(sample, minlength=vocab)
+    assert counts[table.ids_by_rank[0]] == counts.max()
+    from_counts = RankTable.from_sample(vocab, token_counts=counts)
+    np.testing.assert_array_equal(from_counts.ids_by_rank, table.ids_by_rank)
+
+
+def test_codec_rejects_bad_construction():
+    table = QRankCodec.build_table(vocab_size=100, sample_ids=np.arange(10))
+    with pytest.raises(ValueError, match="vocab"):
+        QRankCodec(kind="topk", k=4, vocab_size=200, table=table)
+    with pytest.raises(ValueError):
+        QRankCodec(kind="topk", k=4, vocab_size=100, table=b"garbage")
+    with pytest.raises(ValueError):
+        QRankCodec(kind="sampled", k=4, vocab_size=100, draws=0)
+    with pytest.raises(ValueError):
+        RankTable.from_bytes(table[:-3])
+
+
+# ---- corrupt blobs ----------------------------------------------------------------------
+
+def _codec_and_blob(kind: str):
+    if kind == "topk":
+        ids, values = synthetic_topk(40, 16, 70_000, seed=9)
+        table = QRankCodec.build_table(vocab_size=70_000, sample_ids=ids[:10])
+        codec = QRankCodec(kind="topk", k=16, vocab_size=70_000, table=table)
+    else:
+        ids, values = synthetic_sampled(40, 16, 70_000, draws=50, seed=9)
+        codec = QRankCodec(kind="sampled", k=16, vocab_size=70_000, draws=50)
+    return codec, codec.encode(ids, values)
+
+
+def _decode_cleanly(codec, blob: bytes, m: int = 40) -> None:
+    """Decoding either raises a clean error or returns well-formed arrays."""
+    try:
+        ids, values = codec.decode(blob, m)
+    except (ValueError, KdcacheError):
+        return
+    assert ids.shape == (m, codec.k) and values.shape == (m, codec.k)
+    assert ids.dtype == np.int32 and values.dtype == np.float32
+    assert (ids < codec.vocab_size).all() and (ids >= -1).all()
+
+
+@pytest.mark.parametrize("kind", ("topk", "sampled"))
+def test_truncated_and_mismatched_blobs_raise(kind):
+    codec, blob = _codec_and_blob(kind)
+    for cut in range(0, len(blob), max(1, len(blob) // 97)):
+        with pytest.raises(ValueError):
+            codec.decode(blob[:cut], 40)
+    with pytest.raises(ValueError):
+        codec.decode(blob + b"\0", 40)
+    with pytest.raises(ValueError, match="rows"):
+        codec.decode(blob, 41)
+    other = QRankCodec(kind="sampled" if kind == "topk" else "topk", k=16, vocab_size=70_000)
+    with pytest.raises(ValueError):
+        other.decode(blob, 40)
+
+
+@pytest.mark.parametrize("kind", ("topk", "sampled"))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_blobs_never_crash(kind, data):
+    codec, blob = _codec_and_blob(kind)
+    mutated = bytearray(blob)
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(("flip", "set", "delete", "insert")))
+        pos = data.draw(st.integers(0, len(mutated) - 1))
+        if op == "flip":
+            mutated[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "set":
+            mutated[pos] = data.draw(st.integers(0, 255))
+        elif op == "delete":
+            del mutated[pos]
+        else:
+            mutated.insert(pos, data.draw(st.integers(0, 255)))
+    _decode_cleanly(codec, bytes(mutated))
+
+
+def test_every_single_byte_flip_in_the_header_and_tables_is_caught_or_harmless():
+    codec, blob = _codec_and_blob("topk")
+    for pos in range(min(len(blob), 200)):
+        mutated = bytearray(blob)
+        mutated[pos] ^= 0xFF
+        _decode_cleanly(codec, bytes(mutated))
