@@ -127,7 +127,7 @@ def build_teacher(out_dir: str, cfg: TeacherConfig, *, log=print) -> dict:
             loss.backward()
             opt.step()
             steps += 1
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if steps % 20 == 0:
                 log(f"make-teacher: step {steps} loss {loss_value:.3f}")
             if time.perf_counter() > deadline:

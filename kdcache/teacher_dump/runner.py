@@ -130,18 +130,33 @@ def _window_to_dict(w: PackedWindow) -> dict[str, Any]:
 
 
 class DumpWorker:
-    """Holds one engine; turns a shard's windows into a written shard. Runs as a Ray actor."""
+    """Holds one engine; turns a shard's windows into a written shard. Runs as a Ray actor.
 
-    def __init__(self, engine_name: str, engine_cfg: dict, out: str, header: dict,
-                 table: bytes | None) -> None:
+    The engine is built once (`__init__`); `configure` binds a dataset (output, header, codec)
+    and may change k and mode, so that one started engine can serve several runs (tests).
+    """
+
+    def __init__(self, engine_name: str, engine_cfg: dict) -> None:
+        from kdcache.teacher_dump.engines import make_engine
+
+        self.engine = make_engine(engine_name, EngineConfig(**engine_cfg))
+        self.out = self.header = self.codec = None
+
+    def configure(self, out: str, header: dict, table: bytes | None) -> int:
         from kdcache.formats.manifest import DatasetHeader
         from kdcache.formats.writer import make_codec
-        from kdcache.teacher_dump.engines import make_engine
 
         self.out = out
         self.header = DatasetHeader(**header)
         self.codec = make_codec(self.header, table)
-        self.engine = make_engine(engine_name, EngineConfig(**engine_cfg))
+        self.engine.reconfigure(k=self.header.k, mode=self.header.packing["mode"],
+                                window=int(self.header.packing["window"]))
+        return os.getpid()
+
+    def topk(self, windows: list[dict]) -> list[tuple]:
+        """Raw engine output (ids, logprobs, valid) per window; for tests and benches."""
+        out = self.engine.topk([PackedWindow(**w) for w in windows])
+        return [(t.ids, t.logprobs, t.valid) for t in out]
 
     def pid(self) -> int:
         return os.getpid()
@@ -194,46 +209,62 @@ def _init_ray(address: str | None) -> None:
 
 
 class _ActorPool:
-    """`workers` DumpWorker actors; replaces dead ones."""
+    """`workers` DumpWorker actors (or the ones given); replaces dead ones."""
 
-    def __init__(self, cfg: DumpConfig, header, table: bytes | None) -> None:
+    def __init__(self, cfg: DumpConfig, header, table: bytes | None, actors=None) -> None:
         import ray
 
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = ray.cluster_resources().get("CPU", 1)
-        self.options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1}
+        threads = max(1, int(min(cpus, os.cpu_count() or 1) // max(1, cfg.workers)))
+        self.options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1, "num_cpus": 1}
         if gpus > 0 and cfg.device != "cpu":
             self.options["num_gpus"] = cfg.tensor_parallel
-            self.options["num_cpus"] = 1
-            threads = max(1, int(cpus // max(1, cfg.workers)))
-        else:
-            threads = max(1, int(cpus // max(1, cfg.workers)))
-            self.options["num_cpus"] = threads
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
                "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(cfg.kv_cache_gib))))}
         self.options["runtime_env"] = {"env_vars": env}
         self.remote_cls = ray.remote(DumpWorker)
-        self.args = (cfg.engine, asdict(engine_config(cfg)), cfg.out, asdict(header), table)
-        self.actors = [self._new() for _ in range(cfg.workers)]
-        self.started = len(self.actors)
+        self.engine_args = (cfg.engine, asdict(engine_config(cfg)))
+        self.configure_args = (cfg.out, asdict(header), table)
+        self.owned = actors is None
+        self.actors = list(actors) if actors is not None else \
+            [self._new() for _ in range(cfg.workers)]
+        self.started = len(self.actors) if self.owned else 0
+        # configure every actor; surfaces engine start-up errors before any shard is sent
+        self.pids = self._configure(self.actors)
 
     def _new(self):
-        return self.remote_cls.options(**self.options).remote(*self.args)
+        return self.remote_cls.options(**self.options).remote(*self.engine_args)
+
+    def _configure(self, actors) -> list[int]:
+        import ray
+        from ray.exceptions import RayTaskError
+
+        try:
+            return ray.get([a.configure.remote(*self.configure_args) for a in actors])
+        except RayTaskError as exc:
+            raise _unwrap(exc) from None
 
     def replace(self, dead):
         import ray
 
-        ray.kill(dead, no_restart=True)
+        try:
+            ray.kill(dead, no_restart=True)
+        except Exception:
+            pass
         self.actors.remove(dead)
         fresh = self._new()
+        self.owned_extra = getattr(self, "owned_extra", []) + [fresh]
         self.actors.append(fresh)
         self.started += 1
+        self.pids = [p for p in self.pids] + self._configure([fresh])
         return fresh
 
     def shutdown(self) -> None:
         import ray
 
-        for a in self.actors:
+        owned = self.actors if self.owned else getattr(self, "owned_extra", [])
+        for a in owned:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:
@@ -250,9 +281,16 @@ def _unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, KdcacheError) else exc
 
 
-def run_dump(cfg: DumpConfig, *, on_shard_done: Callable[[str, dict, "_ActorPool"], None] | None
-             = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) a dump; returns the summary dict (also stored in the manifest stats)."""
+def run_dump(cfg: DumpConfig, *, actors: list | None = None,
+             on_shard_done: Callable[[str, dict, "_ActorPool"], None] | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a dump; returns the summary dict (also stored in the manifest stats).
+
+    `actors`: already started DumpWorker actors to use (they are configured for this run and
+    left running); by default `cfg.workers` actors are started and stopped here.
+    `on_shard_done(name, info, pool)` is called after each shard is recorded (tests use it to
+    interrupt runs and kill actors at chosen points).
+    """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -291,7 +329,7 @@ def run_dump(cfg: DumpConfig, *, on_shard_done: Callable[[str, dict, "_ActorPool
     pool = None
     if todo:
         _init_ray(cfg.ray_address)
-        pool = _ActorPool(cfg, header, codec.table)
+        pool = _ActorPool(cfg, header, codec.table, actors)
         bar = _progress(cfg, total_tokens, skipped_tokens)
         corpus_stats, pack_stats = CorpusStats(), PackStats()
         shard_iter = ((n, w) for n, w in iter_shards(cfg, tokenizer, corpus_stats, pack_stats)

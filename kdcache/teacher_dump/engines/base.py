@@ -66,6 +66,17 @@ class TeacherEngine(ABC):
                               f"(it serves {', '.join(self.modes)})")
         self.cfg = cfg
 
+    def reconfigure(self, *, k: int, mode: str, window: int) -> None:
+        """Serve another k / packing mode without restarting (a started engine is expensive)."""
+        from dataclasses import replace
+
+        if mode not in self.modes:
+            raise EngineError(f"engine {self.name!r} cannot serve packing mode {mode!r}")
+        if window > self.cfg.window:
+            raise EngineError(f"window {window} exceeds the {self.cfg.window} this engine "
+                              "was started for")
+        self.cfg = replace(self.cfg, k=k, mode=mode)
+
     @abstractmethod
     def topk(self, windows: list[PackedWindow]) -> list[WindowTargets]:
         """Targets for each window, in order."""

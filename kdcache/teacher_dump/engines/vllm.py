@@ -97,9 +97,16 @@ class VLLMEngine(TeacherEngine):
         else:
             self.weight = None
             self.llm = _make_llm(**common, skip_tokenizer_init=True, max_logprobs=cfg.k)
+        self.max_logprobs = cfg.k
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         if cfg.k > self.vocab_size:
             raise EngineError(f"k={cfg.k} exceeds the teacher's vocabulary ({self.vocab_size})")
+
+    def reconfigure(self, *, k: int, mode: str, window: int) -> None:
+        if self.cfg.vllm_path == "prompt-logprobs" and k > self.max_logprobs:
+            raise EngineError(f"k={k} exceeds max_logprobs={self.max_logprobs} this engine "
+                              "was started with")
+        super().reconfigure(k=k, mode=mode, window=window)
 
     # ------------------------------------------------------------------ requests
 

@@ -1,0 +1,134 @@
+"""CLI: `kdcache make-teacher`, `kdcache dump` and `kdcache bench dump`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "make-teacher", help="build a tiny local teacher model + tokenizer (no network)",
+        description="Build a small Llama-style teacher (head_dim 64, float32) and a byte-level BPE "
+                    "tokenizer trained on the built-in synthetic corpus, optionally train it for "
+                    "--train-seconds so its predictions are peaked, and save it as a normal "
+                    "Hugging Face model directory that transformers and vLLM both load. Used by "
+                    "tests, benches and `make demo`.")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "bench"],
+                   help="model size: tiny (tests), demo, bench (4 layers, 256 wide, 32k vocab)")
+    p.add_argument("--train-seconds", type=float, default=0.0,
+                   help="train on the built-in corpus for this long (default 0: random weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(handler=_run_make_teacher)
+
+    p = subparsers.add_parser(
+        "dump", help="run a teacher over a corpus and store its top-k targets as shards",
+        description="Read a corpus (JSONL with a text field, Parquet, folders of .txt; local or "
+                    "any fsspec URL; or 'builtin'), tokenize with the teacher's tokenizer, wrap "
+                    "documents BOS...EOS, pack them into windows, run the teacher on Ray actors "
+                    "(vLLM, or the transformers reference engine) and write top-k full-vocabulary "
+                    "log-probs as compressed Arrow shards with a manifest. plan.json is written "
+                    "first; re-running the same command resumes (complete shards are skipped), and "
+                    "a different configuration in the same --out is refused.")
+    p.add_argument("--model", required=True, help="teacher: a Hugging Face model directory")
+    p.add_argument("--corpus", required=True,
+                   help="corpus file, folder, glob or fsspec URL, or 'builtin'")
+    p.add_argument("--out", required=True, help="dataset directory or fsspec URL")
+    p.add_argument("--k", type=int, default=64, help="top-k entries per token (default 64)")
+    p.add_argument("--window", type=int, default=131072, help="tokens per window")
+    p.add_argument("--mode", default="document", choices=["causal", "document", "document-global"],
+                   help="packing mode (document-global needs --engine hf)")
+    p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, one engine each")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per engine (vLLM)")
+    p.add_argument("--ray-address", default=None, help="join a Ray cluster (default: local)")
+    p.add_argument("--seed", type=int, default=0, help="packing seed")
+    p.add_argument("--drop-long-docs", action="store_true",
+                   help="drop documents longer than the window instead of splitting them")
+    p.add_argument("--text-field", default="text", help="JSONL/Parquet text field (default text)")
+    p.add_argument("--builtin-documents", type=int, default=400,
+                   help="size of the built-in corpus (with --corpus builtin)")
+    p.add_argument("--windows-per-shard", type=int, default=16)
+    p.add_argument("--shuffle-buffer", type=int, default=4096, help="documents shuffled together")
+    p.add_argument("--codec", default=None, help="target codec (default: the formats default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--vllm-path", default="hidden", choices=["hidden", "prompt-logprobs"],
+                   help="hidden: vLLM hidden states + chunked top-k (fast); prompt-logprobs: "
+                        "vLLM's own prompt log-probs")
+    p.add_argument("--bos-id", type=int, default=None)
+    p.add_argument("--eos-id", type=int, default=None)
+    p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose actor died")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM-CPU KV cache size")
+    p.add_argument("--json", action="store_true", help="print one JSON line (no progress bar)")
+    p.set_defaults(handler=_run_dump)
+
+    bench = subparsers.add_parser(
+        "bench", help="benchmarks (see BENCHMARKS.md)",
+        description="Benchmarks that print one JSON line with a baseline side by side.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    p = bench_sub.add_parser(
+        "dump", help="top-k extraction throughput against prefill + unavoidable work",
+        description="Measure dump throughput (top-k computed, converted, encoded and written to "
+                    "shards) against a ceiling: the same engine's prefill-only throughput on the "
+                    "same windows combined with the time of the lm_head matmul plus a logsumexp "
+                    "and top-k pass over every token (chunked PyTorch, same threads). Also runs "
+                    "vLLM's prompt-logprobs path as the baseline. Engine start-up is excluded.")
+    p.add_argument("--model", required=True, help="teacher model directory")
+    p.add_argument("--corpus", default="builtin")
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--window", type=int, default=8192)
+    p.add_argument("--windows", type=int, default=4, help="windows to time")
+    p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the prompt-logprobs baseline")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(handler=_run_bench_dump)
+    bench.set_defaults(handler=lambda args: (bench.print_help(), 2)[1])
+
+
+def _run_make_teacher(args: argparse.Namespace) -> int:
+    from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+    cfg = TeacherConfig.preset(args.preset, train_seconds=args.train_seconds, seed=args.seed)
+    summary = build_teacher(args.out, cfg, log=(lambda m: None) if args.json else print)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"kdcache make-teacher: {args.out}: {summary['parameters']:,} parameters, "
+              f"vocab {cfg.vocab_size}, {summary['train_steps']} training steps "
+              f"(final loss {summary['final_loss']:.3f}), {summary['seconds']} s")
+    return 0
+
+
+def _run_dump(args: argparse.Namespace) -> int:
+    from kdcache.teacher_dump.plan import DumpConfig
+    from kdcache.teacher_dump.runner import format_summary, run_dump
+
+    cfg = DumpConfig(
+        model=args.model, corpus=args.corpus, out=args.out, k=args.k, window=args.window,
+        mode=args.mode, engine=args.engine, seed=args.seed,
+        split_long_docs=not args.drop_long_docs, shuffle_buffer=args.shuffle_buffer,
+        text_field=args.text_field, builtin_documents=args.builtin_documents,
+        windows_per_shard=args.windows_per_shard, codec=args.codec, dtype=args.dtype,
+        vllm_path=args.vllm_path, bos_id=args.bos_id, eos_id=args.eos_id, workers=args.workers,
+        tensor_parallel=args.tensor_parallel, ray_address=args.ray_address,
+        max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json)
+    summary = run_dump(cfg, log=(lambda m: None) if args.json else print)
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def _run_bench_dump(args: argparse.Namespace) -> int:
+    from kdcache.teacher_dump.bench import BenchConfig, bench_dump
+
+    result = bench_dump(BenchConfig(model=args.model, corpus=args.corpus, k=args.k,
+                                    window=args.window, windows=args.windows, engine=args.engine,
+                                    rounds=args.rounds, baseline=not args.no_baseline))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>28}: {value}")
+    return 0
