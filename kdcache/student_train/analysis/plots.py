@@ -103,7 +103,7 @@ def plot_top_tokens(summary: dict, run: Any, path: str) -> str:
 
 def plot_kl(summary: dict, runs: list[Any], path: str) -> str:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     styles = {"float32": "-", "bfloat16": "--", "float16": ":"}
     colors = {"document-global": "tab:blue", "document": "tab:green", "causal": "tab:red"}
     n = summary["config"]["block_tokens"]
@@ -117,7 +117,7 @@ def plot_kl(summary: dict, runs: list[Any], path: str) -> str:
     ax.set_ylabel(f"mean KL(p_0 || p_r) per token (nats; 0 drawn at {KL_FLOOR:g})")
     ax.set_title("Output drift against repeat 0, by packing mode and dtype", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 

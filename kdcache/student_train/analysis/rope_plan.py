@@ -27,7 +27,11 @@ such dimensions (the critical dimension) is
 
 (the paper writes it for theta = 10000: d_extra = 2*ceil((d/2) * log_10000(T_train/(2*pi))),
 92 for Llama 2, d=128, T_train=4096). Dimensions beyond d_extra never saw a full period; the
-paper's extrapolation limit for a larger base is T_extra = 2*pi*theta^(d_extra/d).
+paper's extrapolation limit after continuing with a larger base is T_extra = 2*pi*theta^(d_extra/d),
+d_extra from pre-training. `extrapolation_limit` of a stage uses the first stage's d_extra (for
+the first stage itself this is just its own training length, rounded up to a pair boundary).
+Example, the seed paper's student (d = 64): stage 1 at 2,048 tokens, theta 10k gives d_extra = 42;
+stage 2 at theta 500k then extrapolates to 2*pi*500000^(42/64) ~ 34.5k tokens by Liu's rule.
 """
 
 from __future__ import annotations
@@ -118,7 +122,9 @@ class StagePlan:
 
 
 def plan_stage(head_dim: int, context: int, theta: float | None, robust: bool = False,
-               ) -> StagePlan:
+               reference_dimension: int | None = None) -> StagePlan:
+    """`reference_dimension`: the critical dimension of the first (pre-training) stage, from which
+    Liu et al. predict this stage's extrapolation limit 2*pi*theta^(d_extra/d)."""
     lower, valid_from = theta_lower_bound(head_dim, context, robust)
     plan = StagePlan(context=context, theta=theta, theta_lower_bound=lower,
                      theta_valid_from=valid_from, below_bound=None, critical_dimension=None,
@@ -127,7 +133,8 @@ def plan_stage(head_dim: int, context: int, theta: float | None, robust: bool = 
         plan.below_bound = theta < lower
         d_extra = critical_dimension(head_dim, theta, context)
         plan.critical_dimension = d_extra
-        plan.extrapolation_limit = 2 * math.pi * theta ** (d_extra / head_dim)
+        reference = d_extra if reference_dimension is None else reference_dimension
+        plan.extrapolation_limit = 2 * math.pi * theta ** (reference / head_dim)
         plan.wavelengths = wavelength_table(head_dim, theta, context)
     return plan
 
@@ -159,7 +166,10 @@ def plan(head_dim: int, stages: list[tuple[int, float | None]], context: int | N
          robust: bool = False) -> dict:
     """The JSON document `kdcache rope-plan` prints: one entry per stage, and `theta_lower_bound`
     for the requested context (the last stage's when --context is not given)."""
-    plans = [plan_stage(head_dim, length, theta, robust) for length, theta in stages]
+    plans: list[StagePlan] = []
+    for length, theta in stages:
+        reference = plans[0].critical_dimension if plans else None
+        plans.append(plan_stage(head_dim, length, theta, robust, reference))
     target = context if context is not None else stages[-1][0]
     lower = next((p.theta_lower_bound for p in plans if p.context == target), None)
     if lower is None:
