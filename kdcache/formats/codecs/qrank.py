@@ -2,14 +2,17 @@
 
 Top-k targets (lossy on values, lossless on the id set), per window of m rows:
 
-1. Values -> integer codes with a probability-dependent step (quantize.LogProbQuantizer): fine
-   where p is large (uniform in sqrt p), capped at `step_max` nats for improbable entries.
+1. Values: the row's top log-prob on an absolute grid of 1/64 nat (`top`), every other entry
+   as an integer code of its log-prob *relative to the top* with a probability-dependent step
+   (quantize.LogProbQuantizer): uniform in sqrt(p / p_top) for likely entries, capped at
+   `step_max` nats for improbable ones. Relative codes keep KL(renormalised top-k) within budget
+   whatever the top-k mass (flat, high-entropy rows included); the top entry has code 0.
 2. Ids -> ranks in a dataset-level frequency table (rank_table.RankTable; identity without one).
 3. Each row is re-sorted by (code ascending, rank ascending). Quantisation made tied entries
    equal, so the order inside a tie is free: sorting it by rank lets the ranks after the first of
    a tie group be coded as gaps, which saves the log2(g!) bits an arbitrary order would cost.
 4. Streams, in column-major order (entry 0 of every row, then entry 1, ...):
-   - head:  code of each row's first entry (uint16)
+   - top:   each row's top log-prob as round(-log p_top * 64) (uint16)
    - dq:    code differences to the previous entry (>= 0) as nibbles min(dq, 15), two rows to a
             byte (row 2i high, 2i+1 low): pairs make a larger alphabet, on which zstd's
             Huffman code wastes less than on single, mostly-zero values
@@ -64,7 +67,7 @@ def _padded(stream: bytes) -> np.ndarray:
 class QRankCodec(TargetCodec):
     name = "qrank"
 
-    def __init__(self, *, step_max: float = 0.8, sqrt_step: float = 0.015, level: int = 6,
+    def __init__(self, *, step_max: float = 1.0, sqrt_step: float = 0.025, level: int = 6,
                  draws: int | None = None, **kwargs: Any) -> None:
         super().__init__(step_max=step_max, sqrt_step=sqrt_step, level=level, draws=draws,
                          **kwargs)
@@ -104,7 +107,13 @@ class QRankCodec(TargetCodec):
 
     def _encode_topk(self, ids: np.ndarray, values: np.ndarray) -> bytes:
         m, k = ids.shape
-        codes = self.quantizer.encode(values)
+        # Each row's top log-prob on a fine absolute grid (it sets the top-k mass, so the tail
+        # mass), the other entries quantised *relative* to it: the KL over the renormalised top-k
+        # depends on ratios p_j / p_top only, so the budget then holds whatever the top-k mass.
+        top = np.clip(np.rint(-values.max(axis=1) / kern.TOP_STEP), 0, MAX_CODE).astype(np.int64)
+        top_lp = (-top.astype(np.float32) * np.float32(kern.TOP_STEP)).astype(np.float32)
+        codes = self.quantizer.encode(np.minimum(values - top_lp[:, None], 0.0))
+        codes[np.arange(m), values.argmax(axis=1)] = 0  # the top entry decodes to top_lp exactly
         ranks = self.rank_table.ranks(ids)
         order = np.argsort((codes << 31) | ranks, axis=1, kind="stable")
         codes = np.take_along_axis(codes, order, axis=1).T  # column-major from here on
@@ -120,7 +129,7 @@ class QRankCodec(TargetCodec):
         nibbles = np.zeros((k - 1, m + m % 2), dtype=np.uint8)
         nibbles[:, :m] = np.minimum(dq, _ESCAPE)
         flat_dq, flat_first = dq.ravel(), first.ravel()
-        streams = [codes[0].astype("<u2").tobytes(),
+        streams = [top.astype("<u2").tobytes(),
                    (nibbles[:, 0::2] << 4 | nibbles[:, 1::2]).tobytes(),
                    (flat_dq[flat_dq >= _ESCAPE] - _ESCAPE).astype("<u2").tobytes(),
                    syms[flat_first].tobytes(), syms[~flat_first].tobytes(),

@@ -97,11 +97,12 @@ def _rank_to_id(rank, ids_by_rank, escape_keys):
 
 
 TILE_ROWS = 64  # rows decoded together: their output (TILE_ROWS x k) stays in L1 cache
+TOP_STEP = 1.0 / 64  # nats per unit of a row's stored top log-prob (uint16)
 SYM_PADDING = TILE_ROWS + 8  # zero bytes after each symbol stream: the decoder may read ahead
 
 
 @numba.njit(cache=True, nogil=True)
-def decode_topk(m, k, head, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bits, sym_base,
+def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bits, sym_base,
                 sym_bits, levels, ids_by_rank, escape_keys, vocab, out_ids, out_lp):
     """Rebuild ids int32 [m, k] and log-probs float32 [m, k]; returns a status code.
 
@@ -116,7 +117,7 @@ def decode_topk(m, k, head, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bi
     n_levels = levels.shape[0]
     n_e = dq_escape.shape[0]
     half = (m + 1) // 2  # dq bytes per column: two rows' nibbles each
-    if dq.shape[0] != half * (k - 1) or head.shape[0] != m or col_bits.shape[0] != k + 1 \
+    if dq.shape[0] != half * (k - 1) or top.shape[0] != m or col_bits.shape[0] != k + 1 \
             or fsyms.shape[0] < n_f + SYM_PADDING or gsyms.shape[0] < n_g + SYM_PADDING:
         return ERR_STREAM
     total_bits = (words.shape[0] - 1) * 64 - 1  # a read may always touch the next word
@@ -149,6 +150,7 @@ def decode_topk(m, k, head, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bi
     g_end = g_pos.copy()
     cur = np.empty(TILE_ROWS, dtype=np.int64)
     prev = np.empty(TILE_ROWS, dtype=np.int64)
+    base_lp = np.empty(TILE_ROWS, dtype=np.float32)
     # Pass 2: tiles of rows; within a tile, column by column.
     for r0 in range(0, m, TILE_ROWS):
         r1 = min(r0 + TILE_ROWS, m)
@@ -156,17 +158,19 @@ def decode_topk(m, k, head, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bi
         bp = b_pos[0]
         b_end = col_bits[1]
         for r in range(r0, r1):
-            c = np.int64(head[r])
+            # Entry 0 has code 0 by construction: it is the row's top log-prob itself.
+            top_lp = np.float32(-np.float32(top[r]) * np.float32(TOP_STEP))
             s = U(fsyms[U(fp)])
             fp += 1
             nb = sym_bits[s]
-            if c >= n_levels or bp + nb > b_end:
+            if bp + nb > b_end:
                 return ERR_RANGE
             rank = (sym_base[s] | _read_bits(words, bp, nb)) - 1
             bp += nb
-            cur[U(r - r0)] = c
+            cur[U(r - r0)] = 0
             prev[U(r - r0)] = rank
-            out_lp[U(r), 0] = levels[U(c)]
+            base_lp[U(r - r0)] = top_lp
+            out_lp[U(r), 0] = top_lp
             tok = _rank_to_id(rank, ids_by_rank, escape_keys)
             if tok >= vocab:
                 return ERR_RANGE
@@ -202,7 +206,7 @@ def decode_topk(m, k, head, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bi
                 rank = v + (1 - first) * prev[i] - first  # v - 1 if first, else prev + v
                 cur[i] = c
                 prev[i] = rank
-                out_lp[U(r), U(col)] = levels[U(min(c, n_levels - 1))]
+                out_lp[U(r), U(col)] = base_lp[i] + levels[U(min(c, n_levels - 1))]
                 tok = _rank_to_id(rank, ids_by_rank, escape_keys)
                 bad |= (c >= n_levels) | (bp > b_end) | (tok >= vocab) | (fp > f_lim) \
                     | (gp > g_lim)

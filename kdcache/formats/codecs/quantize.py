@@ -18,11 +18,15 @@ and a log-prob is stored as the integer code round(y(0) - y(l)), so code 0 is lo
 grow as probability falls. Decoding reads a float32 table of code -> log-prob (the level itself,
 the midpoint of its cell).
 
-Budget, per token, renormalised over its k ids of top-k mass M: each entry above T adds about
-sqrt_step^2 / (24 M) whatever its probability, and the capped entries together at most
-step_max^2 / 24 times their (small) share of the mass. With the defaults (sqrt_step 0.015,
-step_max 0.8, so T = ln(3.5e-4)) a token whose 64 entries all lie above T costs ~6e-4 nats; real
-rows have many entries below T, where the 0.8-nat step costs almost nothing and saves bits.
+The codec (qrank) applies it to log-probs *relative to the row's top entry*, l_j - l_top, so
+"p" above reads p_j / p_top. Budget, per token, over its k ids renormalised (mass M): an entry
+above T adds about sqrt_step^2 * (p_top / M) / 24 whatever its probability (the error in log p_j
+has variance sqrt_step^2 p_top / (12 p_j), weighted by p_j / M), and the capped entries at most
+step_max^2 / 24 times their share of the mass. With the defaults (sqrt_step 0.025, step_max 1.0:
+T = ln(6.25e-4), entries within a factor 1,600 of the top use the sqrt piece) a flat row costs
+~sqrt_step^2 / 24 = 2.6e-5 nats, a confident row with a long flat tail at most
+k * sqrt_step^2 / 24 (1.7e-3 at k = 64); real rows sit between, 5e-4 on average on a trained
+model's top-64 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ MAX_CODE = 65535  # codes are uint16; below about -13,000 nats the log-prob satu
 
 @dataclass(frozen=True)
 class LogProbQuantizer:
-    step_max: float = 0.8  # largest step, in nats, for improbable entries
-    sqrt_step: float = 0.015  # step in 2 sqrt(p) coordinates, for likely entries
+    step_max: float = 1.0  # largest step, in nats, for improbable entries
+    sqrt_step: float = 0.025  # step in 2 sqrt(p) coordinates, for likely entries
 
     def __post_init__(self) -> None:
         if not 0 < self.sqrt_step < self.step_max <= 4.0:
