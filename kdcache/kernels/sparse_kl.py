@@ -102,19 +102,19 @@ class _FusedSparseKL(torch.autograd.Function):
         hidden, weight, bias, target_ids, target_logprobs, labels, row_scale = ctx.saved_tensors
         impl, tail, T, reduction, _, chunk_rows = ctx.opts
         w_kd, w_ce = ctx.w
-        zero = torch.zeros((), device=row_scale.device)
+        zero = torch.zeros((), dtype=row_scale.dtype, device=row_scale.device)
         g_kd = zero if g_kd is None else g_kd.to(row_scale.dtype)
         g_ce = zero if (g_ce is None or not ctx.has_ce) else g_ce.to(row_scale.dtype)
         scale = _common_scale(g_kd, g_ce, w_kd, w_ce)
-        if scale is not None:
+        if scale is not None and ctx.grads is not None:
+            # Scale the stored gradients in place (no second copy of dW), and hand them over:
+            # a second backward through this node (retain_graph) takes the recompute path.
             dh, dW, db = ctx.grads
-
-            def scaled(x):
-                if x is None or scale == 1.0:
-                    return x
-                return x * scale
-
-            dh, dW, db = scaled(dh), scaled(dW), scaled(db)
+            ctx.grads = None
+            if scale != 1.0:
+                for x in (dh, dW, db):
+                    if x is not None:
+                        x.mul_(scale)
         else:  # the caller weighted KD and CE differently from the hint: recompute exactly
             a = g_kd * row_scale
             c = g_ce * row_scale if ctx.has_ce else None

@@ -157,12 +157,27 @@ def default_chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
     return max(1, min(n_rows, rows))
 
 
+_FP32_ADDMM_OK: bool | None = None  # whether this torch has addmm(..., out_dtype=) for these operands
+
+
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with fp32 accumulation and output, whatever the dtype of a and b."""
+    global _FP32_ADDMM_OK
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:  # bf16/fp16 operands, fp32 accumulator: cuBLAS with an fp32 C matrix (torch >= 2.8)
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        return
+    if _FP32_ADDMM_OK is not False and a.is_cuda:
+        try:  # bf16/fp16 operands, fp32 C matrix read and written by cuBLAS (torch >= 2.8)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _FP32_ADDMM_OK = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_ADDMM_OK = False
+    # Fallback (CPU interpreter runs, old torch): upcast a bounded slab of rows at a time.
+    step = max(1, (64 * 2**20) // max(1, a.shape[1] * 4))
+    bf = b.to(acc.dtype)
+    for r0 in range(0, a.shape[0], step):
+        acc[r0 : r0 + step].addmm_(a[r0 : r0 + step].to(acc.dtype), bf)
 
 
 def loss_and_grads(
