@@ -22,7 +22,7 @@ is refused (make a separate dump at the shorter window).
 
 A batch (dict of tensors; pinned when training on CUDA):
   tokens [R, L] int64, seg_ids [R, L] int32 (document index, -1 padding), target_ids [R, L, k]
-  int64 (-1 where no target), target_logprobs [R, L, k] float32 (log-probs, or log-weights for
+  int32 (-1 where no target), target_logprobs [R, L, k] float32 (log-probs, or log-weights for
   sampled targets; -inf where no target), labels [R, L] int64 (next token; -100 where no target),
   and counters: epoch, consumed_after, epoch_done, n_tokens, n_target_rows, n_dropped.
 """
@@ -96,6 +96,7 @@ class Sample:
 
 
 def window_to_sample(window, kind: str) -> Sample:
+    """A window's arrays as a training row (no copies of the [n, k] targets for top-k)."""
     tokens = window.tokens.numpy().astype(np.int64)
     offsets = window.doc_offsets.numpy().astype(np.int64)
     valid = window.valid.numpy()
@@ -103,7 +104,7 @@ def window_to_sample(window, kind: str) -> Sample:
     labels = np.full(tokens.shape[0], IGNORE_INDEX, dtype=np.int64)
     labels[:-1] = tokens[1:]
     labels[~valid] = IGNORE_INDEX
-    ids = window.ids.numpy().astype(np.int64)
+    ids = window.ids.numpy()  # int32, -1 where no target
     if kind == "topk":
         logprobs = window.logprobs.numpy()
     else:  # sampled weights w -> log w (0 -> -inf): the loss treats both as a sparse target
@@ -112,51 +113,61 @@ def window_to_sample(window, kind: str) -> Sample:
     return Sample(tokens, seg_ids, labels, ids, logprobs)
 
 
-def cut_sample(sample: Sample, offsets: np.ndarray, length: int) -> tuple[list[Sample], int]:
+Layout = list[tuple[int, int]]  # one training row: (start, end) pieces of a sample, in order
+
+
+def cut_layout(offsets: np.ndarray, length: int) -> tuple[list[Layout], int]:
     """Regroup whole documents into rows of at most `length` tokens (document-mode data only).
 
-    Returns the rows and the number of tokens dropped (tails of documents longer than `length`).
+    Returns each row's pieces and the number of tokens dropped (tails of documents longer than
+    `length`, which keep their first `length` tokens).
     """
-    rows: list[Sample] = []
+    rows: list[Layout] = []
     dropped = 0
-    pieces: list[tuple[int, int]] = []  # (start, end) of documents in the current row
+    pieces: Layout = []
     used = 0
-
-    def flush() -> None:
-        nonlocal pieces, used
-        if pieces:
-            idx = np.concatenate([np.arange(s, e) for s, e in pieces])
-            seg = np.concatenate([np.full(e - s, j, dtype=np.int32)
-                                  for j, (s, e) in enumerate(pieces)])
-            rows.append(Sample(sample.tokens[idx], seg, sample.labels[idx], sample.ids[idx],
-                               sample.logprobs[idx]))
-        pieces, used = [], 0
-
     for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
         size = end - start
         if size > length:
             dropped += size - length
             end, size = start + length, length
         if used + size > length:
-            flush()
+            rows.append(pieces)
+            pieces, used = [], 0
         pieces.append((start, end))
         used += size
-    flush()
+    if pieces:
+        rows.append(pieces)
     return rows, dropped
 
 
-def pad_rows(rows: list[Sample], length: int) -> dict[str, torch.Tensor]:
+def pad_rows(rows: list[tuple[Sample, Layout]], length: int) -> dict[str, torch.Tensor]:
+    """Copy each row's pieces into [R, length] batch arrays, padding the rest."""
     n_rows = len(rows)
-    k = max(r.ids.shape[1] for r in rows)
+    k = max(sample.ids.shape[1] for sample, _ in rows)
+    if n_rows == 1 and rows[0][1] == [(0, length)] and rows[0][0].tokens.shape[0] == length:
+        sample = rows[0][0]  # one whole window: no copy at all
+        return {"tokens": torch.from_numpy(sample.tokens)[None],
+                "seg_ids": torch.from_numpy(sample.seg_ids)[None],
+                "labels": torch.from_numpy(sample.labels)[None],
+                "target_ids": torch.from_numpy(sample.ids)[None],
+                "target_logprobs": torch.from_numpy(sample.logprobs)[None]}
     tokens = np.zeros((n_rows, length), dtype=np.int64)
     seg_ids = np.full((n_rows, length), -1, dtype=np.int32)
     labels = np.full((n_rows, length), IGNORE_INDEX, dtype=np.int64)
-    ids = np.full((n_rows, length, k), -1, dtype=np.int64)
+    ids = np.full((n_rows, length, k), -1, dtype=np.int32)
     logprobs = np.full((n_rows, length, k), -np.inf, dtype=np.float32)
-    for i, row in enumerate(rows):
-        n, kr = row.tokens.shape[0], row.ids.shape[1]
-        tokens[i, :n], seg_ids[i, :n], labels[i, :n] = row.tokens, row.seg_ids, row.labels
-        ids[i, :n, :kr], logprobs[i, :n, :kr] = row.ids, row.logprobs
+    for i, (sample, layout) in enumerate(rows):
+        kr = sample.ids.shape[1]
+        at = 0
+        for j, (start, end) in enumerate(layout):
+            n = end - start
+            tokens[i, at:at + n] = sample.tokens[start:end]
+            seg_ids[i, at:at + n] = j
+            labels[i, at:at + n] = sample.labels[start:end]
+            ids[i, at:at + n, :kr] = sample.ids[start:end]
+            logprobs[i, at:at + n, :kr] = sample.logprobs[start:end]
+            at += n
     return {"tokens": torch.from_numpy(tokens), "seg_ids": torch.from_numpy(seg_ids),
             "labels": torch.from_numpy(labels), "target_ids": torch.from_numpy(ids),
             "target_logprobs": torch.from_numpy(logprobs)}
@@ -259,21 +270,21 @@ class WindowBatches(torch.utils.data.IterableDataset):
             yield batch
 
     def build_batch(self, data: DatasetSet, picks: np.ndarray, cut: int | None) -> dict:
-        rows: list[Sample] = []
+        rows: list[tuple[Sample, Layout]] = []
         dropped = 0
         for index in picks.tolist():
             path, window = data.window_at(index)
             sample = window_to_sample(window, data.header.kind)
             self.check_ids(sample, path, window.window_index)
             if cut is None:
-                rows.append(sample)
+                rows.append((sample, [(0, sample.tokens.shape[0])]))
             else:
-                pieces, lost = cut_sample(sample, window.doc_offsets.numpy(), cut)
-                rows.extend(pieces)
+                layouts, lost = cut_layout(window.doc_offsets.numpy().astype(np.int64), cut)
+                rows.extend((sample, layout) for layout in layouts)
                 dropped += lost
-        length = cut or max(r.tokens.shape[0] for r in rows)
+        length = cut or max(sample.tokens.shape[0] for sample, _ in rows)
         batch = pad_rows(rows, length)
-        batch["n_tokens"] = int(sum(r.tokens.shape[0] for r in rows))
+        batch["n_tokens"] = int(sum(e - s for _, layout in rows for s, e in layout))
         batch["n_target_rows"] = int((batch["labels"] != IGNORE_INDEX).sum())
         batch["n_dropped"] = dropped
         return batch

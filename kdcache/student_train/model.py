@@ -160,8 +160,9 @@ class AttentionContext:
             def document_causal(b, h, q_idx, kv_idx):
                 return (seg[b, q_idx] == seg[b, kv_idx]) & (q_idx >= kv_idx)
 
+            # compiled mask construction: never materialises T x T (131,072^2) booleans
             self.block_mask = create_block_mask(document_causal, batch, None, length, length,
-                                                device=seg_ids.device)
+                                                device=seg_ids.device, _compile=seg_ids.is_cuda)
         else:
             same = seg_ids[:, :, None] == seg_ids[:, None, :]  # (B, T, T)
             causal = torch.ones(length, length, dtype=torch.bool, device=seg_ids.device).tril()
@@ -195,7 +196,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, h)
+        # fp32 rotation, back to the activation dtype (bf16 under autocast) for the kernels
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if ctx.is_causal_only:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif ctx.block_mask is not None:
