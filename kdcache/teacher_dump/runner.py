@@ -320,6 +320,13 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     storage.remove_stale_temporaries(fs, storage.join(base, SHARD_DIR))
 
     done = completed_shards(cfg.out)
+    manifest_path = storage.join(base, MANIFEST_NAME)
+    if existing is not None and fs.exists(manifest_path):  # a finished dump: nothing to redo
+        from kdcache.formats.manifest import parse_manifest
+
+        finished = parse_manifest(storage.read_bytes(fs, manifest_path), where=manifest_path)
+        done.update({s["name"].rsplit("/", 1)[-1].removesuffix(".arrow"): s
+                     for s in finished["shards"]})
     total_tokens = sum(s["tokens"] for s in plan.shards)
     skipped_tokens = sum(s["tokens"] for s in plan.shards if s["name"] in done)
     todo = [s["name"] for s in plan.shards if s["name"] not in done]
@@ -370,6 +377,7 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
                     idle.append(pool.replace(actor))
                     continue
                 except RayTaskError as exc:
+                    _drain(pending, cfg.out, done)
                     raise _unwrap(exc) from None
                 mark_done(cfg.out, name, info)
                 done[name] = info
@@ -408,6 +416,28 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
         except (OSError, FileNotFoundError):
             pass
     return summary
+
+
+def _drain(pending: dict, out: str, done: dict, timeout_s: float = 120.0) -> None:
+    """Before stopping on an error, let the other actors finish their shards: nothing is left
+    half-written when we return, and shards that did complete are recorded for the resume."""
+    import ray
+
+    refs = list(pending)
+    if not refs:
+        return
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in ready:
+        name = pending.pop(ref)[0]
+        try:
+            info = ray.get(ref)
+        except Exception:
+            continue
+        try:
+            mark_done(out, name, info)
+            done[name] = info
+        except KdcacheError:
+            pass
 
 
 def _progress(cfg: DumpConfig, total: int, initial: int):

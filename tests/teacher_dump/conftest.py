@@ -78,18 +78,18 @@ def _start_engines_early(request):
         request.getfixturevalue("vllm_workers")
 
 
-def small_dump_config(teacher_dir: str, out, **overrides):
+def _small_dump_config(teacher_dir: str, out, **overrides):
     """A dump of the built-in corpus small enough for a 2-core CI machine (~5 shards)."""
     from kdcache.teacher_dump.plan import DumpConfig
 
     kw = dict(model=teacher_dir, corpus="builtin", out=str(out), k=8, window=256, mode="document",
               engine="hf", builtin_documents=24, windows_per_shard=2, workers=2, progress=False,
-              device="cpu")
+              device="cpu", codec="raw")
     kw.update(overrides)
     return DumpConfig(**kw)
 
 
-def read_all(path: str):
+def _read_all(path: str):
     """Every window of a dataset as numpy: [(index, tokens, offsets, valid, ids, logprobs)]."""
     from kdcache.formats.reader import open_dataset
 
@@ -100,3 +100,13 @@ def read_all(path: str):
         out.append((w.window_index, w.tokens.numpy(), w.doc_offsets.numpy(), w.valid.numpy(),
                     w.ids.numpy(), w.logprobs.numpy()))
     return ds.manifest, out
+
+
+@pytest.fixture(scope="session")
+def small_dump_config():
+    return _small_dump_config
+
+
+@pytest.fixture(scope="session")
+def read_all():
+    return _read_all
