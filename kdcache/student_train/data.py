@@ -252,6 +252,10 @@ class WindowBatches(torch.utils.data.IterableDataset):
             self._data = DatasetSet(self.config.paths, self.config.verify_hashes)
         return self._data
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned workers reopen the datasets (open files and codecs do not cross processes).
+        return {**self.__dict__, "_data": None}
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         data = self.data
         n, b = len(data), self.config.batch_windows
@@ -323,6 +327,10 @@ class WindowDataModule(pl.LightningDataModule):
     @property
     def header(self):
         return self.data.header
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn sends the module to new processes: they reopen the datasets.
+        return {**self.__dict__, "_data": None}
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         rank, world = 0, 1
