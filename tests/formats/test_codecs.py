@@ -117,6 +117,22 @@ def test_qrank_kl_within_budget_on_peaked_targets():
     assert len(codec.encode(ids, lp)) < len(raw.encode(ids, lp)) / 2
 
 
+def test_qrank_meets_its_kl_target_and_fixed_steps_order_the_kl():
+    ids, lp = synthetic_topk(1500, 64, 50_000, seed=12)
+    sizes = []
+    for target in (2e-4, 7e-4):
+        codec = QRankCodec(kind="topk", k=64, vocab_size=50_000, kl_target=target)
+        blob = codec.encode(ids, lp)
+        sizes.append(len(blob))
+        assert renorm_kl(ids, lp, *codec.decode(blob, 1500)).mean() <= target * (1 + 1e-6)
+    assert sizes[1] < sizes[0]  # a larger budget buys fewer bytes
+    kls = []
+    for step in (0.01, 0.05):
+        codec = QRankCodec(kind="topk", k=64, vocab_size=50_000, kl_target=None, sqrt_step=step)
+        kls.append(renorm_kl(ids, lp, *codec.decode(codec.encode(ids, lp), 1500)).mean())
+    assert kls[0] < kls[1]
+
+
 def test_qrank_handles_ties_extremes_and_unsorted_order_of_equal_values():
     vocab, k = 1000, 8
     lp = np.array([[0.0, -1e-7, -1e-7, -3.0, -3.0, -3.0, -80.0, -2e4]], dtype=np.float32)

@@ -31,7 +31,7 @@ row order (first-symbol stream + bits), and the weights: as integer counts with 
 count N = `draws` (weights == float32(count / N) exactly, checked at encode time), else as float32.
 
 Blob layout (little-endian): b"QRK" | u8 version | u8 kind (0 topk, 1 sampled) | u8 flags |
-u16 reserved | u32 m | u32 k | u64 total extra bits | u8 n_streams | n_streams x (u32 stored
+u16 param (top-k: sqrt_step in units of 1e-4) | u32 m | u32 k | u64 total extra bits | u8 n_streams | n_streams x (u32 stored
 length, u32 raw length, u8 zstd?) | stream bytes in order.
 """
 
@@ -53,6 +53,8 @@ _VERSION = 1
 _HEAD = struct.Struct("<3sBBBHIIQB")
 _STREAM = struct.Struct("<IIB")
 _KIND_CODE = {"topk": 0, "sampled": 1}
+_SQRT_UNIT = 1e-4  # the blob header stores sqrt_step in these units (u16)
+_SQRT_LADDER = (100, 125, 150, 175, 200, 225, 250, 275, 300, 350, 400, 500)
 _FLAG_COUNTS = 1  # sampled: weights stored as counts of `draws`
 _ESCAPE = 15  # a dq nibble of 15 means 15 + the next value of the escape stream
 
@@ -67,12 +69,17 @@ def _padded(stream: bytes) -> np.ndarray:
 class QRankCodec(TargetCodec):
     name = "qrank"
 
-    def __init__(self, *, step_max: float = 1.0, sqrt_step: float = 0.025, level: int = 6,
-                 draws: int | None = None, **kwargs: Any) -> None:
-        super().__init__(step_max=step_max, sqrt_step=sqrt_step, level=level, draws=draws,
-                         **kwargs)
-        self.quantizer = LogProbQuantizer(step_max=float(step_max), sqrt_step=float(sqrt_step))
-        self.levels = self.quantizer.levels()
+    def __init__(self, *, step_max: float = 1.0, sqrt_step: float = 0.025,
+                 kl_target: float | None = 7e-4, level: int = 6, draws: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(step_max=step_max, sqrt_step=sqrt_step, kl_target=kl_target,
+                         level=level, draws=draws, **kwargs)
+        self.step_max = float(step_max)
+        self.sqrt_units = int(round(float(sqrt_step) / _SQRT_UNIT))
+        self.quantizer = self._quantizer(self.sqrt_units)[0]  # validates the parameters
+        self.kl_target = None if kl_target is None else float(kl_target)
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"qrank: kl_target must be positive or None, got {kl_target}")
         self.level = int(level)
         if draws is not None and not 0 < int(draws) < 2**31:
             raise ValueError(f"qrank: draws must be in [1, 2^31), got {draws}")
@@ -86,6 +93,45 @@ class QRankCodec(TargetCodec):
         self._escape_keys = self.rank_table.escape_keys()
         self._zc = zstandard.ZstdCompressor(level=self.level)
         self._zd = zstandard.ZstdDecompressor()
+
+    def _quantizer(self, units: int) -> tuple[LogProbQuantizer, np.ndarray]:
+        """Quantiser and its decode table for sqrt_step = units * 1e-4 (cached, a few kept)."""
+        cache = self.__dict__.setdefault("_quantizers", {})
+        if units not in cache:
+            q = LogProbQuantizer(step_max=self.step_max, sqrt_step=units * _SQRT_UNIT)
+            if len(cache) >= 8:
+                cache.pop(next(iter(cache)))
+            cache[units] = (q, q.levels())
+        return cache[units]
+
+    def _choose_sqrt_step(self, values: np.ndarray, top_lp: np.ndarray) -> int:
+        """Largest sqrt_step on the ladder whose mean renormalised KL on these rows is within
+        kl_target (rate-distortion control: spend the KL budget, not more); units of 1e-4."""
+        if self.kl_target is None or values.shape[0] == 0 or values.shape[1] == 1:
+            return self.sqrt_units
+        ladder = [u for u in _SQRT_LADDER if u * _SQRT_UNIT < self.step_max] or [self.sqrt_units]
+        p = values.astype(np.float64)
+        p -= np.logaddexp.reduce(p, axis=1, keepdims=True)
+        weights = np.exp(p)
+
+        def kl(units: int) -> float:
+            q_, levels = self._quantizer(units)
+            codes = q_.encode(np.minimum(values - top_lp[:, None], 0.0))
+            codes[:, 0] = 0
+            q = levels[codes].astype(np.float64) + top_lp[:, None]
+            q -= np.logaddexp.reduce(q, axis=1, keepdims=True)
+            return float((weights * (p - q)).sum(axis=1).mean())
+
+        i = int(np.argmin([abs(u - self.sqrt_units) for u in ladder]))
+        if kl(ladder[i]) <= self.kl_target:
+            while i + 1 < len(ladder) and kl(ladder[i + 1]) <= self.kl_target:
+                i += 1
+        else:
+            while i > 0:
+                i -= 1
+                if kl(ladder[i]) <= self.kl_target:
+                    break
+        return ladder[i]
 
     @classmethod
     def build_table(cls, *, vocab_size: int, token_counts: np.ndarray | None = None,
@@ -112,7 +158,8 @@ class QRankCodec(TargetCodec):
         # depends on ratios p_j / p_top only, so the budget then holds whatever the top-k mass.
         top = np.clip(np.rint(-values.max(axis=1) / kern.TOP_STEP), 0, MAX_CODE).astype(np.int64)
         top_lp = (-top.astype(np.float32) * np.float32(kern.TOP_STEP)).astype(np.float32)
-        codes = self.quantizer.encode(np.minimum(values - top_lp[:, None], 0.0))
+        units = self._choose_sqrt_step(values, top_lp)
+        codes = self._quantizer(units)[0].encode(np.minimum(values - top_lp[:, None], 0.0))
         codes[np.arange(m), values.argmax(axis=1)] = 0  # the top entry decodes to top_lp exactly
         ranks = self.rank_table.ranks(ids)
         order = np.argsort((codes << 31) | ranks, axis=1, kind="stable")
@@ -134,7 +181,7 @@ class QRankCodec(TargetCodec):
                    (flat_dq[flat_dq >= _ESCAPE] - _ESCAPE).astype("<u2").tobytes(),
                    syms[flat_first].tobytes(), syms[~flat_first].tobytes(),
                    col_bits.astype("<u8").tobytes()]
-        return self._pack(m, 0, int(nbits.sum()), streams, words.tobytes())
+        return self._pack(m, 0, int(nbits.sum()), streams, words.tobytes(), param=units)
 
     def _encode_sampled(self, ids: np.ndarray, weights: np.ndarray) -> bytes:
         m, k = ids.shape
@@ -155,21 +202,22 @@ class QRankCodec(TargetCodec):
         return self._pack(m, flags, int(nbits.sum()), streams, words.tobytes())
 
     def _pack(self, m: int, flags: int, total_bits: int, streams: list[bytes],
-              bits: bytes) -> bytes:
+              bits: bytes, param: int = 0) -> bytes:
         stored = [self._zc.compress(s) if s else b"" for s in streams] + [bits]
         table = b"".join(_STREAM.pack(len(z), len(raw), int(i < len(streams) and bool(raw)))
                          for i, (z, raw) in enumerate(zip(stored, streams + [bits])))
-        head = _HEAD.pack(_MAGIC, _VERSION, _KIND_CODE[self.kind], flags, 0, m, self.k,
+        head = _HEAD.pack(_MAGIC, _VERSION, _KIND_CODE[self.kind], flags, param, m, self.k,
                           total_bits, len(stored))
         return head + table + b"".join(stored)
 
     # ---- decode -------------------------------------------------------------------------
     def _unpack(self, blob: bytes | memoryview, m: int, bounds: list[tuple[int, int]]):
-        """Header fields and the decompressed streams, each raw length checked against bounds."""
+        """(flags, param, total_bits, streams): header fields and the decompressed streams,
+        each raw length checked against bounds."""
         buf = memoryview(blob).cast("B")
         if len(buf) < _HEAD.size:
             raise ValueError(f"qrank: blob of {len(buf)} bytes is shorter than its header")
-        magic, version, kind, flags, _, bm, bk, total_bits, n = _HEAD.unpack_from(buf)
+        magic, version, kind, flags, param, bm, bk, total_bits, n = _HEAD.unpack_from(buf)
         if magic != _MAGIC or version != _VERSION:
             raise ValueError(f"qrank: bad magic or version ({bytes(magic)!r}, {version})")
         if kind != _KIND_CODE[self.kind] or bm != m or bk != self.k or n != len(bounds):
@@ -198,7 +246,7 @@ class QRankCodec(TargetCodec):
             out.append(data)
         if pos != len(buf):
             raise ValueError(f"qrank: {len(buf) - pos} trailing bytes after the last stream")
-        return flags, total_bits, out
+        return flags, param, total_bits, out
 
     def decode(self, blob: bytes | memoryview, m: int) -> tuple[np.ndarray, np.ndarray]:
         if self.kind == "topk":
@@ -212,7 +260,10 @@ class QRankCodec(TargetCodec):
         n_dq = (m + 1) // 2 * (k - 1)
         bounds = [(2 * m, 2 * m), (n_dq, n_dq), (0, 4 * n_dq), (0, n_entries), (0, n_entries),
                   (8 * (k + 1), 8 * (k + 1)), (16, 8 * max_words)]
-        _, _, (head, dq, dq_esc, fsyms, gsyms, col_bits, bits) = self._unpack(blob, m, bounds)
+        _, units, _, (head, dq, dq_esc, fsyms, gsyms, col_bits, bits) = self._unpack(blob, m, bounds)
+        if not 0 < units * _SQRT_UNIT < self.step_max:
+            raise ValueError(f"qrank: blob's sqrt_step {units * _SQRT_UNIT} is not in (0, step_max)")
+        levels = self._quantizer(units)[1]
         if len(fsyms) + len(gsyms) != n_entries or len(bits) % 8 or len(dq_esc) % 2:
             raise ValueError("qrank: symbol or bit stream sizes do not add up")
         out_ids = np.empty((m, k), dtype=np.int32)
@@ -222,7 +273,7 @@ class QRankCodec(TargetCodec):
             np.frombuffer(dq_esc, dtype="<u2"), _padded(fsyms), len(fsyms), _padded(gsyms),
             len(gsyms), np.frombuffer(bits, dtype="<u8"),
             np.frombuffer(col_bits, dtype="<u8").astype(np.int64), kern.SYM_BASE, kern.SYM_BITS,
-            self.levels, self._ids_by_rank, self._escape_keys, self.vocab_size, out_ids, out_lp)
+            levels, self._ids_by_rank, self._escape_keys, self.vocab_size, out_ids, out_lp)
         if status != kern.OK:
             raise ValueError(f"qrank: corrupt top-k blob (decoder status {status})")
         return out_ids, out_lp
@@ -233,7 +284,7 @@ class QRankCodec(TargetCodec):
         cnt_size = id_dtype((self.draws or 0) + 1).itemsize
         bounds = [(m * len_dtype.itemsize,) * 2, (0, m * k), (0, 4 * m * k),
                   (8, 8 * ((m * k * 29) // 64 + 2))]
-        flags, total_bits, (lens, syms, wbytes, bits) = self._unpack(blob, m, bounds)
+        flags, _, total_bits, (lens, syms, wbytes, bits) = self._unpack(blob, m, bounds)
         lengths = np.frombuffer(lens, dtype=len_dtype).astype(np.int64)
         total = int(lengths.sum())
         if m and (lengths.min() < 1 or lengths.max() > k) or len(syms) != total \

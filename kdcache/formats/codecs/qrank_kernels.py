@@ -208,11 +208,16 @@ def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bit
                 prev[i] = rank
                 out_lp[U(r), U(col)] = base_lp[i] + levels[U(min(c, n_levels - 1))]
                 tok = _rank_to_id(rank, ids_by_rank, escape_keys)
-                bad |= (c >= n_levels) | (bp > b_end) | (tok >= vocab) | (fp > f_lim) \
-                    | (gp > g_lim)
+                bad |= tok >= vocab
                 out_ids[U(r), U(col)] = tok
-            if bad:
+            # Positions and codes only grow, so checking them once per tile and column suffices
+            # (reads in between stay in bounds: padding, clamped bit position and level index).
+            if bad or bp > b_end or fp > f_lim or gp > g_lim:
                 return ERR_STREAM
+            if col == k - 1:
+                for i in range(r1 - r0):
+                    if cur[i] >= n_levels:
+                        return ERR_RANGE
             f_pos[col], g_pos[col], e_pos[col], b_pos[col] = fp, gp, ep, bp
     return OK
 
