@@ -340,6 +340,60 @@ def run_timing(budget_s: float, grid: bool, baselines: bool) -> None:
                     torch.cuda.empty_cache()
 
 
+# ---------------------------------------------------------------------------- profile
+def run_profile() -> None:
+    """Where the headline step's time goes: torch.profiler kernel table, and each stage of one
+    chunk timed alone for a few chunk sizes / kernel settings (multiplied up to N rows)."""
+    from kdcache.kernels import sparse_kl_triton as st
+
+    s = HEADLINE
+    p = make_inputs(**s, dtype=torch.bfloat16, device="cuda", seed=1)
+    p["h"].requires_grad_()
+    p["W"].requires_grad_()
+    fn = step_ours(p)
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=90))
+    p["h"].grad = None
+    p["W"].grad = None
+    h, W, ids, lp, lab = p["h"].detach(), p["W"].detach(), p["ids"], p["lp"], p["labels"].clamp_min(0)
+    N, d = h.shape
+    V = W.shape[0]
+    dW = torch.zeros(V, d, dtype=torch.float32, device="cuda")
+    dWt = torch.zeros(d, V, dtype=torch.float32, device="cuda")
+    for C in (2048,):
+        buf = torch.empty(C, V, dtype=h.dtype, device="cuda")
+        dh = torch.empty(C, d, dtype=h.dtype, device="cuda")
+        hc = h[:C]
+        kd_w = torch.full((C,), 1.0 / N, device="cuda")
+        out = torch.empty(C, device="cuda")
+        scale = N / C
+        st_ms = {}
+        st_ms["logits_mm"] = cuda_time(lambda: torch.mm(hc, W.T, out=buf), reps=5)[0]
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for bv, nw, progs in ((4096, 8, C), (4096, 16, C), (4096, 16, sms), (4096, 16, 2 * sms),
+                              (4096, 16, 4 * sms), (8192, 16, sms), (8192, 16, 2 * sms), (2048, 8, sms),
+                              (4096, 8, 2 * sms), (8192, 32, sms)):
+            def kern():
+                st._sparse_kl_rows_kernel[(progs,)](
+                    buf, buf.stride(0), ids, ids.stride(0), lp, lp.stride(0), lab, kd_w, kd_w, out, out,
+                    C, V, ids.shape[1], 1.0, 1.0, 1e-6, BLOCK_V=bv, BLOCK_K=64, BUCKET=False, HAS_CE=True,
+                    SEPARATE_CE_LSE=False, WRITE_GRAD=True, num_warps=nw)
+            st_ms[f"kernel_bv{bv}_w{nw}_p{progs}"] = cuda_time(kern, reps=5)[0]
+        st_ms["dh_mm"] = cuda_time(lambda: torch.mm(buf, W, out=dh), reps=5)[0]
+        st_ms["dW_addmm_fp32"] = cuda_time(lambda: st._accumulate_fp32(dW, buf.T, hc), reps=5)[0]
+        st_ms["dW_mm_bf16"] = cuda_time(lambda: torch.mm(buf.T, hc), reps=5)[0]
+        st_ms["dW_addmm_fp32_hT_G"] = cuda_time(lambda: torch.addmm(dW.T, hc.T, buf, out_dtype=torch.float32, out=dW.T) if False else st._accumulate_fp32(dWt, hc.T, buf), reps=5)[0]
+        emit(dict(bench="kernels_profile", date=DATE, gpu="NVIDIA H200 (lent)", chunk_rows=C,
+                  per_chunk_ms={k: round(v, 3) for k, v in st_ms.items()},
+                  scaled_to_N_ms={k: round(v * scale, 1) for k, v in st_ms.items()}))
+        del buf
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------- CPU
 def run_cpu() -> None:
     """CPU smoke benchmark (the development machine): reference vs dense PyTorch, small shape."""
@@ -368,6 +422,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="bf16 Triton vs float64 reference on CUDA")
     ap.add_argument("--time", action="store_true", help="timing: headline, baselines, grid")
+    ap.add_argument("--profile", action="store_true", help="per-stage timing of the headline step")
     ap.add_argument("--no-grid", action="store_true")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new timings after this")
@@ -381,6 +436,8 @@ def main() -> int:
     ok = True
     if args.check:
         ok = run_checks()
+    if args.profile:
+        run_profile()
     if args.time:
         run_timing(args.budget_s, grid=not args.no_grid, baselines=not args.no_baselines)
     return 0 if ok else 1
