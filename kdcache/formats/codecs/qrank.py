@@ -66,6 +66,14 @@ def _padded(stream: bytes) -> np.ndarray:
     return out
 
 
+def _padded_words(bits: bytes) -> np.ndarray:
+    """uint64 copy of the packed extra bits with zero words after them (read-ahead room)."""
+    n = len(bits) // 8
+    out = np.zeros(n + kern.WORD_PADDING, dtype=np.uint64)
+    out[:n] = np.frombuffer(bits, dtype="<u8", count=n)
+    return out
+
+
 class QRankCodec(TargetCodec):
     name = "qrank"
 
@@ -271,7 +279,7 @@ class QRankCodec(TargetCodec):
         status = kern.decode_topk(
             m, k, np.frombuffer(head, dtype="<u2"), np.frombuffer(dq, dtype=np.uint8),
             np.frombuffer(dq_esc, dtype="<u2"), _padded(fsyms), len(fsyms), _padded(gsyms),
-            len(gsyms), np.frombuffer(bits, dtype="<u8"),
+            len(gsyms), _padded_words(bits), len(bits) // 8,
             np.frombuffer(col_bits, dtype="<u8").astype(np.int64), kern.SYM_BASE, kern.SYM_BITS,
             levels, self._ids_by_rank, self._escape_keys, self.vocab_size, out_ids, out_lp)
         if status != kern.OK:

@@ -99,28 +99,33 @@ def _rank_to_id(rank, ids_by_rank, escape_keys):
 TILE_ROWS = 64  # rows decoded together: their output (TILE_ROWS x k) stays in L1 cache
 TOP_STEP = 1.0 / 64  # nats per unit of a row's stored top log-prob (uint16)
 SYM_PADDING = TILE_ROWS + 8  # zero bytes after each symbol stream: the decoder may read ahead
+WORD_PADDING = TILE_ROWS * 32 // 64 + 2  # zero words after the bits: a tile-column reads <= 32 b/row
 
 
 @numba.njit(cache=True, nogil=True)
-def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bits, sym_base,
-                sym_bits, levels, ids_by_rank, escape_keys, vocab, out_ids, out_lp):
+def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, n_words, col_bits,
+                sym_base, sym_bits, levels, ids_by_rank, escape_keys, vocab, out_ids, out_lp):
     """Rebuild ids int32 [m, k] and log-probs float32 [m, k]; returns a status code.
 
     Streams are column-major over all m rows; rows are decoded in tiles of TILE_ROWS with one
     read position per column and stream, found by a first pass over the code gaps (dq).
-    fsyms/gsyms hold n_f/n_g symbols followed by SYM_PADDING bytes, so the inner loop can read
-    both streams unconditionally and keep the one the entry uses (no branch); positions are
-    range-checked once per tile and column (a tile cannot run more than TILE_ROWS past its end). Indices are cast to unsigned so numba emits no
+    fsyms/gsyms hold n_f/n_g symbols followed by SYM_PADDING bytes and words n_words words
+    followed by WORD_PADDING, so the inner loop can read both symbol streams unconditionally,
+    keep the one the entry uses (no branch) and read bits unclamped; positions are range-checked
+    once per tile and column (a tile cannot run more than TILE_ROWS entries past its end).
+    Ids from the table are valid by construction; only escape ranks need a range check. Indices are cast to unsigned so numba emits no
     negative-index wraparound.
     """
     U = np.uint64
     n_levels = levels.shape[0]
     n_e = dq_escape.shape[0]
+    n_tab = ids_by_rank.shape[0]
     half = (m + 1) // 2  # dq bytes per column: two rows' nibbles each
     if dq.shape[0] != half * (k - 1) or top.shape[0] != m or col_bits.shape[0] != k + 1 \
-            or fsyms.shape[0] < n_f + SYM_PADDING or gsyms.shape[0] < n_g + SYM_PADDING:
+            or fsyms.shape[0] < n_f + SYM_PADDING or gsyms.shape[0] < n_g + SYM_PADDING \
+            or n_words < 1 or words.shape[0] < n_words + WORD_PADDING:
         return ERR_STREAM
-    total_bits = (words.shape[0] - 1) * 64 - 1  # a read may always touch the next word
+    total_bits = (n_words - 1) * 64 - 1  # a read may always touch the next word
     f_pos = np.zeros(k + 1, dtype=np.int64)
     g_pos = np.zeros(k + 1, dtype=np.int64)
     e_pos = np.zeros(k + 1, dtype=np.int64)
@@ -201,14 +206,17 @@ def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, col_bit
                 fp += first
                 gp += 1 - first
                 nb = sym_bits[s]
-                v = sym_base[s] | _read_bits(words, min(bp, b_end), nb)
+                v = sym_base[s] | _read_bits(words, bp, nb)
                 bp += nb
                 rank = v + (1 - first) * prev[i] - first  # v - 1 if first, else prev + v
                 cur[i] = c
                 prev[i] = rank
                 out_lp[U(r), U(col)] = base_lp[i] + levels[U(min(c, n_levels - 1))]
-                tok = _rank_to_id(rank, ids_by_rank, escape_keys)
-                bad |= tok >= vocab
+                if rank < n_tab:
+                    tok = np.int64(ids_by_rank[U(rank)])
+                else:
+                    tok = _rank_to_id(rank, ids_by_rank, escape_keys)
+                    bad |= tok >= vocab
                 out_ids[U(r), U(col)] = tok
             # Positions and codes only grow, so checking them once per tile and column suffices
             # (reads in between stay in bounds: padding, clamped bit position and level index).
