@@ -182,9 +182,19 @@ def _pooler_config():
 
 
 def _make_llm(**kwargs):
+    import sys
+
     from vllm import LLM
 
+    # vLLM 0.32's CPU kernel-override scan walks every module's globals and calls
+    # `vars(value).get`, which fails on llvmlite's ffi wrappers (numba, used by the codecs, may
+    # already be imported). Hide llvmlite's modules from that scan while the engine starts.
+    hidden = {name: mod for name, mod in sys.modules.items() if name.startswith("llvmlite")}
+    for name in hidden:
+        del sys.modules[name]
     try:
         return LLM(**kwargs)
     except (ValueError, RuntimeError) as exc:
         raise EngineError(f"{kwargs['model']}: vLLM could not start: {exc}") from exc
+    finally:
+        sys.modules.update(hidden)

@@ -1,0 +1,193 @@
+"""`kdcache bench dump`: top-k extraction throughput against the work no implementation can skip.
+
+    ceiling_tokens_per_s = tokens / (t_prefill + t_extra)
+    ratio                = dump_tokens_per_s / ceiling_tokens_per_s
+
+- t_prefill: the same engine's prefill-only time on the same windows (vLLM `generate` with
+  `max_tokens=1` and prompt log-probs off; for the hf engine, the backbone forward alone).
+- t_extra: the unavoidable extra work on the same device and threads: the lm_head matmul over
+  every prompt token plus one pass over those logits for logsumexp and top-k, chunked PyTorch
+  (`chunked_topk` on hidden states of the same size).
+- dump: everything a dump does per window after packing: top-k computed (vLLM `hidden` path:
+  backbone + chunked top-k), converted, validated, encoded by the default codec and written to an
+  Arrow shard atomically.
+- baseline (side by side, same process): vLLM's own `prompt_logprobs=k, flat_logprobs=True`
+  path through the same conversion, encoding and writing.
+
+Timings are interleaved over `rounds` rounds and the median is reported, because the machine may
+be shared. Engine start-up and the first (warm-up) call are excluded.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    corpus: str = "builtin"
+    k: int = 64
+    window: int = 8192
+    windows: int = 4
+    engine: str = "vllm"
+    rounds: int = 3
+    baseline: bool = True
+    mode: str = "causal"
+
+
+def bench_windows(cfg: BenchConfig):
+    """`cfg.windows` packed windows (the built-in corpus is made as large as needed)."""
+    from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
+    from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
+
+    tok = TeacherTokenizer(cfg.model)
+    n_docs = max(64, cfg.window * (cfg.windows + 1) // 100)
+    docs = iter_documents(CorpusSpec(cfg.corpus, builtin_documents=n_docs), CorpusStats())
+    wins = []
+    for w in pack_documents(docs, tok, PackConfig(window=cfg.window, seed=0), PackStats()):
+        wins.append(w)
+        if len(wins) == cfg.windows:
+            break
+    return wins
+
+
+def _write(records, header, codec, root: str, name: str) -> None:
+    from kdcache.formats.writer import write_shard
+
+    write_shard(root, name, records, header, codec)
+
+
+def _records(windows, targets):
+    from kdcache.formats.window import WindowRecord
+
+    for w, t in zip(windows, targets):
+        yield WindowRecord(window_index=w.window_index, tokens=w.tokens, doc_offsets=w.doc_offsets,
+                           valid=t.valid, ids=t.ids, values=t.logprobs, doc_ids=w.doc_ids,
+                           doc_pieces=w.doc_pieces)
+
+
+def bench_dump(cfg: BenchConfig) -> dict:
+    import torch
+
+    from kdcache.formats.codecs import default_codec
+    from kdcache.formats.manifest import DatasetHeader
+    from kdcache.formats.writer import prepare_codec
+    from kdcache.teacher_dump.engines import make_engine
+    from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk
+    from kdcache.teacher_dump.plan import teacher_fingerprint
+
+    windows = bench_windows(cfg)
+    tokens = int(sum(w.n_tokens for w in windows))
+    vocab = teacher_fingerprint(cfg.model)["vocab_size"]
+    header = DatasetHeader(kind="topk", k=cfg.k, vocab_size=vocab, codec=default_codec("topk"),
+                           packing={"window": cfg.window, "mode": cfg.mode})
+    codec = prepare_codec(header)
+    ecfg = EngineConfig(model=cfg.model, k=cfg.k, window=cfg.window, mode=cfg.mode,
+                        device="auto")
+    t0 = time.perf_counter()
+    engine = make_engine(cfg.engine, ecfg)
+    start_s = time.perf_counter() - t0
+    base = None
+    if cfg.engine == "vllm":
+        t0 = time.perf_counter()
+        base = make_engine("vllm", EngineConfig(**{**vars(ecfg), "vllm_path": "prompt-logprobs"}))
+        start_s = max(start_s, time.perf_counter() - t0)
+        weight = engine.weight
+    else:
+        weight = engine.weight
+    hidden_size = int(weight.shape[1])
+    prefill = _prefill_fn(cfg, engine, base, windows)
+    gen = torch.Generator().manual_seed(0)
+    fake_hidden = torch.randn(tokens, hidden_size, generator=gen, dtype=weight.dtype) * 0.5
+    fake_hidden = fake_hidden.to(weight.device)
+
+    def extra() -> None:
+        chunked_topk(fake_hidden, weight, cfg.k)
+
+    tmp = tempfile.mkdtemp(prefix="kdcache-bench-")
+    counter = iter(range(10**6))
+
+    def dump_with(eng):
+        def run() -> None:
+            _write(_records(windows, eng.topk(windows)), header, codec, tmp,
+                   f"shard-{next(counter):05d}")
+        return run
+
+    timers = {"prefill": prefill, "extra": extra, "dump": dump_with(engine)}
+    if base is not None and cfg.baseline:
+        timers["baseline"] = dump_with(base)
+    for fn in timers.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(cfg.rounds):
+        for name, fn in timers.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    ceiling = tokens / (med["prefill"] + med["extra"])
+    result = {
+        "bench": "dump", "engine": cfg.engine, "k": cfg.k, "window": cfg.window,
+        "windows": len(windows), "tokens": tokens, "vocab_size": vocab,
+        "hidden_size": hidden_size, "codec": header.codec,
+        "prefill_tokens_per_s": round(tokens / med["prefill"], 1),
+        "extra_tokens_per_s": round(tokens / med["extra"], 1),
+        "ceiling_tokens_per_s": round(ceiling, 1),
+        "dump_tokens_per_s": round(tokens / med["dump"], 1),
+        "ratio": round(tokens / med["dump"] / ceiling, 3),
+        "engine_start_s": round(start_s, 1), "rounds": cfg.rounds,
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    }
+    if "baseline" in med:
+        result["baseline"] = "vllm prompt_logprobs flat"
+        result["baseline_tokens_per_s"] = round(tokens / med["baseline"], 1)
+        result["baseline_ratio"] = round(tokens / med["baseline"] / ceiling, 3)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    for eng in (engine, base):
+        if eng is not None:
+            eng.close()
+    return result
+
+
+def _prefill_fn(cfg: BenchConfig, engine, base, windows):
+    """Prefill-only on the same windows: what the teacher costs with no targets at all."""
+    if cfg.engine == "vllm":
+        from vllm import SamplingParams
+
+        from kdcache.teacher_dump.engines.base import segments_for_mode
+
+        prompts = [{"prompt_token_ids": w.tokens[s:e].tolist()}
+                   for w in windows for s, e, _ in segments_for_mode(w, cfg.mode)]
+        params = SamplingParams(max_tokens=1, detokenize=False)
+
+        def run() -> None:
+            base.llm.generate(prompts, params, use_tqdm=False)
+        return run
+
+    from kdcache.teacher_dump.engines.base import segments_for_mode
+
+    def run_hf() -> None:
+        for w in windows:
+            for s, e, p in segments_for_mode(w, cfg.mode):
+                engine.hidden_states(w.tokens[s:e], p)
+        if engine.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+    return run_hf
+
+
+def slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares seconds per token of (tokens, seconds) points."""
+    x = np.array([p[0] for p in points], dtype=np.float64)
+    y = np.array([p[1] for p in points], dtype=np.float64)
+    return float(np.polyfit(x, y, 1)[0])
