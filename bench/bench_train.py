@@ -265,9 +265,21 @@ def main() -> int:
                 entry = run_hf(shape_args, opts.length, device=device, warmup=opts.warmup,
                                steps=opts.steps)
             else:
-                entry = run_ours(shape_args, seg_rows, device=device, k=opts.k,
-                                 ckpt=ckpt, compile_blocks=cuda and not opts.no_compile,
-                                 warmup=opts.warmup, steps=opts.steps)
+                try:
+                    entry = run_ours(shape_args, seg_rows, device=device, k=opts.k,
+                                     ckpt=ckpt, compile_blocks=cuda and not opts.no_compile,
+                                     warmup=opts.warmup, steps=opts.steps)
+                except torch.OutOfMemoryError:
+                    if ckpt >= shape_args.n_layer:
+                        raise
+                    print(f"{spec}: out of memory, retrying with every layer checkpointed",
+                          file=sys.stderr, flush=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    ckpt = shape_args.n_layer
+                    entry = run_ours(shape_args, seg_rows, device=device, k=opts.k,
+                                     ckpt=ckpt, compile_blocks=cuda and not opts.no_compile,
+                                     warmup=opts.warmup, steps=opts.steps)
                 entry["ckpt_layers"] = ckpt
         except torch.OutOfMemoryError as exc:
             entry = {"error": f"out of memory: {str(exc)[:160]}"}
