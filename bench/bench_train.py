@@ -265,6 +265,7 @@ def main() -> int:
                 entry = run_hf(shape_args, opts.length, device=device, warmup=opts.warmup,
                                steps=opts.steps)
             else:
+                entry = None
                 try:
                     entry = run_ours(shape_args, seg_rows, device=device, k=opts.k,
                                      ckpt=ckpt, compile_blocks=cuda and not opts.no_compile,
@@ -274,6 +275,7 @@ def main() -> int:
                         raise
                     print(f"{spec}: out of memory, retrying with every layer checkpointed",
                           file=sys.stderr, flush=True)
+                if entry is None:  # outside the except block, so the failed run's memory is free
                     gc.collect()
                     torch.cuda.empty_cache()
                     ckpt = shape_args.n_layer
