@@ -237,7 +237,7 @@ def step_matmuls_only(p, chunk_rows):
     """The three cuBLAS products of our pipeline with no Triton kernel: its matmul floor."""
     from kdcache.kernels.sparse_kl_triton import _accumulate_fp32
 
-    h, W = p["h"], p["W"]
+    h, W = p["h"].detach(), p["W"].detach()
     N, d = h.shape
     V = W.shape[0]
 
