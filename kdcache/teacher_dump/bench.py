@@ -73,94 +73,121 @@ def _records(windows, targets):
                            doc_pieces=w.doc_pieces)
 
 
-def bench_dump(cfg: BenchConfig) -> dict:
-    import torch
+class DumpBench:
+    """Started engines (the dump engine and, for vLLM, the prompt-logprobs baseline, which also
+    serves prefill-only) reused across measurements of several k and windows."""
 
-    from kdcache.formats.codecs import default_codec
-    from kdcache.formats.manifest import DatasetHeader
-    from kdcache.formats.writer import prepare_codec
-    from kdcache.teacher_dump.engines import make_engine
-    from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk
-    from kdcache.teacher_dump.plan import teacher_fingerprint
+    def __init__(self, model: str, engine: str = "vllm", *, max_k: int = 256,
+                 max_window: int = 8192, mode: str = "causal", baseline: bool = True) -> None:
+        from kdcache.teacher_dump.engines import make_engine
+        from kdcache.teacher_dump.engines.base import EngineConfig
+        from kdcache.teacher_dump.plan import teacher_fingerprint
 
-    windows = bench_windows(cfg)
-    tokens = int(sum(w.n_tokens for w in windows))
-    vocab = teacher_fingerprint(cfg.model)["vocab_size"]
-    header = DatasetHeader(kind="topk", k=cfg.k, vocab_size=vocab, codec=default_codec("topk"),
-                           packing={"window": cfg.window, "mode": cfg.mode})
-    codec = prepare_codec(header)
-    ecfg = EngineConfig(model=cfg.model, k=cfg.k, window=cfg.window, mode=cfg.mode,
-                        device="auto")
-    t0 = time.perf_counter()
-    engine = make_engine(cfg.engine, ecfg)
-    start_s = time.perf_counter() - t0
-    base = None
-    if cfg.engine == "vllm":
+        self.model, self.engine_name, self.mode = model, engine, mode
+        self.vocab = teacher_fingerprint(model)["vocab_size"]
+        ecfg = EngineConfig(model=model, k=max_k, window=max_window, mode=mode, device="auto")
         t0 = time.perf_counter()
-        base = make_engine("vllm", EngineConfig(**{**vars(ecfg), "vllm_path": "prompt-logprobs"}))
-        start_s = max(start_s, time.perf_counter() - t0)
-        weight = engine.weight
-    else:
-        weight = engine.weight
-    hidden_size = int(weight.shape[1])
-    prefill = _prefill_fn(cfg, engine, base, windows)
-    gen = torch.Generator().manual_seed(0)
-    fake_hidden = torch.randn(tokens, hidden_size, generator=gen, dtype=weight.dtype) * 0.5
-    fake_hidden = fake_hidden.to(weight.device)
+        self.engine = make_engine(engine, ecfg)  # before the codecs import numba (see vllm.py)
+        self.start_s = time.perf_counter() - t0
+        self.base = None
+        if engine == "vllm":
+            self.base = make_engine("vllm", EngineConfig(**{**vars(ecfg),
+                                                           "vllm_path": "prompt-logprobs"}))
+        self.baseline = baseline and self.base is not None
+        self.weight = self.engine.weight
+        self.tmp = tempfile.mkdtemp(prefix="kdcache-bench-")
+        self._names = iter(range(10**9))
 
-    def extra() -> None:
-        chunked_topk(fake_hidden, weight, cfg.k)
+    def close(self) -> None:
+        import shutil
 
-    tmp = tempfile.mkdtemp(prefix="kdcache-bench-")
-    counter = iter(range(10**6))
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for eng in (self.engine, self.base):
+            if eng is not None:
+                eng.close()
 
-    def dump_with(eng):
+    def _header(self, k: int, window: int):
+        from kdcache.formats.codecs import default_codec
+        from kdcache.formats.manifest import DatasetHeader
+        from kdcache.formats.writer import prepare_codec
+
+        header = DatasetHeader(kind="topk", k=k, vocab_size=self.vocab,
+                               codec=default_codec("topk"),
+                               packing={"window": window, "mode": self.mode})
+        return header, prepare_codec(header)
+
+    def dump_fn(self, eng, windows, k: int, window: int):
+        header, codec = self._header(k, window)
+
         def run() -> None:
-            _write(_records(windows, eng.topk(windows)), header, codec, tmp,
-                   f"shard-{next(counter):05d}")
+            _write(_records(windows, eng.topk(windows)), header, codec, self.tmp,
+                   f"shard-{next(self._names):05d}")
         return run
 
-    timers = {"prefill": prefill, "extra": extra, "dump": dump_with(engine)}
-    if base is not None and cfg.baseline:
-        timers["baseline"] = dump_with(base)
-    for fn in timers.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(cfg.rounds):
-        for name, fn in timers.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    ceiling = tokens / (med["prefill"] + med["extra"])
-    result = {
-        "bench": "dump", "engine": cfg.engine, "k": cfg.k, "window": cfg.window,
-        "windows": len(windows), "tokens": tokens, "vocab_size": vocab,
-        "hidden_size": hidden_size, "codec": header.codec,
-        "prefill_tokens_per_s": round(tokens / med["prefill"], 1),
-        "extra_tokens_per_s": round(tokens / med["extra"], 1),
-        "ceiling_tokens_per_s": round(ceiling, 1),
-        "dump_tokens_per_s": round(tokens / med["dump"], 1),
-        "ratio": round(tokens / med["dump"] / ceiling, 3),
-        "engine_start_s": round(start_s, 1), "rounds": cfg.rounds,
-        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-    }
-    if "baseline" in med:
-        result["baseline"] = "vllm prompt_logprobs flat"
-        result["baseline_tokens_per_s"] = round(tokens / med["baseline"], 1)
-        result["baseline_ratio"] = round(tokens / med["baseline"] / ceiling, 3)
-    import shutil
+    def measure(self, cfg: BenchConfig) -> dict:
+        import torch
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    for eng in (engine, base):
-        if eng is not None:
-            eng.close()
-    return result
+        from kdcache.teacher_dump.engines.base import chunked_topk
+
+        windows = bench_windows(cfg)
+        tokens = int(sum(w.n_tokens for w in windows))
+        for eng in (self.engine, self.base):
+            if eng is not None:
+                eng.reconfigure(k=cfg.k, mode=cfg.mode, window=cfg.window)
+        gen = torch.Generator().manual_seed(0)
+        hidden = (torch.randn(tokens, int(self.weight.shape[1]), generator=gen) * 0.5).to(
+            self.weight.device, self.weight.dtype)
+
+        def extra() -> None:
+            chunked_topk(hidden, self.weight, cfg.k)
+
+        timers = {"prefill": _prefill_fn(cfg, self.engine, self.base, windows), "extra": extra,
+                  "dump": self.dump_fn(self.engine, windows, cfg.k, cfg.window)}
+        if self.baseline and cfg.baseline:
+            timers["baseline"] = self.dump_fn(self.base, windows, cfg.k, cfg.window)
+        for fn in timers.values():  # warm-up
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in timers}
+        for _ in range(cfg.rounds):
+            for name, fn in timers.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        ceiling = tokens / (med["prefill"] + med["extra"])
+        result = {
+            "bench": "dump", "engine": self.engine_name, "k": cfg.k, "window": cfg.window,
+            "windows": len(windows), "tokens": tokens, "vocab_size": self.vocab,
+            "hidden_size": int(self.weight.shape[1]),
+            "codec": self._header(cfg.k, cfg.window)[0].codec,
+            "prefill_tokens_per_s": round(tokens / med["prefill"], 1),
+            "extra_tokens_per_s": round(tokens / med["extra"], 1),
+            "ceiling_tokens_per_s": round(ceiling, 1),
+            "dump_tokens_per_s": round(tokens / med["dump"], 1),
+            "ratio": round(tokens / med["dump"] / ceiling, 3),
+            "engine_start_s": round(self.start_s, 1), "rounds": cfg.rounds,
+            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        }
+        if "baseline" in med:
+            result["baseline"] = "vllm prompt_logprobs flat"
+            result["baseline_tokens_per_s"] = round(tokens / med["baseline"], 1)
+            result["baseline_ratio"] = round(tokens / med["baseline"] / ceiling, 3)
+        return result
+
+
+def bench_dump(cfg: BenchConfig) -> dict:
+    """One measurement (the `kdcache bench dump` command)."""
+    bench = DumpBench(cfg.model, cfg.engine, max_k=cfg.k, max_window=cfg.window, mode=cfg.mode,
+                      baseline=cfg.baseline)
+    try:
+        return bench.measure(cfg)
+    finally:
+        bench.close()
 
 
 def _prefill_fn(cfg: BenchConfig, engine, base, windows):
     """Prefill-only on the same windows: what the teacher costs with no targets at all."""
-    if cfg.engine == "vllm":
+    if base is not None:
         from vllm import SamplingParams
 
         from kdcache.teacher_dump.engines.base import segments_for_mode

@@ -1,0 +1,95 @@
+"""Teacher-dump throughput against the work no implementation can skip (issue 3's figure).
+
+Builds the `bench` teacher (4 layers, 256 wide, 32k vocabulary; random weights suffice for
+timing) and measures, with started engines reused across measurements:
+- ratio = dump throughput / ceiling at k = 16, 64, 256 on 8k windows (and 32k with --long),
+  with vLLM's prompt-logprobs path as the baseline side by side;
+- the dump's cost slope (seconds per token, 1/2/4 windows of 8k);
+- the driver's peak Python memory (tracemalloc) while packing and handing out shards, for the
+  built-in corpus at N and 10N documents (it must not grow with the corpus).
+Prints one JSON line. Usage: .venv/bin/python bench/bench_dump.py [--long] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import tracemalloc
+
+
+def driver_peak_mb(model: str, documents: int) -> float:
+    from kdcache.teacher_dump.corpus import CorpusStats
+    from kdcache.teacher_dump.pack import PackStats, TeacherTokenizer
+    from kdcache.teacher_dump.plan import DumpConfig
+    from kdcache.teacher_dump.runner import _window_to_dict, iter_shards
+
+    cfg = DumpConfig(model=model, corpus="builtin", out="unused", window=8192,
+                     builtin_documents=documents, windows_per_shard=4)
+    tok = TeacherTokenizer(model)
+    tracemalloc.start()
+    shards = 0
+    for _, wins in iter_shards(cfg, tok, CorpusStats(), PackStats()):
+        payload = [_window_to_dict(w) for w in wins]  # what the driver hands to an actor
+        shards += 1
+        del payload
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return round(peak / 2**20, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--long", action="store_true", help="also 32k windows")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", default=None, help="teacher dir (default: build `bench`)")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+
+    from kdcache.teacher_dump.bench import BenchConfig, DumpBench, bench_windows, slope
+
+    model = args.model
+    if model is None:
+        from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+        model = os.path.join(tempfile.mkdtemp(prefix="kdcache-bench-teacher-"), "bench")
+        build_teacher(model, TeacherConfig.preset("bench"), log=lambda m: None)
+    max_window = 32768 if args.long else 8192
+    bench = DumpBench(model, "vllm", max_k=256, max_window=max_window)
+    out = {"bench": "dump", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "model": "bench preset: 4 layers, 256 wide, 32k vocab", "cpus": os.cpu_count(),
+           "load_avg_1m": os.getloadavg()[0], "engine_start_s": round(bench.start_s, 1),
+           "results": []}
+    try:
+        for k in (16, 64, 256):
+            r = bench.measure(BenchConfig(model=model, k=k, window=8192, windows=2,
+                                          rounds=args.rounds))
+            out["results"].append(r)
+            print(json.dumps(r), flush=True)
+        if args.long:
+            r = bench.measure(BenchConfig(model=model, k=64, window=32768, windows=1, rounds=1))
+            out["results"].append(r)
+            print(json.dumps(r), flush=True)
+        points = []
+        for n in (1, 2, 4):
+            wins = bench_windows(BenchConfig(model=model, k=64, window=8192, windows=n))
+            bench.engine.reconfigure(k=64, mode="causal", window=8192)
+            run = bench.dump_fn(bench.engine, wins, 64, 8192)
+            t0 = time.perf_counter()
+            run()
+            points.append((int(sum(w.n_tokens for w in wins)), time.perf_counter() - t0))
+        out["dump_seconds_per_million_tokens"] = round(slope(points) * 1e6, 1)
+        out["dump_points"] = [(t, round(s, 2)) for t, s in points]
+    finally:
+        bench.close()
+    if not args.skip_memory:
+        out["driver_peak_mb"] = {"2000_docs": driver_peak_mb(model, 2000),
+                                 "20000_docs": driver_peak_mb(model, 20000)}
+    out["load_avg_1m_end"] = os.getloadavg()[0]
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
