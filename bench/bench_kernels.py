@@ -351,6 +351,11 @@ def run_profile() -> None:
     p["h"].requires_grad_()
     p["W"].requires_grad_()
     fn = step_ours(p)
+    for tm in (False, True):
+        st.TILE_MAX_LSE = tm
+        ms, _ = cuda_time(fn, reps=5)
+        emit(dict(bench="kernels_profile", date=DATE, gpu="NVIDIA H200 (lent)", step="headline fwd+bwd",
+                  tile_max_lse=tm, ms=round(ms, 2)))
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -363,7 +368,6 @@ def run_profile() -> None:
     N, d = h.shape
     V = W.shape[0]
     dW = torch.zeros(V, d, dtype=torch.float32, device="cuda")
-    dWt = torch.zeros(d, V, dtype=torch.float32, device="cuda")
     for C in (2048,):
         buf = torch.empty(C, V, dtype=h.dtype, device="cuda")
         dh = torch.empty(C, d, dtype=h.dtype, device="cuda")
@@ -374,19 +378,17 @@ def run_profile() -> None:
         st_ms = {}
         st_ms["logits_mm"] = cuda_time(lambda: torch.mm(hc, W.T, out=buf), reps=5)[0]
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for bv, nw, progs in ((4096, 8, C), (4096, 16, C), (4096, 16, sms), (4096, 16, 2 * sms),
-                              (4096, 16, 4 * sms), (8192, 16, sms), (8192, 16, 2 * sms), (2048, 8, sms),
-                              (4096, 8, 2 * sms), (8192, 32, sms)):
+        for bv, nw, tm in ((4096, 16, True), (4096, 16, False), (8192, 16, True), (4096, 8, True),
+                           (2048, 8, True), (8192, 32, True)):
             def kern():
-                st._sparse_kl_rows_kernel[(progs,)](
+                st._sparse_kl_rows_kernel[(C,)](
                     buf, buf.stride(0), ids, ids.stride(0), lp, lp.stride(0), lab, kd_w, kd_w, out, out,
                     C, V, ids.shape[1], 1.0, 1.0, 1e-6, BLOCK_V=bv, BLOCK_K=64, BUCKET=False, HAS_CE=True,
-                    SEPARATE_CE_LSE=False, WRITE_GRAD=True, num_warps=nw)
-            st_ms[f"kernel_bv{bv}_w{nw}_p{progs}"] = cuda_time(kern, reps=5)[0]
+                    SEPARATE_CE_LSE=False, WRITE_GRAD=True, TILE_MAX=tm, num_warps=nw)
+            st_ms[f"kernel_bv{bv}_w{nw}_tilemax{int(tm)}"] = cuda_time(kern, reps=5)[0]
         st_ms["dh_mm"] = cuda_time(lambda: torch.mm(buf, W, out=dh), reps=5)[0]
         st_ms["dW_addmm_fp32"] = cuda_time(lambda: st._accumulate_fp32(dW, buf.T, hc), reps=5)[0]
         st_ms["dW_mm_bf16"] = cuda_time(lambda: torch.mm(buf.T, hc), reps=5)[0]
-        st_ms["dW_addmm_fp32_hT_G"] = cuda_time(lambda: torch.addmm(dW.T, hc.T, buf, out_dtype=torch.float32, out=dW.T) if False else st._accumulate_fp32(dWt, hc.T, buf), reps=5)[0]
         emit(dict(bench="kernels_profile", date=DATE, gpu="NVIDIA H200 (lent)", chunk_rows=C,
                   per_chunk_ms={k: round(v, 3) for k, v in st_ms.items()},
                   scaled_to_N_ms={k: round(v * scale, 1) for k, v in st_ms.items()}))

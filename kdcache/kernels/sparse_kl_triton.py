@@ -33,6 +33,8 @@ LOGITS_BUFFER_BYTES = 800 * 2**20
 # Tests set this to fill every buffer the kernel should write with NaN first, so that an element
 # left unwritten shows up as NaN instead of as a plausible stale value.
 POISON_OUTPUTS = False
+# Phase A flavour (see the kernel); both are exact, they differ in exps vs reductions per tile.
+TILE_MAX_LSE = True
 
 
 @triton.jit
@@ -52,7 +54,7 @@ def _sparse_kl_rows_kernel(
     n_rows, V, K, inv_T, T, tail_eps,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     BUCKET: tl.constexpr, HAS_CE: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, TILE_MAX: tl.constexpr,
 ):
     # A grid-stride loop over rows. On the H200 one program per row was as fast as any persistent
     # grid tried (1-4 programs per SM; 1 per SM, whose rows would fit in L2, was 1.6x slower).
@@ -62,7 +64,7 @@ def _sparse_kl_rows_kernel(
             logits_ptr + row * stride_l, ids_ptr + row * stride_i, lp_ptr + row * stride_p,
             labels_ptr + row, kd_w_ptr + row, ce_w_ptr + row, kd_out_ptr + row, ce_out_ptr + row,
             V, K, inv_T, T, tail_eps,
-            BLOCK_V, BLOCK_K, BUCKET, HAS_CE, SEPARATE_CE_LSE, WRITE_GRAD,
+            BLOCK_V, BLOCK_K, BUCKET, HAS_CE, SEPARATE_CE_LSE, WRITE_GRAD, TILE_MAX,
         )
 
 
@@ -72,31 +74,49 @@ def _sparse_kl_one_row(
     V, K, inv_T, T, tail_eps,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     BUCKET: tl.constexpr, HAS_CE: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, TILE_MAX: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK_V)
 
-    # A. online logsumexp, one running (max, sum) per lane; -1e30 (not -inf) keeps empty lanes NaN-free
-    m_t = tl.full([BLOCK_V], -1e30, tl.float32)
+    # A. online logsumexp. TILE_MAX: one running max per row, updated once per tile (one exp per
+    # element plus a scalar one); else one (max, sum) per lane (two exps per element, no
+    # reduction per tile). -1e30 (not -inf) keeps empty lanes NaN-free.
     s_t = tl.zeros([BLOCK_V], tl.float32)
-    m_1 = tl.full([BLOCK_V], -1e30, tl.float32)
     s_1 = tl.zeros([BLOCK_V], tl.float32)
+    if TILE_MAX:
+        m_t = tl.max(tl.full([BLOCK_V], -1e30, tl.float32), 0)
+        m_1 = tl.max(tl.full([BLOCK_V], -1e30, tl.float32), 0)
+    else:
+        m_t = tl.full([BLOCK_V], -1e30, tl.float32)
+        m_1 = tl.full([BLOCK_V], -1e30, tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         zt = z * inv_T
-        m_new = tl.maximum(m_t, zt)
+        if TILE_MAX:
+            m_new = tl.maximum(m_t, tl.max(zt, 0))
+        else:
+            m_new = tl.maximum(m_t, zt)
         s_t = s_t * tl.exp(m_t - m_new) + tl.exp(zt - m_new)
         m_t = m_new
         if SEPARATE_CE_LSE:
-            m1_new = tl.maximum(m_1, z)
+            if TILE_MAX:
+                m1_new = tl.maximum(m_1, tl.max(z, 0))
+            else:
+                m1_new = tl.maximum(m_1, z)
             s_1 = s_1 * tl.exp(m_1 - m1_new) + tl.exp(z - m1_new)
             m_1 = m1_new
-    M = tl.max(m_t, 0)
-    lse_t = M + tl.log(tl.sum(s_t * tl.exp(m_t - M), 0))
+    if TILE_MAX:
+        lse_t = m_t + tl.log(tl.sum(s_t, 0))
+    else:
+        M = tl.max(m_t, 0)
+        lse_t = M + tl.log(tl.sum(s_t * tl.exp(m_t - M), 0))
     if SEPARATE_CE_LSE:
-        M1 = tl.max(m_1, 0)
-        lse_1 = M1 + tl.log(tl.sum(s_1 * tl.exp(m_1 - M1), 0))
+        if TILE_MAX:
+            lse_1 = m_1 + tl.log(tl.sum(s_1, 0))
+        else:
+            M1 = tl.max(m_1, 0)
+            lse_1 = M1 + tl.log(tl.sum(s_1 * tl.exp(m_1 - M1), 0))
     else:
         lse_1 = lse_t
 
@@ -153,9 +173,12 @@ def _sparse_kl_one_row(
             cols = v0 + offs
             cmask = cols < V
             z = tl.load(row_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-            g = cd_kd * tl.exp(z * inv_T - lse_t)
-            if HAS_CE:
-                g += c * tl.exp(z - lse_1)
+            if SEPARATE_CE_LSE:
+                g = cd_kd * tl.exp(z * inv_T - lse_t) + c * tl.exp(z - lse_1)
+            elif HAS_CE:  # T == 1: p_T == p_1, one exp
+                g = (cd_kd + c) * tl.exp(z - lse_t)
+            else:
+                g = cd_kd * tl.exp(z * inv_T - lse_t)
             tl.store(row_ptr + cols, g.to(row_ptr.dtype.element_ty), mask=cmask)
         tl.debug_barrier()  # phase D overwrites elements phase C wrote from other threads
         # D. sparse entries: full value recomputed in fp32
@@ -266,7 +289,8 @@ def loss_and_grads(
             kd_w[r0:r1] if want else kd_w, ce_w[r0:r1], kd_rows[r0:r1], ce_rows[r0:r1] if has_ce else kd_rows,
             n, V, K, 1.0 / T, T, TAIL_EPS,
             BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, BUCKET=(tail == "bucket"), HAS_CE=has_ce,
-            SEPARATE_CE_LSE=(has_ce and T != 1.0), WRITE_GRAD=want, num_warps=num_warps,
+            SEPARATE_CE_LSE=(has_ce and T != 1.0), WRITE_GRAD=want, TILE_MAX=TILE_MAX_LSE,
+            num_warps=num_warps,
         )
         if want:
             torch.mm(logits, weight, out=dh[r0:r1])

@@ -79,3 +79,17 @@ def test_public_entry_point_triton_vs_reference(triton_interp, tail, T, reductio
     for x, y in zip(results["triton"], results["reference"]):
         assert not torch.isnan(x).any()
         torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("tail,T,labels", [("renormalize", 2.0, True), ("bucket", 1.0, True),
+                                           ("renormalize", 0.7, False)])
+def test_per_lane_logsumexp_variant(triton_interp, tail, T, labels, monkeypatch):
+    """Phase A's other flavour (one running max per lane instead of per tile) gives the same."""
+    monkeypatch.setattr(triton_interp, "TILE_MAX_LSE", False)
+    p = make_problem(N=5, d=4, V=45, k=3, dtype=torch.float32, seed=9)
+    lab = torch.where(p["labels"] < 0, 0, p["labels"]) if labels else None
+    a, c = torch.rand(5), (torch.rand(5) if labels else None)
+    args = (p["h"], p["W"], p["b"], p["ids"], p["lp"], lab, a, c)
+    out = triton_interp.loss_and_grads(*args, tail=tail, temperature=T, chunk_rows=3, block_v=16)
+    ref = sparse_kl_reference.loss_and_grads(*args, tail=tail, temperature=T)
+    _compare(out, ref)
