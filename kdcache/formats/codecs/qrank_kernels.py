@@ -108,7 +108,9 @@ def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, n_words
     """Rebuild ids int32 [m, k] and log-probs float32 [m, k]; returns a status code.
 
     Streams are column-major over all m rows; rows are decoded in tiles of TILE_ROWS with one
-    read position per column and stream, found by a first pass over the code gaps (dq).
+    read position per column and stream, found by a first pass over the code gaps (dq). Within a
+    tile and column the work is split into short loops over the tile's rows, so that all but the
+    bit-reading one are free of loop-carried dependencies and compile to SIMD.
     fsyms/gsyms hold n_f/n_g symbols followed by SYM_PADDING bytes and words n_words words
     followed by WORD_PADDING, so the inner loop can read both symbol streams unconditionally,
     keep the one the entry uses (no branch) and read bits unclamped; positions are range-checked
@@ -156,6 +158,7 @@ def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, n_words
     cur = np.empty(TILE_ROWS, dtype=np.int64)
     prev = np.empty(TILE_ROWS, dtype=np.int64)
     base_lp = np.empty(TILE_ROWS, dtype=np.float32)
+    steps = np.zeros(TILE_ROWS + 1, dtype=np.int64)
     # Pass 2: tiles of rows; within a tile, column by column.
     for r0 in range(0, m, TILE_ROWS):
         r1 = min(r0 + TILE_ROWS, m)
@@ -182,24 +185,34 @@ def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, n_words
             out_ids[U(r), 0] = tok
         f_pos[0] = fp
         b_pos[0] = bp
+        nt = r1 - r0
         for col in range(1, k):
-            base = (col - 1) * half
+            base = (col - 1) * half + (r0 >> 1)  # r0 is even: the tile starts on a byte
             fp, gp, ep = f_pos[col], g_pos[col], e_pos[col]
-            f_lim, g_lim = f_end[col + 1], g_end[col + 1]
             bp = b_pos[col]
-            b_end = col_bits[col + 1]
-            bad = False
-            for r in range(r0, r1):
-                i = U(r - r0)
-                # Row r's nibble: the high one for even rows, the low one for odd rows.
-                step = np.int64((dq[U(base + (r >> 1))] >> (4 - 4 * (r & 1))) & 15)
-                if step == 15:
-                    if ep >= n_e:
-                        return ERR_STREAM
-                    step += dq_escape[U(ep)]
-                    ep += 1
-                first = np.int64(step > 0)
-                c = cur[i] + step
+            # Stage A (vectorisable): code steps from the nibbles; escapes fixed up apart.
+            escaped = False
+            for j in range((nt + 1) >> 1):
+                b = dq[U(base + j)]
+                steps[2 * j] = b >> 4
+                steps[2 * j + 1] = b & 15
+            for j in range(nt):
+                escaped |= steps[j] == 15
+            if escaped:
+                for j in range(nt):
+                    if steps[j] == 15:
+                        if ep >= n_e:
+                            return ERR_STREAM
+                        steps[j] += dq_escape[U(ep)]
+                        ep += 1
+            # Stage B (vectorisable): codes and log-probs.
+            for j in range(nt):
+                c = cur[j] + steps[j]
+                cur[j] = c
+                out_lp[U(r0 + j), U(col)] = base_lp[j] + levels[U(min(c, n_levels - 1))]
+            # Stage C (sequential: one bit position): ranks from first/gap symbols + extra bits.
+            for j in range(nt):
+                first = np.int64(steps[j] > 0)
                 fs = np.int64(fsyms[U(fp)])
                 gs = np.int64(gsyms[U(gp)])
                 s = U(gs + first * (fs - gs))  # the first-symbol if first, else the gap-symbol
@@ -208,23 +221,30 @@ def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, n_words
                 nb = sym_bits[s]
                 v = sym_base[s] | _read_bits(words, bp, nb)
                 bp += nb
-                rank = v + (1 - first) * prev[i] - first  # v - 1 if first, else prev + v
-                cur[i] = c
-                prev[i] = rank
-                out_lp[U(r), U(col)] = base_lp[i] + levels[U(min(c, n_levels - 1))]
-                if rank < n_tab:
-                    tok = np.int64(ids_by_rank[U(rank)])
-                else:
-                    tok = _rank_to_id(rank, ids_by_rank, escape_keys)
-                    bad |= tok >= vocab
-                out_ids[U(r), U(col)] = tok
+                prev[j] = v + (1 - first) * prev[j] - first  # v - 1 if first, else prev + v
+            # Stage D: ranks -> ids through the table; escape ranks fixed up apart.
+            escaped = False
+            if n_tab > 0:
+                for j in range(nt):
+                    rank = prev[j]
+                    escaped |= rank >= n_tab
+                    out_ids[U(r0 + j), U(col)] = ids_by_rank[U(min(rank, n_tab - 1))]
+            else:
+                escaped = True
+            if escaped:
+                for j in range(nt):
+                    if prev[j] >= n_tab:
+                        tok = _rank_to_id(prev[j], ids_by_rank, escape_keys)
+                        if tok >= vocab:
+                            return ERR_RANGE
+                        out_ids[U(r0 + j), U(col)] = tok
             # Positions and codes only grow, so checking them once per tile and column suffices
-            # (reads in between stay in bounds: padding, clamped bit position and level index).
-            if bad or bp > b_end or fp > f_lim or gp > g_lim:
+            # (reads in between stay in bounds: padding, clamped level index).
+            if bp > col_bits[col + 1] or fp > f_end[col + 1] or gp > g_end[col + 1]:
                 return ERR_STREAM
             if col == k - 1:
-                for i in range(r1 - r0):
-                    if cur[i] >= n_levels:
+                for j in range(nt):
+                    if cur[j] >= n_levels:
                         return ERR_RANGE
             f_pos[col], g_pos[col], e_pos[col], b_pos[col] = fp, gp, ep, bp
     return OK
