@@ -179,7 +179,8 @@ def run_mode(loaded: LoadedModel, block: list[int], cfg: ProbeConfig, mode: str,
         if mode == "causal":
             recorder.select(torch.arange(repeats, device=cfg.device) * n + (n - 2))
             ids = block_ids.repeat(repeats)[None]
-            hidden = decoder(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None],
+            positions = torch.arange(ids.shape[1], device=cfg.device)[None]
+            hidden = decoder(input_ids=ids, position_ids=positions,
                              use_cache=False).last_hidden_state[0]
             if progress:
                 progress(repeats)
