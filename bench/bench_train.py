@@ -230,11 +230,11 @@ def main() -> int:
     opts = parser.parse_args()
     device = "cuda" if cuda else "cpu"
     if cuda:
-        import torch._dynamo
+        from torch import _dynamo
 
         # one static compile per shape (no dynamic-shape recompiles between shapes)
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        torch._dynamo.config.cache_size_limit = 64
+        _dynamo.config.automatic_dynamic_shapes = False
+        _dynamo.config.cache_size_limit = 64
         torch.backends.cuda.matmul.allow_tf32 = True
     args = ModelArgs.from_preset(opts.preset, attention="document", positions="global",
                                  max_seq_len=131_072)
