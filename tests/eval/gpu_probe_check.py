@@ -1,6 +1,6 @@
 """Real-size check of `kdcache probe` (not collected by pytest; run by hand on a GPU):
 
-    python3 tests/eval/gpu_probe_check.py OUT_DIR
+    python3 tests/eval/gpu_probe_check.py OUT_DIR [DTYPES]   (default float32,bfloat16,float16)
 
 Builds a random-init model shaped like the paper's student (30 layers, 20 heads, 4 KV heads,
 dim 1280, FFN 6144, vocab 202,048, theta 500k) with the test tokenizer, then runs the default
@@ -22,7 +22,7 @@ from conftest import build_tokenizer  # noqa: E402
 from kdcache.student_train.analysis.probe import ProbeConfig, run_probe  # noqa: E402
 
 
-def main(out: str) -> None:
+def main(out: str, dtypes: tuple[str, ...]) -> None:
     path = "/tmp/paper-student-random"  # not under OUT: only results travel back
     tok = build_tokenizer(path)
     torch.manual_seed(0)
@@ -34,7 +34,7 @@ def main(out: str) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     report = {}
-    for dtype in ("float32", "bfloat16", "float16"):
+    for dtype in dtypes:
         torch.cuda.reset_peak_memory_stats()
         start = time.time()
         cfg = ProbeConfig(dtypes=(dtype,), device="cuda", batch_blocks=8)
@@ -52,4 +52,5 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tuple((sys.argv[2] if len(sys.argv) > 2 else
+                             "float32,bfloat16,float16").split(",")))

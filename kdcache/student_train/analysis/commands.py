@@ -191,7 +191,7 @@ def _register_rope_plan(subparsers) -> None:
                    help="also report the base from which the bound holds on the whole grid up to "
                         "10x the lowest (slower)")
     p.add_argument("--wavelengths", action="store_true", help="print the per-pair wavelength table")
-    p.add_argument("--out", help="also write rope_plan.json here (a directory)")
+    p.add_argument("--out", help="also write rope_plan.json and rope_plan.png to this directory")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(handler=_run_rope_plan)
 
@@ -216,6 +216,11 @@ def _run_rope_plan(args) -> int:
         raise EvalError("contexts must be >= 1 and thetas > 1")
     result = plan(args.head_dim, stages, context=args.context, robust=args.robust)
     if args.out:
+        from kdcache.student_train.analysis.plots import plot_rope_plan
+
+        os.makedirs(args.out, exist_ok=True)
+        plot_rope_plan(result, os.path.join(args.out, "rope_plan.png"))
+        result["plots"] = ["rope_plan.png"]
         write_json(os.path.join(args.out, "rope_plan.json"), result)
     if args.json:
         print(one_line(result))

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 KL_FLOOR = 1e-12  # KL values of exactly 0 are drawn at this floor on log axes
+COS_FLOOR = 1e-9  # 1 - cosine below this (float32 rounding) is drawn at the floor
 
 
 def _plt():
@@ -60,6 +61,8 @@ def plot_query_cosine(summary: dict, run: Any, layer: int, path: str) -> str:
 
 
 def plot_layer_cosine(run: Any, path: str) -> str:
+    """1 - cosine similarity to repeat 0 on a log axis: under a document mask the differences are
+    often 1e-7..1e-2, invisible on a linear cosine axis."""
     plt = _plt()
     x = _positions_k(run.positions)
     keys = list(run.layer_cosine)
@@ -67,13 +70,16 @@ def plot_layer_cosine(run: Any, path: str) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for j, key in enumerate(keys):
         label = key if key in ("embeddings", "final") else f"layer {key}"
-        ax.plot(x, run.layer_cosine[key], "-", lw=1.2, color=cmap(j / max(1, len(keys) - 1)),
+        y = [max(1.0 - c, COS_FLOOR) for c in run.layer_cosine[key]][1:]
+        ax.plot(x[1:], y, "-", marker=".", lw=1.2, color=cmap(j / max(1, len(keys) - 1)),
                 label=label)
+    ax.set_yscale("log")
     ax.set_xlabel("global position of the analysed token (thousands)")
-    ax.set_ylabel("cosine similarity to repeat 0")
+    ax.set_ylabel(f"1 - cosine similarity to repeat 0 (floor {COS_FLOOR:g})")
     ax.set_title(f"Hidden state after each layer ({run.mode}, {run.dtype})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(keys) <= 12 else 3, loc="lower left")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2 if len(keys) <= 12 else 3, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
@@ -156,4 +162,43 @@ def plot_diff_positions(result: dict, path: str) -> str:
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_rope_plan(result: dict, path: str) -> str:
+    """Per stage: Men et al.'s B(m) for the given theta and for the lowest valid theta (left);
+    wavelength of each dimension pair against the context (right)."""
+    import numpy as np
+
+    from kdcache.student_train.analysis.rope_plan import men_decay, pair_frequencies
+
+    plt = _plt()
+    d = result["head_dim"]
+    fig, (ax_b, ax_w) = plt.subplots(1, 2, figsize=(11, 4))
+    cmap = plt.get_cmap("tab10")
+    for j, stage in enumerate(result["stages"]):
+        L = stage["context"]
+        m = np.unique(np.geomspace(1, L, 2000).astype(np.int64))
+        color = cmap(j % 10)
+        if stage["theta"]:
+            ax_b.plot(m, men_decay(d, stage["theta"], m), "-", color=color, lw=1,
+                      label=f"L={L}, theta={stage['theta']:.3g}")
+            ax_w.plot(range(d // 2), 2 * np.pi / pair_frequencies(d, stage["theta"]), "o-",
+                      ms=3, color=color, label=f"theta={stage['theta']:.3g}")
+        ax_b.plot(m, men_decay(d, stage["theta_lower_bound"], m), "--", color=color, lw=1,
+                  label=f"L={L}, lowest valid {stage['theta_lower_bound']:.3g}")
+        ax_w.axhline(L, color=color, ls=":", lw=1, label=f"context {L}")
+    ax_b.axhline(0, color="black", lw=0.8)
+    ax_b.set_xscale("log")
+    ax_b.set_xlabel("relative distance m (tokens)")
+    ax_b.set_ylabel("B(m) = sum_i cos(m * theta_i)")
+    ax_b.set_title(f"Men et al. bound: B(m) >= 0 for m <= L (head dim {d})", fontsize=10)
+    ax_b.legend(fontsize=7)
+    ax_w.set_yscale("log")
+    ax_w.set_xlabel("dimension pair i (0: fastest)")
+    ax_w.set_ylabel("wavelength 2*pi*theta^(2i/d) (tokens)")
+    ax_w.set_title("Wavelength per pair vs context", fontsize=10)
+    ax_w.legend(fontsize=7)
+    for ax in (ax_b, ax_w):
+        ax.grid(alpha=0.3)
     return _save(fig, path)
