@@ -42,23 +42,26 @@ def rate_reader(path: str, passes: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def rate_loader(path: str, workers: int, window: int | None, passes: int) -> tuple[float, float]:
-    """Steady-state tokens/s (from each epoch's first batch on) and first-batch latency (s)."""
+def rate_loader(path: str, workers: int, window: int | None,
+                passes: int) -> tuple[float, float, float]:
+    """Steady-state tokens/s (from each epoch's first batch on), tokens per CPU-second of this
+    process (meaningful with 0 workers: every step runs here) and first-batch latency (s)."""
     dm = WindowDataModule(DataConfig(paths=[path], window=window, num_workers=workers,
                                      pin_memory=False), student_vocab_size=202_048)
-    seconds, tokens, first = 0.0, 0, []
+    seconds, cpu_seconds, tokens, first = 0.0, 0.0, 0, []
     for _ in range(passes):
         start = time.perf_counter()
         for index, batch in enumerate(dm.train_dataloader()):
             now = time.perf_counter()
             if index == 0:
                 first.append(now - start)
-                mark = now
+                mark, cpu_mark = now, time.process_time()
             else:
                 tokens += int(batch["n_tokens"])
             dm.mark_consumed(batch)
         seconds += time.perf_counter() - mark
-    return tokens / seconds, max(first)
+        cpu_seconds += time.process_time() - cpu_mark
+    return tokens / seconds, tokens / cpu_seconds, max(first)
 
 
 def main() -> int:
@@ -91,12 +94,17 @@ def main() -> int:
         for workers in [int(w) for w in opts.workers.split(",")]:
             for label, window, gpu in (("stage2", None, opts.gpu_stage2),
                                        ("stage1", 2048, opts.gpu_stage1)):
-                rate, first = rate_loader(path, workers, window, opts.passes)
+                rate, per_cpu, first = rate_loader(path, workers, window, opts.passes)
                 key = f"loader_w{workers}_{label}"
                 result[f"{key}_tokens_per_s"] = rate
                 result[f"{key}_first_batch_s"] = first
                 if gpu:
                     result[f"{key}_x_gpu"] = rate / gpu
+                if workers == 0:
+                    # On a loaded shared machine wall-clock rates swing; CPU time does not much.
+                    result[f"{key}_tokens_per_cpu_s"] = per_cpu
+                    if gpu:
+                        result[f"{key}_cores_for_10x_gpu"] = 10 * gpu / per_cpu
     result["gpu_stage2_tokens_per_s"] = opts.gpu_stage2
     result["gpu_stage1_tokens_per_s"] = opts.gpu_stage1
     print(json.dumps(result))

@@ -186,7 +186,10 @@ class DatasetSet:
         if not paths:
             raise KdcacheError("data.paths is empty: give at least one dataset")
         self.paths = list(paths)
-        self.datasets = [open_dataset(p, verify_hashes=verify_hashes) for p in self.paths]
+        # Random window order jumps between shards: keep them all open (memory-mapped), so each
+        # shard is opened and hash-checked once per process, not on every revisit.
+        self.datasets = [open_dataset(p, verify_hashes=verify_hashes, max_open_shards=4096)
+                         for p in self.paths]
         first = self.datasets[0].header
         for path, ds in zip(self.paths[1:], self.datasets[1:]):
             h = ds.header
