@@ -83,9 +83,9 @@ def test_public_entry_point_triton_vs_reference(triton_interp, tail, T, reductio
 
 @pytest.mark.parametrize("tail,T,labels", [("renormalize", 2.0, True), ("bucket", 1.0, True),
                                            ("renormalize", 0.7, False)])
-def test_per_lane_logsumexp_variant(triton_interp, tail, T, labels, monkeypatch):
-    """Phase A's other flavour (one running max per lane instead of per tile) gives the same."""
-    monkeypatch.setattr(triton_interp, "TILE_MAX_LSE", False)
+def test_tile_max_logsumexp_variant(triton_interp, tail, T, labels, monkeypatch):
+    """Phase A's other flavour (one running max per tile instead of per lane) gives the same."""
+    monkeypatch.setattr(triton_interp, "TILE_MAX_LSE", True)
     p = make_problem(N=5, d=4, V=45, k=3, dtype=torch.float32, seed=9)
     lab = torch.where(p["labels"] < 0, 0, p["labels"]) if labels else None
     a, c = torch.rand(5), (torch.rand(5) if labels else None)
