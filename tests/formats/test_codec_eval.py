@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kdcache.cli import main
+from kdcache import cli
 from kdcache.formats.codec_eval import TopkFileError, evaluate, load_topk_npz
 from tests.formats.test_codecs import synthetic_topk
 
@@ -23,8 +23,15 @@ def topk_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _only_codec_commands(monkeypatch):
+    """The real CLI entry point, with only this component's subcommands registered (other
+    components' modules may import torch, which is slow to load and not under test here)."""
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ("kdcache.formats.codec_commands",))
+
+
 def run_cli(capsys, *argv):
-    code = main(["codec", "eval", *map(str, argv)])
+    code = cli.main(["codec", "eval", *map(str, argv)])
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -270,7 +270,7 @@ def test_truncated_and_mismatched_blobs_raise(kind):
 
 
 @pytest.mark.parametrize("kind", ("topk", "sampled"))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_blobs_never_crash(kind, data):
     codec, blob = _codec_and_blob(kind)

@@ -119,15 +119,20 @@ class QRankCodec(TargetCodec):
             return self.sqrt_units
         ladder = [u for u in _SQRT_LADDER if u * _SQRT_UNIT < self.step_max] or [self.sqrt_units]
         p = values.astype(np.float64)
-        p -= np.logaddexp.reduce(p, axis=1, keepdims=True)
+        p -= p.max(axis=1, keepdims=True)
+        p -= np.log(np.exp(p).sum(axis=1, keepdims=True))
         weights = np.exp(p)
+        rel = np.minimum(values - top_lp[:, None], 0.0).astype(np.float64)
+        half_exp = np.exp(rel / 2.0)  # shared by every candidate step
 
         def kl(units: int) -> float:
-            q_, levels = self._quantizer(units)
-            codes = q_.encode(np.minimum(values - top_lp[:, None], 0.0))
+            quantizer, levels = self._quantizer(units)
+            codes = quantizer.encode(rel, half_exp)
             codes[:, 0] = 0
-            q = levels[codes].astype(np.float64) + top_lp[:, None]
-            q -= np.logaddexp.reduce(q, axis=1, keepdims=True)
+            # Decoded log-probs are top + levels[code]; the row's top cancels in renormalising,
+            # and levels <= 0 with a 0 in every row, so no max-shift is needed.
+            q = levels[codes].astype(np.float64)
+            q -= np.log(np.exp(q).sum(axis=1, keepdims=True))
             return float((weights * (p - q)).sum(axis=1).mean())
 
         i = int(np.argmin([abs(u - self.sqrt_units) for u in ladder]))

@@ -40,14 +40,39 @@ OK, ERR_STREAM, ERR_SYMBOL, ERR_BITS, ERR_RANGE, ERR_LEFTOVER = 0, -1, -2, -3, -
 
 def symbolize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(symbols uint8, extra-bit counts int64, extra-bit values uint64) for x >= 0 (int64)."""
-    v = x.astype(np.int64) + 1
-    e = np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1  # floor(log2 v), exact < 2^53
-    small = e < 2
-    nbits = np.where(small, 0, e - 2)
-    mant = (v >> np.maximum(e - 2, 0)) & 3
-    sym = np.where(small, v - 1, 3 + 4 * (e - 2) + mant)
-    extra = (v & ((np.int64(1) << nbits) - 1)).astype(np.uint64)
-    return sym.astype(np.uint8), nbits, extra
+    x = np.ascontiguousarray(x, dtype=np.int64).ravel()
+    syms = np.empty(x.size, dtype=np.uint8)
+    nbits = np.empty(x.size, dtype=np.int64)
+    extra = np.empty(x.size, dtype=np.uint64)
+    _symbolize(x, syms, nbits, extra)
+    return syms, nbits, extra
+
+
+@numba.njit(cache=True, nogil=True)
+def _symbolize(x, syms, nbits, extra):
+    for i in range(x.shape[0]):
+        v = x[i] + 1
+        e = _floor_log2(v)
+        if e < 2:
+            syms[i] = v - 1
+            nbits[i] = 0
+            extra[i] = 0
+        else:
+            nb = e - 2
+            syms[i] = 3 + 4 * nb + ((v >> nb) & 3)
+            nbits[i] = nb
+            extra[i] = np.uint64(v & ((np.int64(1) << nb) - 1))
+
+
+@numba.njit(inline="always")
+def _floor_log2(v):
+    """floor(log2 v) for 0 < v < 2^63, by halving the search range."""
+    e = 0
+    for shift in (32, 16, 8, 4, 2, 1):
+        if v >> shift:
+            v >>= shift
+            e += shift
+    return e
 
 
 @numba.njit(cache=True, nogil=True)

@@ -55,19 +55,22 @@ class LogProbQuantizer:
         """Log-prob T where the sqrt(p) piece meets the capped log piece."""
         return 2.0 * math.log(self.sqrt_step / self.step_max)
 
-    def _y(self, logprobs: np.ndarray) -> np.ndarray:
+    def _y(self, logprobs: np.ndarray, half_exp: np.ndarray | None = None) -> np.ndarray:
         t = self.threshold
         lp = np.asarray(logprobs, dtype=np.float64)
-        upper = 2.0 * (np.exp(np.minimum(lp, 0.0) / 2.0) - math.exp(t / 2.0)) / self.sqrt_step
+        if half_exp is None:
+            half_exp = np.exp(np.minimum(lp, 0.0) / 2.0)
+        upper = 2.0 * (half_exp - math.exp(t / 2.0)) / self.sqrt_step
         return np.where(lp >= t, upper, (lp - t) / self.step_max)
 
     @cached_property
     def _y_top(self) -> float:
         return float(self._y(np.zeros(1))[0])
 
-    def encode(self, logprobs: np.ndarray) -> np.ndarray:
-        """Integer codes (int64, same shape): 0 for log-prob 0, larger for less likely entries."""
-        codes = np.rint(self._y_top - self._y(logprobs))
+    def encode(self, logprobs: np.ndarray, half_exp: np.ndarray | None = None) -> np.ndarray:
+        """Integer codes (int64, same shape): 0 for log-prob 0, larger for less likely entries.
+        `half_exp` = exp(min(logprobs, 0) / 2) if already known (it is step-independent)."""
+        codes = np.rint(self._y_top - self._y(logprobs, half_exp))
         return np.clip(codes, 0, MAX_CODE).astype(np.int64)
 
     def levels(self, n: int = MAX_CODE + 1) -> np.ndarray:

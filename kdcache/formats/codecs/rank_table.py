@@ -29,6 +29,7 @@ from kdcache.formats.codecs.varint import varint_decode, varint_encode
 
 _MAGIC = b"KDRT"
 _HEADER = struct.Struct("<4sBIII")
+_DENSE_MAX_VOCAB = 2**24  # above this, ranks are found by binary search instead of a lookup array
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,23 @@ class RankTable:
         n = self.size
         if n == 0:
             return ids.copy()
+        if self.vocab_size <= _DENSE_MAX_VOCAB:
+            return self._dense_ranks()[ids].astype(np.int64)
         pos = np.searchsorted(self.sorted_ids, ids)
         hit = self.sorted_ids[np.minimum(pos, n - 1)] == ids
         # An id outside the table: n + its index among non-table ids (id - table ids below it).
         return np.where(hit, self.rank_of_sorted[np.minimum(pos, n - 1)], n + ids - pos)
+
+    def _dense_ranks(self) -> np.ndarray:
+        """int32 [vocab]: rank of every id (built once; vocabularies up to 2^24 only)."""
+        dense = self.__dict__.get("_dense")
+        if dense is None:
+            all_ids = np.arange(self.vocab_size, dtype=np.int64)
+            pos = np.searchsorted(self.sorted_ids, all_ids)
+            dense = (all_ids - pos + self.size).astype(np.int32)
+            dense[self.sorted_ids] = self.rank_of_sorted
+            object.__setattr__(self, "_dense", dense)
+        return dense
 
     def escape_keys(self) -> np.ndarray:
         """int64 [n]: sorted_ids[j] - j, non-decreasing; the decoder's search key for ranks >= n.
