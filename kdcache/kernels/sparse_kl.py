@@ -56,7 +56,7 @@ class _FusedSparseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target_ids, target_logprobs, labels, active, opts):
-        impl, tail, T, reduction, loss_weights, chunk_rows = opts
+        impl, tail, T, reduction, loss_weights, chunk_rows, grad_mode = opts
         has_ce = labels is not None
         n_active = active.sum()
         ldt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -64,7 +64,8 @@ class _FusedSparseKL(torch.autograd.Function):
         row_scale = active.to(ldt)
         if reduction == "mean":
             row_scale = row_scale / denom
-        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        # forward() runs with grad mode off; grad_mode is the caller's (no gradients under no_grad).
+        want = grad_mode and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         w_kd, w_ce = (float(loss_weights[0]), float(loss_weights[1]) if has_ce else 0.0)
         core = _core(impl)
         kd_rows, ce_rows, dh, dW, db = core(
@@ -100,7 +101,7 @@ class _FusedSparseKL(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_kd, g_ce):
         hidden, weight, bias, target_ids, target_logprobs, labels, row_scale = ctx.saved_tensors
-        impl, tail, T, reduction, _, chunk_rows = ctx.opts
+        impl, tail, T, reduction, _, chunk_rows, _ = ctx.opts
         w_kd, w_ce = ctx.w
         zero = torch.zeros((), dtype=row_scale.dtype, device=row_scale.device)
         g_kd = zero if g_kd is None else g_kd.to(row_scale.dtype)
@@ -245,7 +246,7 @@ def fused_sparse_kl(
     else:
         active = (target_ids >= 0).any(dim=1)
     opts = (_pick_impl(impl, hidden.device), tail, float(temperature), reduction,
-            tuple(loss_weights), chunk_rows)
+            tuple(loss_weights), chunk_rows, torch.is_grad_enabled())
     kd, ce = _FusedSparseKL.apply(hidden, weight, bias, target_ids, target_logprobs.float(), labels,
                                   active, opts)
     if reduction == "none":

@@ -145,3 +145,25 @@ def test_bad_tensors_raise():
         fused_sparse_kl(p["h"], p["W"][:, :2], p["ids"], p["lp"], p["labels"])
     with pytest.raises(SparseKLInputError, match=r"\[N=4, k\]"):
         fused_sparse_kl(p["h"], p["W"], p["ids"][:3], p["lp"][:3], p["labels"])
+
+
+def test_no_grad_skips_gradient_work(monkeypatch):
+    """Under torch.no_grad (evaluation) the forward must not form gradients (3x the work)."""
+    from kdcache.kernels import sparse_kl_reference as ref
+
+    calls = []
+    real = ref.loss_and_grads
+
+    def spy(*args, **kwargs):
+        calls.append(args[6] is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ref, "loss_and_grads", spy)
+    p = make_problem(N=5, d=3, V=9, k=2, dtype=torch.float32, seed=6)
+    h = p["h"].requires_grad_()
+    with torch.no_grad():
+        kd_eval, _ = fused_sparse_kl(h, p["W"], p["ids"], p["lp"], p["labels"], impl="reference")
+    kd_train, _ = fused_sparse_kl(h, p["W"], p["ids"], p["lp"], p["labels"], impl="reference")
+    assert calls == [False, True]
+    assert kd_eval.grad_fn is None and kd_train.grad_fn is not None
+    torch.testing.assert_close(kd_eval, kd_train.detach())
