@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -232,6 +234,7 @@ def test_codec_rejects_bad_construction():
 
 # ---- corrupt blobs ----------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _codec_and_blob(kind: str):
     if kind == "topk":
         ids, values = synthetic_topk(40, 16, 70_000, seed=9)
