@@ -95,3 +95,16 @@ def test_eval_lm_rejects_bad_data(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "lm", tiny_model_dir, "--data", str(tmp_path), "--out",
                  str(tmp_path / "o")]) == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+def test_eval_lm_refuses_a_smaller_vocabulary(logit_dataset, tmp_path, capsys):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root, _, _ = logit_dataset
+    small = str(tmp_path / "small-vocab")
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=1, head_dim=64,
+                                 num_key_value_heads=1)).save_pretrained(small)
+    assert main(["eval", "lm", small, "--data", root, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "vocabulary of 64" in err and root in err

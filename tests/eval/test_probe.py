@@ -118,3 +118,38 @@ def test_probe_errors_name_the_problem(tmp_path, capsys):
     assert "no such model directory" in capsys.readouterr().err
     assert main(["probe", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_probe_user_text_without_queries(tiny_model_dir, tmp_path):
+    text = tmp_path / "block.txt"
+    text.write_text("Stones skip over the river while the fox waits. " * 3)
+    out = str(tmp_path / "o")
+    assert main(["probe", tiny_model_dir, "--out", out, "--block", "16", "--repeats", "3",
+                 "--modes", "document-global", "--dtypes", "float32", "--text", str(text),
+                 "--no-queries", "--json"]) == 0
+    with open(os.path.join(out, "probe.json")) as f:
+        summary = json.load(f)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert summary["block_token_ids"][1:15] == tok(text.read_text(),
+                                                   add_special_tokens=False)["input_ids"][:14]
+    run = summary["runs"][0]
+    assert run["query_pre_cosine"] == {} and summary["primary"]["query_element"] == {}
+    assert set(summary["plots"]) == {"probe_layer_cosine.png", "probe_top10.png", "probe_kl.png"}
+
+
+def test_chunked_causal_forward_equals_one_forward(tiny_model_dir):
+    """Long causal windows run in query chunks over a KV cache (bounded attention memory); the
+    result must match one forward, chunk edges not aligned with blocks."""
+    loaded = load_model(tiny_model_dir)
+    n, repeats = 32, 4
+    block = build_block(loaded.tokenizer, tiny_model_dir, n)
+    whole = run_mode(loaded, block, ProbeConfig(block_tokens=n, repeats=repeats), "causal",
+                     "float32")
+    chunked = run_mode(loaded, block, ProbeConfig(block_tokens=n, repeats=repeats,
+                                                  causal_chunk_tokens=48), "causal", "float32")
+    assert set(whole.captured) == set(chunked.captured)
+    for key, value in whole.captured.items():
+        torch.testing.assert_close(chunked.captured[key], value, atol=1e-4, rtol=1e-4)
+    assert chunked.kl_mean == pytest.approx(whole.kl_mean, rel=1e-3, abs=1e-6)

@@ -11,9 +11,10 @@ Packing modes (the same three a teacher dump can use):
   forward, and memory is O(batch * n) instead of an N x N mask. Blocks go through in batches.
 - `document`: document mask, positions restart at 0 in every block (all repeats identical inputs:
   any difference is a bug or nondeterminism; it is the zero line).
-- `causal`: one forward over the whole window, attention crossing blocks, global positions
-  (SDPA's causal kernel, no dense mask tensor). Repeat r then also *sees* repeats 0..r-1, so its
-  drift is semantic, not positional.
+- `causal`: the whole window with attention crossing blocks, global positions: one forward
+  (SDPA's causal kernel, no dense mask tensor) up to 16,384 tokens, beyond that query chunks over
+  a KV cache so that no layer's score matrix exceeds 2 GiB. Repeat r then also *sees* repeats
+  0..r-1, so its drift is semantic, not positional.
 
 Recorded at the analysed rows (hooks in capture.py): embeddings, pre-/post-RoPE queries per layer,
 every layer's output, final hidden state, full-vocabulary log-probs. Over all rows of every block
@@ -66,6 +67,7 @@ class ProbeConfig:
     top_k: int = 10
     capture_queries: bool = True
     kl_chunk_rows: int = 512  # rows per lm_head chunk when computing KL over a block
+    causal_chunk_tokens: int | None = None  # None: auto (see causal_chunk_tokens())
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -177,15 +179,7 @@ def run_mode(loaded: LoadedModel, block: list[int], cfg: ProbeConfig, mode: str,
 
     with torch.no_grad(), recorder:
         if mode == "causal":
-            recorder.select(torch.arange(repeats, device=cfg.device) * n + (n - 2))
-            ids = block_ids.repeat(repeats)[None]
-            positions = torch.arange(ids.shape[1], device=cfg.device)[None]
-            hidden = decoder(input_ids=ids, position_ids=positions,
-                             use_cache=False).last_hidden_state[0]
-            if progress:
-                progress(repeats)
-            consume(hidden.view(repeats, n, -1))
-            records = {k: v[0] for k, v in recorder.pop().items()}  # [R, w]
+            records = _causal_forward(model, recorder, block_ids, cfg, consume, progress)
         else:
             recorder.select(torch.tensor([n - 2], device=cfg.device))
             for start in range(0, repeats, cfg.batch_blocks):
@@ -215,6 +209,62 @@ def run_mode(loaded: LoadedModel, block: list[int], cfg: ProbeConfig, mode: str,
         query_pre_cosine={str(i): _cosine_to_first(records[f"q_pre.{i}"]) for i in q_layers},
         query_post_cosine={str(i): _cosine_to_first(records[f"q_post.{i}"]) for i in q_layers},
         captured=records, last_logprobs=last_logprobs)
+
+
+def causal_chunk_tokens(model: Any, cfg: ProbeConfig) -> int:
+    """Query tokens per forward in `causal` mode. Up to 16,384 tokens: the whole window in one
+    call (SDPA's causal kernel). Longer: chunks sized so that one layer's attention scores
+    (chunk x window x heads, fp32) stay under 2 GiB, because SDPA falls back to its math kernel
+    (a dense score matrix) for float32 and for grouped-query attention on some backends; seen on
+    an H200 at 131,072 tokens in float32: a 1,280 GiB allocation."""
+    if cfg.causal_chunk_tokens:
+        return cfg.causal_chunk_tokens
+    window = cfg.window
+    if window <= 16384:
+        return window
+    heads = model.config.num_attention_heads
+    return max(64, min(window, (2 << 30) // (window * heads * 4)) // 64 * 64)
+
+
+def _causal_forward(model: Any, recorder: Any, block_ids, cfg: ProbeConfig, consume,
+                    progress) -> dict:
+    """The whole window with attention across blocks, in query chunks over a KV cache when long.
+    Calls `consume` with each completed block's final hidden states; returns records [R, w]."""
+    import torch
+
+    n, repeats, window = cfg.block_tokens, cfg.repeats, cfg.window
+    decoder = model.get_decoder()
+    ids = block_ids.repeat(repeats)[None]
+    positions = torch.arange(window, device=cfg.device)[None]
+    analysed = torch.arange(repeats, device=cfg.device) * n + (n - 2)
+    chunk = causal_chunk_tokens(model, cfg)
+    cache = None
+    if chunk < window:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    parts: dict[str, list] = {}
+    pending = []
+    pending_tokens = 0
+    for start in range(0, window, chunk):
+        stop = min(window, start + chunk)
+        rows = analysed[(analysed >= start) & (analysed < stop)] - start
+        recorder.select(rows)
+        hidden = decoder(input_ids=ids[:, start:stop], position_ids=positions[:, start:stop],
+                         past_key_values=cache, use_cache=cache is not None,
+                         ).last_hidden_state[0]
+        for key, value in recorder.pop().items():
+            parts.setdefault(key, []).append(value[0])
+        pending.append(hidden)
+        pending_tokens += stop - start
+        if pending_tokens >= n:
+            merged = torch.cat(pending)
+            full = pending_tokens // n
+            consume(merged[: full * n].view(full, n, -1))
+            pending, pending_tokens = [merged[full * n:]], pending_tokens - full * n
+            if progress:
+                progress(full)
+    return {key: torch.cat(values) for key, values in parts.items()}
 
 
 def auto_element(loaded: LoadedModel, cfg: ProbeConfig) -> int:
