@@ -216,11 +216,15 @@ def causal_chunk_tokens(model: Any, cfg: ProbeConfig) -> int:
     call (SDPA's causal kernel). Longer: chunks sized so that one layer's attention scores
     (chunk x window x heads, fp32) stay under 2 GiB, because SDPA falls back to its math kernel
     (a dense score matrix) for float32 and for grouped-query attention on some backends; seen on
-    an H200 at 131,072 tokens in float32: a 1,280 GiB allocation."""
+    an H200 at 131,072 tokens in float32: a 1,280 GiB allocation. bfloat16/float16 on CUDA run
+    the whole window in one call (flash kernel: 8.4 GiB peak for the paper-sized student)."""
+    import torch
+
     if cfg.causal_chunk_tokens:
         return cfg.causal_chunk_tokens
     window = cfg.window
-    if window <= 16384:
+    flash = str(cfg.device).startswith("cuda") and model.dtype != torch.float32
+    if window <= 16384 or flash:  # bf16/fp16 on CUDA: flash kernel, seen at 131k on an H200
         return window
     heads = model.config.num_attention_heads
     return max(64, min(window, (2 << 30) // (window * heads * 4)) // 64 * 64)
