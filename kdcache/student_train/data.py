@@ -29,7 +29,7 @@ A batch (dict of tensors; pinned when training on CUDA):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import lightning.pytorch as pl
