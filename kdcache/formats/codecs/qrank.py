@@ -172,8 +172,10 @@ class QRankCodec(TargetCodec):
         top = np.clip(np.rint(-values.max(axis=1) / kern.TOP_STEP), 0, MAX_CODE).astype(np.int64)
         top_lp = (-top.astype(np.float32) * np.float32(kern.TOP_STEP)).astype(np.float32)
         units = self._choose_sqrt_step(values, top_lp)
-        codes = self._quantizer(units)[0].encode(np.minimum(values - top_lp[:, None], 0.0))
+        quantizer, levels = self._quantizer(units)
+        codes = quantizer.encode(np.minimum(values - top_lp[:, None], 0.0))
         codes[np.arange(m), values.argmax(axis=1)] = 0  # the top entry decodes to top_lp exactly
+        top = self._keep_mass_at_most_one(top, codes, levels)
         ranks = self.rank_table.ranks(ids)
         order = np.argsort((codes << 31) | ranks, axis=1, kind="stable")
         codes = np.take_along_axis(codes, order, axis=1).T  # column-major from here on
@@ -195,6 +197,23 @@ class QRankCodec(TargetCodec):
                    syms[flat_first].tobytes(), syms[~flat_first].tobytes(),
                    col_bits.astype("<u8").tobytes()]
         return self._pack(m, 0, int(nbits.sum()), streams, words.tobytes(), param=units)
+
+    @staticmethod
+    def _keep_mass_at_most_one(top: np.ndarray, codes: np.ndarray,
+                               levels: np.ndarray) -> np.ndarray:
+        """Lower a row's top (whole 1/64-nat steps) where rounding would make its decoded top-k
+        mass exceed 1: the tail mass 1 - sum(p) must stay >= 0. A common shift of the row leaves
+        the renormalised distribution, hence the KL, unchanged."""
+        for _ in range(3):  # float32 rounding of the decoded sum may need one more step
+            top_lp = -top.astype(np.float32) * np.float32(kern.TOP_STEP)
+            decoded = top_lp[:, None] + levels[codes]  # float32, exactly as the decoder adds
+            mass = np.exp(decoded.astype(np.float64)).sum(axis=1)
+            over = mass > 1.0
+            if not over.any():
+                break
+            need = np.ceil(np.log(mass[over]) / kern.TOP_STEP).astype(np.int64)
+            top[over] = np.minimum(top[over] + np.maximum(need, 1), MAX_CODE)
+        return top
 
     def _encode_sampled(self, ids: np.ndarray, weights: np.ndarray) -> bytes:
         m, k = ids.shape
