@@ -83,6 +83,9 @@ class DumpBench:
         from kdcache.teacher_dump.engines.base import EngineConfig
         from kdcache.teacher_dump.plan import teacher_fingerprint
 
+        if hasattr(os, "sched_getaffinity"):  # in-process engine: use every core we have
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                  ",".join(map(str, sorted(os.sched_getaffinity(0)))))
         self.model, self.engine_name, self.mode = model, engine, mode
         self.vocab = teacher_fingerprint(model)["vocab_size"]
         ecfg = EngineConfig(model=model, k=max_k, window=max_window, mode=mode, device="auto")

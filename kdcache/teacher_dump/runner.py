@@ -220,21 +220,37 @@ class _ActorPool:
         self.options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1, "num_cpus": 1}
         if gpus > 0 and cfg.device != "cpu":
             self.options["num_gpus"] = cfg.tensor_parallel
-        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-               "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(cfg.kv_cache_gib))))}
-        self.options["runtime_env"] = {"env_vars": env}
+        self.env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+                    "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(cfg.kv_cache_gib))))}
+        # vLLM-CPU pins its threads, by default all to the same core(s) in every process; on a
+        # local CPU cluster give each actor its own slice of this machine's cores instead.
+        self.core_slices: list[str] | None = None
+        if gpus == 0 and cfg.ray_address is None and hasattr(os, "sched_getaffinity"):
+            cores = sorted(os.sched_getaffinity(0))
+            w = max(1, cfg.workers)
+            self.core_slices = [",".join(map(str, cores[i * len(cores) // w:
+                                                         (i + 1) * len(cores) // w] or cores))
+                                for i in range(w)]
+        self.slot_of: dict[Any, int] = {}
         self.remote_cls = ray.remote(DumpWorker)
         self.engine_args = (cfg.engine, asdict(engine_config(cfg)))
         self.configure_args = (cfg.out, asdict(header), table)
         self.owned = actors is None
         self.actors = list(actors) if actors is not None else \
-            [self._new() for _ in range(cfg.workers)]
+            [self._new(i) for i in range(cfg.workers)]
         self.started = len(self.actors) if self.owned else 0
         # configure every actor; surfaces engine start-up errors before any shard is sent
         self.pids = self._configure(self.actors)
 
-    def _new(self):
-        return self.remote_cls.options(**self.options).remote(*self.engine_args)
+    def _new(self, slot: int):
+        env = dict(self.env)
+        if self.core_slices is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.core_slices[slot % len(self.core_slices)]
+            env["OMP_NUM_THREADS"] = str(len(env["VLLM_CPU_OMP_THREADS_BIND"].split(",")))
+        actor = self.remote_cls.options(**self.options, runtime_env={"env_vars": env}).remote(
+            *self.engine_args)
+        self.slot_of[actor] = slot
+        return actor
 
     def _configure(self, actors) -> list[int]:
         import ray
@@ -253,7 +269,7 @@ class _ActorPool:
         except Exception:
             pass
         self.actors.remove(dead)
-        fresh = self._new()
+        fresh = self._new(self.slot_of.get(dead, 0))
         self.owned_extra = getattr(self, "owned_extra", []) + [fresh]
         self.actors.append(fresh)
         self.started += 1
@@ -377,7 +393,6 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
                     idle.append(pool.replace(actor))
                     continue
                 except RayTaskError as exc:
-                    _drain(pending, cfg.out, done)
                     raise _unwrap(exc) from None
                 mark_done(cfg.out, name, info)
                 done[name] = info
@@ -387,6 +402,11 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
                     bar.update(tokens_of[name])
                 if on_shard_done is not None:
                     on_shard_done(name, info, pool)
+        except BaseException:
+            # stop cleanly: let in-flight shards finish (and record them) so that nothing is
+            # left half-written, whatever stopped us (a data error, a full disk, Ctrl-C)
+            _drain(pending, cfg.out, done)
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -193,11 +193,16 @@ def test_full_disk_leaves_no_partial_shard(small_dump_config, read_all, assert_s
             run_dump(small_dump_config(teacher_dir, mnt / "ds", codec=None), actors=hf_workers)
         assert "shard-" in str(err.value)
         _no_temporaries(str(mnt))
+        import pyarrow.ipc as ipc
+
         from kdcache.teacher_dump.plan import completed_shards
 
-        done = completed_shards(str(mnt / "ds"))
-        shards = sorted(p.name for p in (mnt / "ds" / "shards").glob("*.arrow"))
-        assert shards == sorted(f"{n}.arrow" for n in done)  # only complete, recorded shards
+        # every visible shard is a complete Arrow file (a truncated one has no footer); shards
+        # not recorded as done (the record itself may not fit) are rewritten on resume
+        for path in (mnt / "ds" / "shards").glob("*.arrow"):
+            assert ipc.open_file(str(path)).num_record_batches >= 1
+        assert set(completed_shards(str(mnt / "ds"))) <= {
+            p.stem for p in (mnt / "ds" / "shards").glob("*.arrow")}
         assert not (mnt / "ds" / "manifest.json").exists()
     finally:
         subprocess.run(["umount", str(mnt)])
