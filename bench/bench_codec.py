@@ -56,6 +56,39 @@ def proxy(topk: TopkFile, vocab: int = PROXY_VOCAB, seed: int = 0) -> TopkFile:
                     topk.logprobs, vocab)
 
 
+def sampled_line(topk: TopkFile, draws: int = 50, k: int = 64, rows: int = 8192,
+                 seed: int = 0) -> dict:
+    """RS-KD-style sampled targets drawn from the file's renormalised top-k (counts / draws,
+    ids by count descending): bytes per token of qrank (lossless, counts) and raw."""
+    from kdcache.formats.codecs import QRankCodec, RawCodec
+
+    assert k >= draws, "k >= draws keeps every drawn id, so weights stay exact counts / draws"
+    rng = np.random.default_rng(seed)
+    p = np.exp(topk.logprobs[:rows].astype(np.float64))
+    p /= p.sum(axis=1, keepdims=True)
+    m = p.shape[0]
+    ids = np.full((m, k), -1, dtype=np.int64)
+    weights = np.zeros((m, k), dtype=np.float32)
+    for r in range(m):
+        counts = rng.multinomial(draws, p[r])
+        nz = np.flatnonzero(counts)
+        nz = nz[np.argsort(-counts[nz], kind="stable")][:k]
+        ids[r, :nz.size] = topk.ids[r, nz]
+        weights[r, :nz.size] = (counts[nz] / draws).astype(np.float32)
+    table = QRankCodec.build_table(vocab_size=topk.vocab_size, sample_ids=ids[ids >= 0])
+    codec = QRankCodec(kind="sampled", k=k, vocab_size=topk.vocab_size, table=table, draws=draws)
+    blob = codec.encode(ids, weights)
+    dec_ids, dec_w = codec.decode(blob, m)
+    raw = RawCodec(kind="sampled", k=k, vocab_size=topk.vocab_size).encode(ids, weights)
+    n_ids = int((ids >= 0).sum())
+    return {"codec": "qrank", "kind": "sampled", "draws": draws, "k": k, "tokens": m,
+            "vocab_size": topk.vocab_size, "ids_per_token": n_ids / m,
+            "bytes_per_token": (len(blob) + len(table)) / m,
+            "bytes_per_id": (len(blob) + len(table)) / n_ids, "table_bytes": len(table),
+            "lossless": bool(np.array_equal(dec_ids, ids) and np.array_equal(dec_w, weights)),
+            "raw_bytes_per_token": len(raw) / m}
+
+
 def default_topk() -> str:
     if SHARED_FILE.exists():
         return str(SHARED_FILE)
@@ -93,6 +126,7 @@ def main() -> None:
                 "vocab_size": data.vocab_size, "tokens": r["tokens"],
                 "bytes_per_entry": r["zstd_bytes_per_entry"],
                 "decode_tokens_per_s": r["zstd_decode_tokens_per_s"]}), flush=True)
+    print(json.dumps(sampled_line(full)), flush=True)
 
 
 if __name__ == "__main__":
