@@ -98,7 +98,7 @@ def test_eval_lm_rejects_bad_data(tiny_model_dir, tmp_path, capsys):
 
 
 def test_eval_lm_refuses_a_smaller_vocabulary(logit_dataset, tmp_path, capsys):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root, _, _ = logit_dataset
     small = str(tmp_path / "small-vocab")

@@ -301,7 +301,6 @@ def run_probe(model_path: str, cfg: ProbeConfig, text: str | None = None,
     from tqdm.auto import tqdm
 
     from kdcache.student_train.eval.models import load_model, torch_dtype
-    import torch
 
     runs: list[RunResult] = []
     primary = None

@@ -74,7 +74,8 @@ def _register_needle(sub) -> None:
 
 
 def _run_needle(args) -> int:
-    from kdcache.student_train.eval.needle import NeedleConfig, plot_needle, run_needle
+    from kdcache.student_train.eval.needle import (NeedleConfig, bin_label, plot_needle,
+                                                   run_needle)
     from kdcache.student_train.eval.report import one_line, table, write_json
 
     cfg = NeedleConfig(tasks=tuple(args.task), value_type=args.values,
@@ -88,13 +89,11 @@ def _run_needle(args) -> int:
     result["plots"] = [os.path.basename(p) for p in pngs]
     write_json(os.path.join(args.out, "needle.json"), result)
     if args.json:
-        print(one_line({k: v for k, v in result.items()}))
+        print(one_line(result))
         return 0
     for task in cfg.tasks:
         labels = sorted({b["bin"] for m in result["models"]
                          for b in m["tasks"][task]["by_distance"]})
-        from kdcache.student_train.eval.needle import bin_label
-
         rows = []
         for m in result["models"]:
             data = m["tasks"][task]

@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kdcache.student_train.eval.models import EvalError, check_model_dir, model_label
