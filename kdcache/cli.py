@@ -21,7 +21,6 @@ _COMMAND_MODULES = (
     "kdcache.student_train.commands",
     "kdcache.student_train.eval.commands",
     "kdcache.student_train.analysis.commands",
-    "kdcache.kernels.commands",
     "kdcache.demo",
 )
 

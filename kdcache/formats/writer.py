@@ -123,21 +123,34 @@ class DatasetWriter:
 
     def __init__(self, root: str | os.PathLike, header: DatasetHeader,
                  codec: TargetCodec | None = None, *, windows_per_shard: int = 64,
-                 overwrite: bool = False) -> None:
+                 token_counts: np.ndarray | None = None, overwrite: bool = False) -> None:
         self.root = os.fspath(root)
         self.header = header
-        self.codec = codec or prepare_codec(header)
         self.windows_per_shard = windows_per_shard
+        self.token_counts = token_counts
         fs, base = storage.resolve(self.root)
         if fs.exists(storage.join(base, MANIFEST_NAME)) and not overwrite:
             raise FormatError(f"{self.root}: already holds a finished dataset (manifest.json); "
                               "choose another directory or pass overwrite=True")
         storage.remove_stale_temporaries(fs, storage.join(base, SHARD_DIR))
-        self.table_info = write_codec_table(self.root, self.codec)
+        # Without a codec, it is built at the first window: a codec's dataset-level table (the
+        # id frequency ranking) is best fitted on the teacher's own first targets.
+        self.codec: TargetCodec | None = None
+        self.table_info: dict[str, Any] | None = None
+        if codec is not None:
+            self._set_codec(codec)
         self.shards: list[ShardInfo] = []
         self._pending: list[WindowRecord] = []
 
+    def _set_codec(self, codec: TargetCodec) -> None:
+        self.codec = codec
+        self.table_info = write_codec_table(self.root, codec)
+
     def add(self, rec: WindowRecord) -> None:
+        if self.codec is None:
+            ids, _ = validate_window(rec, self.header, where=f"{self.root} (first window)")
+            self._set_codec(prepare_codec(self.header, token_counts=self.token_counts,
+                                          sample_ids=ids))
         self._pending.append(rec)
         if len(self._pending) >= self.windows_per_shard:
             self.flush()
@@ -150,6 +163,8 @@ class DatasetWriter:
         self._pending = []
 
     def close(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.codec is None:
+            raise FormatError(f"{self.root}: no windows were added; an empty dataset is not written")
         self.flush()
         return finalize_dataset(self.root, self.header, self.shards, stats=stats,
                                 table=self.table_info)
