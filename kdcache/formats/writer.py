@@ -37,10 +37,15 @@ def shard_path(shard_name: str) -> str:
 
 
 def make_codec(header: DatasetHeader, table: bytes | None = None) -> TargetCodec:
-    """The codec instance a dataset's header describes (with its dataset-level table, if any)."""
+    """The codec instance a dataset's header describes (with its dataset-level table, if any).
+
+    The header's codec_params are completed with the codec's defaults, so that a manifest
+    records every parameter and a later kdcache with other defaults still decodes it."""
     cls = get_codec(header.codec)
-    return cls(kind=header.kind, k=header.k, vocab_size=header.vocab_size, table=table,
-               **header.codec_params)
+    codec = cls(kind=header.kind, k=header.k, vocab_size=header.vocab_size, table=table,
+                **header.codec_params)
+    header.codec_params = codec.config()
+    return codec
 
 
 def prepare_codec(header: DatasetHeader, *, token_counts: np.ndarray | None = None,
