@@ -20,14 +20,15 @@ import time
 import tracemalloc
 
 
-def driver_peak_mb(model: str, documents: int) -> float:
+def driver_peak_mb(model: str, documents: int, shuffle_buffer: int = 512) -> float:
     from kdcache.teacher_dump.corpus import CorpusStats
     from kdcache.teacher_dump.pack import PackStats, TeacherTokenizer
     from kdcache.teacher_dump.plan import DumpConfig
     from kdcache.teacher_dump.runner import _window_to_dict, iter_shards
 
     cfg = DumpConfig(model=model, corpus="builtin", out="unused", window=8192,
-                     builtin_documents=documents, windows_per_shard=4)
+                     builtin_documents=documents, windows_per_shard=4,
+                     shuffle_buffer=shuffle_buffer)
     tok = TeacherTokenizer(model)
     tracemalloc.start()
     shards = 0
@@ -46,9 +47,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default=None, help="teacher dir (default: build `bench`)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args()
-
-    from kdcache.teacher_dump.bench import BenchConfig, DumpBench, bench_windows, slope
 
     model = args.model
     if model is None:
@@ -56,12 +56,27 @@ def main() -> None:
 
         model = os.path.join(tempfile.mkdtemp(prefix="kdcache-bench-teacher-"), "bench")
         build_teacher(model, TeacherConfig.preset("bench"), log=lambda m: None)
-    max_window = 32768 if args.long else 8192
-    bench = DumpBench(model, "vllm", max_k=256, max_window=max_window)
     out = {"bench": "dump", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "model": "bench preset: 4 layers, 256 wide, 32k vocab", "cpus": os.cpu_count(),
-           "load_avg_1m": os.getloadavg()[0], "engine_start_s": round(bench.start_s, 1),
-           "results": []}
+           "load_avg_1m": os.getloadavg()[0], "results": []}
+    if not args.memory_only:
+        _throughput(args, model, out)
+    if not args.skip_memory:
+        # the shuffle buffer (512 documents here) is the only thing that grows with the corpus,
+        # and it is capped: 2,000 and 20,000 documents must peak alike
+        out["driver_peak_mb"] = {"2000_docs": driver_peak_mb(model, 2000),
+                                 "20000_docs": driver_peak_mb(model, 20000),
+                                 "shuffle_buffer": 512}
+    out["load_avg_1m_end"] = os.getloadavg()[0]
+    print(json.dumps(out))
+
+
+def _throughput(args, model: str, out: dict) -> None:
+    from kdcache.teacher_dump.bench import BenchConfig, DumpBench, bench_windows, slope
+
+    max_window = 32768 if args.long else 8192
+    bench = DumpBench(model, "vllm", max_k=256, max_window=max_window)
+    out["engine_start_s"] = round(bench.start_s, 1)
     try:
         for k in (16, 64, 256):
             r = bench.measure(BenchConfig(model=model, k=k, window=8192, windows=2,
@@ -84,11 +99,6 @@ def main() -> None:
         out["dump_points"] = [(t, round(s, 2)) for t, s in points]
     finally:
         bench.close()
-    if not args.skip_memory:
-        out["driver_peak_mb"] = {"2000_docs": driver_peak_mb(model, 2000),
-                                 "20000_docs": driver_peak_mb(model, 20000)}
-    out["load_avg_1m_end"] = os.getloadavg()[0]
-    print(json.dumps(out))
 
 
 if __name__ == "__main__":
