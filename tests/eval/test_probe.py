@@ -153,3 +153,39 @@ def test_chunked_causal_forward_equals_one_forward(tiny_model_dir):
     for key, value in whole.captured.items():
         torch.testing.assert_close(chunked.captured[key], value, atol=1e-4, rtol=1e-4)
     assert chunked.kl_mean == pytest.approx(whole.kl_mean, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "gemma3_text", "llama4_text"])
+def test_query_capture_on_llama_family_architectures(arch):
+    """Same tokens at two offsets: pre-RoPE queries equal, post-RoPE queries differ, in every
+    layer that applies RoPE (Llama 4: its NoPE layer 1 has no record)."""
+    import transformers as T
+
+    common = dict(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                  max_position_embeddings=4096)
+    config_cls, model_cls, extra = {
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
+        "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {}),
+        "mistral": (T.MistralConfig, T.MistralForCausalLM, {}),
+        "gemma3_text": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {}),
+        "llama4_text": (T.Llama4TextConfig, T.Llama4ForCausalLM,
+                        dict(intermediate_size_mlp=128, num_local_experts=2,
+                             no_rope_layers=[1, 0])),
+    }[arch]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**common, **extra)).eval()
+    ids = torch.randint(3, 100, (1, 16)).expand(2, 16)
+    positions = torch.arange(16)[None] + torch.tensor([[0], [160]])
+    with ActivationRecorder(model) as recorder:
+        recorder.select(torch.tensor([14]))
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=positions)
+        records = recorder.pop()
+    layers = [0] if arch == "llama4_text" else [0, 1]
+    assert sorted(k for k in records if k.startswith("q_")) == sorted(
+        [f"q_pre.{i}" for i in layers] + [f"q_post.{i}" for i in layers])
+    for i in layers:
+        pre, post = records[f"q_pre.{i}"], records[f"q_post.{i}"]
+        assert (pre[0] - pre[1]).abs().max() < 1e-4
+        assert (post[0] - post[1]).abs().max() > 1e-3

@@ -30,15 +30,26 @@ SUPPORTED_MODEL_TYPES = ("llama", "llama4", "llama4_text", "mistral", "mixtral",
 _ROTARY_FUNCTIONS = {"apply_rotary_pos_emb": 2, "apply_rotary_emb": 1}  # name -> sequence axis
 
 
+def find_decoder(model: Any) -> Any:
+    """The base model (embeddings + `.layers` + final norm) of a transformers causal LM.
+    `get_decoder()` returns it for most models; Llama 4's text model returns itself, so also try
+    the usual attribute names."""
+    candidates = [model.get_decoder() if hasattr(model, "get_decoder") else None,
+                  getattr(model, "model", None), getattr(model, "language_model", None)]
+    inner = getattr(model, "model", None)
+    candidates.append(getattr(inner, "language_model", None))
+    for candidate in candidates:
+        if candidate is not None and candidate is not model and hasattr(candidate, "layers"):
+            return candidate
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: no decoder with a `.layers` list; the probe supports "
+        f"Llama-family causal LMs ({', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
 def decoder_layers(model: Any) -> tuple[Any, list[Any]]:
     """(decoder, its list of layers) for a transformers causal LM."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if decoder is None or layers is None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: no decoder with a `.layers` list; the probe supports "
-            f"Llama-family causal LMs ({', '.join(SUPPORTED_MODEL_TYPES)})")
-    return decoder, list(layers)
+    decoder = find_decoder(model)
+    return decoder, list(decoder.layers)
 
 
 class ActivationRecorder:

@@ -154,10 +154,10 @@ def run_mode(loaded: LoadedModel, block: list[int], cfg: ProbeConfig, mode: str,
     """Forward the repeated block in one packing mode; record and compare against repeat 0."""
     import torch
 
-    from kdcache.student_train.analysis.capture import ActivationRecorder
+    from kdcache.student_train.analysis.capture import ActivationRecorder, find_decoder
 
     model, n, repeats = loaded.model, cfg.block_tokens, cfg.repeats
-    decoder = model.get_decoder()
+    decoder = find_decoder(model)
     block_ids = torch.tensor(block, dtype=torch.long, device=cfg.device)
     kl_mean, kl_max, kl_last = [0.0], [0.0], [0.0]
     finals, reference = [], None
@@ -236,8 +236,10 @@ def _causal_forward(model: Any, recorder: Any, block_ids, cfg: ProbeConfig, cons
     Calls `consume` with each completed block's final hidden states; returns records [R, w]."""
     import torch
 
+    from kdcache.student_train.analysis.capture import find_decoder
+
     n, repeats, window = cfg.block_tokens, cfg.repeats, cfg.window
-    decoder = model.get_decoder()
+    decoder = find_decoder(model)
     ids = block_ids.repeat(repeats)[None]
     positions = torch.arange(window, device=cfg.device)[None]
     analysed = torch.arange(repeats, device=cfg.device) * n + (n - 2)

@@ -41,9 +41,10 @@ def window_metrics(model: Any, window: Any, mode: str, kind: str, device: str = 
     """(row index, CE, KL) float64 tensors over the window's valid rows that have a next token."""
     import torch
 
+    from kdcache.student_train.analysis.capture import find_decoder
     from kdcache.student_train.analysis.probe import logprobs_from_hidden
 
-    decoder = model.get_decoder()
+    decoder = find_decoder(model)
     tokens = window.tokens.long().to(device)
     n = tokens.shape[0]
     valid = window.valid.clone()
