@@ -115,8 +115,16 @@ class StudentModule(pl.LightningModule):
                                  attention=self.model_args.attention,
                                  positions=self.model_args.positions,
                                  max_seq_len=self.model_args.max_seq_len)
-            if self.model.args.as_dict() != self.model_args.as_dict():
-                self.model_args = self.model.args
+            shape = ("n_layer", "n_head", "n_kv_head", "dim", "ffn_dim", "vocab_size")
+            loaded = {f: getattr(self.model.args, f) for f in shape}
+            wanted = {f: getattr(self.model_args, f) for f in shape}
+            if loaded != wanted:
+                from kdcache.errors import ConfigMismatchError
+
+                raise ConfigMismatchError(
+                    f"{init_from}: the model to start from has {loaded}, this stage's config "
+                    f"asks for {wanted}")
+            self.model_args = self.model.args
         else:
             self.model = Student(self.model_args)
         self.model.checkpoint_layers = checkpoint_layers
