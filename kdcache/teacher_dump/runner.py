@@ -240,7 +240,11 @@ class _ActorPool:
             [self._new(i) for i in range(cfg.workers)]
         self.started = len(self.actors) if self.owned else 0
         # configure every actor; surfaces engine start-up errors before any shard is sent
-        self.pids = self._configure(self.actors)
+        try:
+            self.pids = self._configure(self.actors)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _new(self, slot: int):
         env = dict(self.env)
@@ -254,12 +258,16 @@ class _ActorPool:
 
     def _configure(self, actors) -> list[int]:
         import ray
-        from ray.exceptions import RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
         try:
             return ray.get([a.configure.remote(*self.configure_args) for a in actors])
         except RayTaskError as exc:
             raise _unwrap(exc) from None
+        except RayActorError as exc:  # the engine's constructor failed (or the actor died)
+            lines = [ln.strip() for ln in str(exc).splitlines() if "Error:" in ln]
+            raise DumpError("a teacher engine actor failed to start: "
+                            + (lines[-1] if lines else str(exc).splitlines()[0])) from None
 
     def replace(self, dead):
         import ray
@@ -352,7 +360,7 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     pool = None
     if todo:
         _init_ray(cfg.ray_address)
-        pool = _ActorPool(cfg, header, codec.table, actors)
+        pool = _ActorPool(cfg, header, codec.table, actors)  # waits for the engines to start
         bar = _progress(cfg, total_tokens, skipped_tokens)
         corpus_stats, pack_stats = CorpusStats(), PackStats()
         shard_iter = ((n, w) for n, w in iter_shards(cfg, tokenizer, corpus_stats, pack_stats)

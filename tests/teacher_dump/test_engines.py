@@ -1,8 +1,9 @@
 """Engines: vLLM (both paths) against the transformers reference on the same windows.
 
-Tolerance (measured on the tiny fp32 teacher, 2 CPU cores): top-k ids agree on every row whose
-k-th and (k+1)-th log-probs are further apart than TIE_GAP; log-probs differ by at most
-LOGPROB_TOL (observed max ~1e-5; vLLM and HF sum attention in different orders).
+Tolerance (measured on the tiny fp32 teacher, 2 CPU cores): the top-k id sets agree on every row
+whose k-th and (k+1)-th log-probs are further apart than TIE_GAP (order may differ only between
+near-tied entries: seen on 2 of ~7,000 entries); log-probs by rank differ by at most LOGPROB_TOL
+(observed max 1.7e-6; vLLM and HF sum attention in different orders).
 """
 
 from __future__ import annotations
@@ -71,8 +72,12 @@ def test_vllm_agrees_with_hf(vllm_workers, hf_engine, windows, path, mode):
         assert np.all(np.diff(lps[v], axis=1) <= 0)  # descending, exactly k per row
         clear = (r.logprobs[v][:, K - 1] - r.logprobs[v][:, K]) > TIE_GAP
         assert clear.mean() > 0.9
-        np.testing.assert_array_equal(ids[v][clear], r.ids[v][clear, :K])
-        # log-probs of the same ids (sets agree on clear rows; compare by position there)
+        # the same top-k set (ties inside the top-k may swap order: compare sets)
+        np.testing.assert_array_equal(np.sort(ids[v][clear], axis=1),
+                                      np.sort(r.ids[v][clear, :K], axis=1))
+        order_same = (ids[v][clear] == r.ids[v][clear, :K]).all(axis=1).mean()
+        assert order_same > 0.99
+        # sorted log-probs by rank (equal up to rounding even where tied ids swapped)
         diff = np.abs(lps[v][clear] - r.logprobs[v][clear, :K])
         worst = max(worst, float(diff.max()))
         assert np.all(np.exp(lps[v]).sum(1) <= 1 + 1e-4)  # full-vocabulary normalisation

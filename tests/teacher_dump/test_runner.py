@@ -112,7 +112,8 @@ def test_resume_after_interrupt_equals_uninterrupted(small_dump_config, read_all
                  on_shard_done=stop_after_two)
     assert not os.path.exists(out / "manifest.json")
     summary = run_dump(small_dump_config(teacher_dir, out, workers=1), actors=hf_workers[:1])
-    assert summary["shards_skipped"] == 2
+    assert 2 <= summary["shards_skipped"] <= 3  # the in-flight shard finishes before the stop
+    assert summary["shards_written"] >= 1
     assert_same_dataset(reference[0], str(out))
 
 
