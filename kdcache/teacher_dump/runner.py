@@ -269,6 +269,11 @@ class _ActorPool:
             raise DumpError("a teacher engine actor failed to start: "
                             + (lines[-1] if lines else str(exc).splitlines()[0])) from None
 
+    def set_table(self, header, table: bytes | None) -> None:
+        """Hand every actor (and future replacements) the dataset's codec table."""
+        self.configure_args = (self.configure_args[0], asdict(header), table)
+        self.pids = self._configure(self.actors)
+
     def replace(self, dead):
         import ray
 
@@ -299,6 +304,41 @@ class _ActorPool:
 # ---------------------------------------------------------------------------- run
 
 
+def _existing_table(fs, base: str) -> bytes | None:
+    from kdcache.formats.manifest import TABLE_PATH
+
+    path = storage.join(base, TABLE_PATH)
+    return storage.read_bytes(fs, path) if fs.exists(path) else None
+
+
+def _table_info(table: bytes | None) -> dict[str, Any] | None:
+    import xxhash
+
+    from kdcache.formats.manifest import TABLE_PATH
+
+    if table is None:
+        return None
+    return {"path": TABLE_PATH, "bytes": len(table), "xxh3": xxhash.xxh3_64(table).hexdigest()}
+
+
+def _fit_codec_table(cfg: DumpConfig, header, tokenizer: TeacherTokenizer,
+                     pool: "_ActorPool") -> bytes | None:
+    """Score the first window, fit the codec's table on its top-k ids, store it, hand it out."""
+    import ray
+
+    from kdcache.formats.writer import prepare_codec, write_codec_table
+
+    first = next(iter_shards(cfg, tokenizer, CorpusStats(), PackStats()), None)
+    if first is None or not first[1]:
+        return None
+    ids, _, valid = ray.get(pool.actors[0].topk.remote([_window_to_dict(first[1][0])]))[0]
+    codec = prepare_codec(header, sample_ids=np.asarray(ids)[np.asarray(valid)])
+    write_codec_table(cfg.out, codec)  # atomic, before any shard that uses it
+    if codec.table is not None:
+        pool.set_table(header, codec.table)
+    return codec.table
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """The user-facing error inside a RayTaskError, if there is one."""
     cause = getattr(exc, "cause", None)
@@ -319,7 +359,7 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     from ray.exceptions import RayActorError, RayTaskError
 
     from kdcache.formats.manifest import MANIFEST_NAME, SHARD_DIR, ShardInfo
-    from kdcache.formats.writer import finalize_dataset, prepare_codec, write_codec_table
+    from kdcache.formats.writer import finalize_dataset, make_codec
 
     t_start = time.perf_counter()
     if cfg.mode == "document-global" and cfg.engine == "vllm":
@@ -339,8 +379,10 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
                                       "the plan recorded (the corpus changed); use a new --out")
     write_plan(cfg.out, plan)  # refresh execution settings; config is unchanged
     header = build_header(cfg, plan, tokenizer)
-    codec = prepare_codec(header)
-    table_info = write_codec_table(cfg.out, codec)
+    # The codec's table (qrank's id ranking) is fitted on the teacher's top-k of the first window
+    # once the engines are up; a resumed run reuses the table its earlier shards were coded with.
+    table = _existing_table(fs, base)
+    make_codec(header, table)  # completes header.codec_params with the codec's defaults
     storage.remove_stale_temporaries(fs, storage.join(base, SHARD_DIR))
 
     done = completed_shards(cfg.out)
@@ -360,7 +402,9 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     pool = None
     if todo:
         _init_ray(cfg.ray_address)
-        pool = _ActorPool(cfg, header, codec.table, actors)  # waits for the engines to start
+        pool = _ActorPool(cfg, header, table, actors)  # waits for the engines to start
+        if table is None:
+            table = _fit_codec_table(cfg, header, tokenizer, pool)
         bar = _progress(cfg, total_tokens, skipped_tokens)
         corpus_stats, pack_stats = CorpusStats(), PackStats()
         shard_iter = ((n, w) for n, w in iter_shards(cfg, tokenizer, corpus_stats, pack_stats)
@@ -436,7 +480,8 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     if not already_final:
         stats = {"corpus": plan.corpus_stats, "packing": plan.packing_stats,
                  "dump": {k: summary[k] for k in ("engine", "shards", "windows", "tokens")}}
-        manifest = finalize_dataset(cfg.out, header, shards, stats=stats, table=table_info)
+        manifest = finalize_dataset(cfg.out, header, shards, stats=stats,
+                                    table=_table_info(table))
         summary["bytes"] = manifest["totals"]["bytes"]
         summary["target_bytes_per_token"] = manifest["totals"]["target_bytes_per_token"]
         try:

@@ -65,6 +65,10 @@ def test_reference_dump_is_valid(small_dump_config, read_all, assert_same_datase
     manifest, windows = read_all(out)
     assert manifest["packing"]["mode"] == "document" and manifest["packing"]["bos_id"] == 1
     assert manifest["stats"]["corpus"]["documents"] == 24
+    # the codec's id ranking was fitted on the teacher's first window and stored with the data
+    assert manifest["codec"]["table"]["path"] == "codec/table.bin"
+    assert os.path.getsize(os.path.join(out, "codec", "table.bin")) == manifest["codec"]["table"]["bytes"]
+    assert manifest["codec"]["params"]  # every codec parameter recorded
     assert not os.path.exists(os.path.join(out, "progress"))
     assert os.path.exists(os.path.join(out, "plan.json"))
     # re-running a finished dump does nothing and keeps the dataset
