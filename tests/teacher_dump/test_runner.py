@@ -65,15 +65,40 @@ def test_reference_dump_is_valid(small_dump_config, read_all, assert_same_datase
     manifest, windows = read_all(out)
     assert manifest["packing"]["mode"] == "document" and manifest["packing"]["bos_id"] == 1
     assert manifest["stats"]["corpus"]["documents"] == 24
-    # the codec's id ranking was fitted on the teacher's first window and stored with the data
-    assert manifest["codec"]["table"]["path"] == "codec/table.bin"
-    assert os.path.getsize(os.path.join(out, "codec", "table.bin")) == manifest["codec"]["table"]["bytes"]
-    assert manifest["codec"]["params"]  # every codec parameter recorded
     assert not os.path.exists(os.path.join(out, "progress"))
     assert os.path.exists(os.path.join(out, "plan.json"))
     # re-running a finished dump does nothing and keeps the dataset
     again = run_dump(small_dump_config(manifest["teacher"]["path"], out))
     assert again["already_complete"] and again["shards_written"] == 0
+
+
+def test_default_codec_dump_fits_its_table_on_the_teacher(small_dump_config, read_all, reference,
+                                                         tmp_path, teacher_dir, hf_workers):
+    """The default (lossy) codec: its id ranking is fitted on the teacher's first window, stored
+    with the data, reused on resume, and the decoded targets stay within the codec's KL budget."""
+    from kdcache.formats.verify import verify_dataset
+
+    out = tmp_path / "ds"
+    run_dump(small_dump_config(teacher_dir, out, codec=None), actors=hf_workers)
+    assert verify_dataset(str(out)).ok
+    manifest, windows = read_all(str(out))
+    assert manifest["codec"]["name"] == "qrank" and manifest["codec"]["params"]
+    table = manifest["codec"]["table"]
+    assert table["path"] == "codec/table.bin"
+    assert os.path.getsize(out / "codec" / "table.bin") == table["bytes"] > 0
+    _, ref = read_all(reference[0])
+    kls = []
+    for x, y in zip(windows, ref):
+        v = x[3]
+        np.testing.assert_array_equal(np.sort(x[4][v], axis=1), np.sort(y[4][v], axis=1))
+        p = np.exp(y[5][v].astype(np.float64))
+        p /= p.sum(1, keepdims=True)
+        q = np.exp(x[5][v].astype(np.float64))
+        q /= q.sum(1, keepdims=True)
+        order_p, order_q = np.argsort(y[4][v], 1), np.argsort(x[4][v], 1)
+        p, q = np.take_along_axis(p, order_p, 1), np.take_along_axis(q, order_q, 1)
+        kls.append((p * np.log(p / q)).sum(1))
+    assert np.concatenate(kls).mean() < 1e-3
 
 
 def test_vllm_dump_through_ray_matches_hf(small_dump_config, read_all, assert_same_dataset,
