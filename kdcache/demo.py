@@ -24,10 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "local Ray cluster, verify and inspect the dataset, train a tiny student "
                     "from the shards with KD, and evaluate it. Minutes on 2 CPU cores; no network.")
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    p.add_argument("--teacher-seconds", type=int, default=60,
+                   help="train the tiny teacher this long so its distributions are peaked")
     p.add_argument("--window", type=int, default=1024, help="tokens per packed window")
     p.add_argument("--k", type=int, default=16, help="teacher top-k")
     p.add_argument("--engine", default="vllm", choices=["vllm", "hf"], help="teacher engine")
-    p.add_argument("--train-steps", type=int, default=200, help="student training steps")
+    p.add_argument("--config", default="tiny-phasewise-kd",
+                   help="student run config (default: tiny-phasewise-kd, the paper's phase-wise "
+                        "RoPE schedule at a tiny size)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="override the training steps of every stage")
     p.set_defaults(handler=_run_demo)
 
 
@@ -62,7 +68,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if "make-teacher" in have:
         if not (teacher / "config.json").exists():
-            _step("teacher", ["make-teacher", "--out", str(teacher)], log)
+            _step("teacher", ["make-teacher", "--out", str(teacher), "--preset", "demo",
+                              "--train-seconds", str(args.teacher_seconds)], log)
     else:
         skipped.append("make-teacher (teacher dump not built yet)")
     if "dump" in have and (teacher / "config.json").exists():
@@ -80,13 +87,19 @@ def _run_demo(args: argparse.Namespace) -> int:
         write_synthetic_dataset(data, windows=8, window=args.window, vocab_size=4096, k=args.k)
     _step("verify", ["verify", str(data)], log)
     _step("inspect", ["inspect", str(data), "--window", "0", "--rows", "3"], log)
-    if "train" in have and (teacher / "config.json").exists():
-        _step("train", ["train", "--demo", "--data", str(data), "--init-from", str(teacher),
-                        "--out", str(student), "--steps", str(args.train_steps)], log)
+    final_student = None
+    if "train" in have:
+        argv = ["train", "--config", args.config, "--data", str(data), "--out", str(student)]
+        if args.max_steps:
+            argv += ["--max-steps", str(args.max_steps)]
+        _step("train", argv, log)
+        exports = sorted(student.glob("*/hf/config.json"))
+        final_student = exports[-1].parent if exports else None
     else:
         skipped.append("train")
-    if "eval" in have and (student / "config.json").exists():
-        _step("eval", ["eval", "lm", str(student), "--data", str(data), "--json"], log)
+    if "eval" in have and final_student is not None:
+        models = [str(final_student)] + ([str(teacher)] if (teacher / "config.json").exists() else [])
+        _step("eval", ["eval", "lm", *models, "--data", str(data), "--out", str(out / "eval")], log)
     else:
         skipped.append("eval")
 
