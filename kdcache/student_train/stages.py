@@ -195,6 +195,36 @@ def resolve_config_path(name: str) -> str:
 # Running
 # ---------------------------------------------------------------------------------------------
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "generation_config.json")
+
+
+def student_tokenizer_dir(stage: StageConfig, header) -> str | None:
+    """The student's tokenizer: the configured one, or, for a student that takes the dataset's
+    vocabulary, the teacher's (when its directory is on this machine)."""
+    if stage.model.tokenizer:
+        return stage.model.tokenizer
+    if stage.model.vocab_size != "dataset":
+        return None
+    teacher = header.teacher or {}
+    path = teacher.get("tokenizer_path") or teacher.get("path")
+    if path and os.path.exists(os.path.join(str(path), "tokenizer.json")):
+        return str(path)
+    return None
+
+
+def copy_tokenizer(src: str | None, hf_dir: str) -> None:
+    """Put the tokenizer beside the exported weights, so transformers and vLLM load the student
+    (and `kdcache eval needle` can build prompts) with no other directory."""
+    import shutil
+
+    if not src:
+        return
+    for name in _TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(hf_dir, name))
+
+
 def model_args_for(stage: StageConfig, header, where: str):
     """ModelArgs for a stage on a dataset: preset + theta + the mask/positions the data needs,
     after the vocabulary check."""
@@ -215,7 +245,8 @@ def model_args_for(stage: StageConfig, header, where: str):
         if value is not None and key not in overrides:
             overrides[key] = int(value)
     args = ModelArgs.from_preset(cfg.preset, **overrides)
-    verdict = check_vocab(student_vocab(args.vocab_size, cfg.tokenizer, f"preset {cfg.preset}"),
+    verdict = check_vocab(student_vocab(args.vocab_size, student_tokenizer_dir(stage, header),
+                                        f"preset {cfg.preset}"),
                           teacher_vocab(header, where))
     log.info("%s: %s", where, verdict)
     return args, verdict
@@ -312,6 +343,7 @@ def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None
         save_hf(module.model, hf_dir, extra_config={"kdcache_training": {
             "stage": stage.name, "steps": summary["steps"], "loss": asdict(stage.loss),
             "data": list(stage.data.paths)}})
+        copy_tokenizer(student_tokenizer_dir(stage, datamodule.header), hf_dir)
         from kdcache.formats.storage import atomic_write_bytes, resolve
 
         fs, base = resolve(summary_path)

@@ -62,3 +62,31 @@ def test_training_refuses_a_mismatched_student_before_it_starts(doc_dataset, tmp
     with pytest.raises(VocabMismatchError, match="4096"):
         run(parse_run(raw))
     assert not (tmp_path / "s1" / "checkpoints").exists()
+
+
+def test_student_on_the_dataset_vocabulary_inherits_the_teacher_tokenizer(doc_dataset, tmp_path,
+                                                                            tiny_run):
+    """A student sized from the dataset uses the teacher's token map (checked id by id) and its
+    HF export carries the tokenizer, so transformers, vLLM and `eval needle` can load it."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from kdcache.student_train.stages import parse_run, run
+    from tests.student_train.conftest import VOCAB
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0")).save(
+        str(teacher / "tokenizer.json"))
+    data = tmp_path / "ds"
+    shutil.copytree(doc_dataset, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["teacher"]["path"] = str(teacher)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    summary = run(parse_run(tiny_run([str(data)], tmp_path / "run", steps=1)))[0]
+    assert "vocabularies identical" in summary["vocab"]
+    exported = Tokenizer.from_file(str(tmp_path / "run" / "s1" / "hf" / "tokenizer.json"))
+    assert exported.get_vocab() == {f"t{i}": i for i in range(VOCAB)}
