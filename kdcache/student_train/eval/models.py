@@ -64,7 +64,12 @@ def torch_dtype(name: str):
 
 
 def model_label(path: str) -> str:
-    return os.path.basename(os.path.normpath(path)) or path
+    """A short name for plots and tables: the directory's name, or "stage/hf" for the trainer's
+    exports (every stage exports to a folder named hf)."""
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) >= 2 and parts[-1] == "hf":
+        return f"{parts[-2]}/hf"
+    return parts[-1] or path
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu",
