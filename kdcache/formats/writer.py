@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import xxhash
 
 from kdcache import __version__
 from kdcache.errors import FormatError
@@ -57,13 +58,27 @@ def prepare_codec(header: DatasetHeader, *, token_counts: np.ndarray | None = No
     return make_codec(header, table)
 
 
+def codec_table_entry(table: bytes | None) -> dict[str, Any] | None:
+    """The manifest's entry for a codec table stored as codec/table.bin (None without one)."""
+    if table is None:
+        return None
+    return {"path": TABLE_PATH, "bytes": len(table), "xxh3": xxhash.xxh3_64(table).hexdigest()}
+
+
 def write_codec_table(root: str, codec: TargetCodec) -> dict[str, Any] | None:
     """Store the codec's table as codec/table.bin; returns its manifest entry."""
     if codec.table is None:
         return None
     fs, base = storage.resolve(root)
-    digest = storage.atomic_write_bytes(fs, storage.join(base, TABLE_PATH), codec.table)
-    return {"path": TABLE_PATH, "bytes": len(codec.table), "xxh3": digest}
+    storage.atomic_write_bytes(fs, storage.join(base, TABLE_PATH), codec.table)
+    return codec_table_entry(codec.table)
+
+
+def read_stored_codec_table(root: str) -> bytes | None:
+    """The codec table an earlier (interrupted) writer stored in `root`, if any."""
+    fs, base = storage.resolve(root)
+    path = storage.join(base, TABLE_PATH)
+    return storage.read_bytes(fs, path) if fs.exists(path) else None
 
 
 def write_shard(root: str, shard_name: str, windows: Iterable[WindowRecord],

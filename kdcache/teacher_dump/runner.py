@@ -304,23 +304,6 @@ class _ActorPool:
 # ---------------------------------------------------------------------------- run
 
 
-def _existing_table(fs, base: str) -> bytes | None:
-    from kdcache.formats.manifest import TABLE_PATH
-
-    path = storage.join(base, TABLE_PATH)
-    return storage.read_bytes(fs, path) if fs.exists(path) else None
-
-
-def _table_info(table: bytes | None) -> dict[str, Any] | None:
-    import xxhash
-
-    from kdcache.formats.manifest import TABLE_PATH
-
-    if table is None:
-        return None
-    return {"path": TABLE_PATH, "bytes": len(table), "xxh3": xxhash.xxh3_64(table).hexdigest()}
-
-
 def _fit_codec_table(cfg: DumpConfig, header, tokenizer: TeacherTokenizer,
                      pool: "_ActorPool") -> bytes | None:
     """Score the first window, fit the codec's table on its top-k ids, store it, hand it out."""
@@ -359,7 +342,8 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     from ray.exceptions import RayActorError, RayTaskError
 
     from kdcache.formats.manifest import MANIFEST_NAME, SHARD_DIR, ShardInfo
-    from kdcache.formats.writer import finalize_dataset, make_codec
+    from kdcache.formats.writer import (codec_table_entry, finalize_dataset, make_codec,
+                                        read_stored_codec_table)
 
     t_start = time.perf_counter()
     if cfg.mode == "document-global" and cfg.engine == "vllm":
@@ -381,7 +365,7 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     header = build_header(cfg, plan, tokenizer)
     # The codec's table (qrank's id ranking) is fitted on the teacher's top-k of the first window
     # once the engines are up; a resumed run reuses the table its earlier shards were coded with.
-    table = _existing_table(fs, base)
+    table = read_stored_codec_table(cfg.out)
     make_codec(header, table)  # completes header.codec_params with the codec's defaults
     storage.remove_stale_temporaries(fs, storage.join(base, SHARD_DIR))
 
@@ -481,7 +465,7 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
         stats = {"corpus": plan.corpus_stats, "packing": plan.packing_stats,
                  "dump": {k: summary[k] for k in ("engine", "shards", "windows", "tokens")}}
         manifest = finalize_dataset(cfg.out, header, shards, stats=stats,
-                                    table=_table_info(table))
+                                    table=codec_table_entry(table))
         summary["bytes"] = manifest["totals"]["bytes"]
         summary["target_bytes_per_token"] = manifest["totals"]["target_bytes_per_token"]
         try:
