@@ -1,10 +1,10 @@
 """Triton implementation of the fused linear sparse-KL loss (math: sparse_kl_reference.py).
 
-Per chunk of C rows (C chosen so the logits buffer stays under ~800 MiB):
+Per chunk of C rows (C chosen so that fp32 dW + the logits buffer fit MEMORY_BUDGET_BYTES):
 
     logits = h_c @ W^T (+ b)                 cuBLAS, 2 C d V flops, into one reused [C, V] buffer
     _sparse_kl_rows_kernel                   Triton, one program per row:
-        A. online logsumexp of z/T (and of z for CE when T != 1), per-lane running max/sum
+        A. online logsumexp of z/T (and of z for CE when T != 1), running max/sum per group
         B. gather z at the target ids and the label -> per-row KD and CE losses
         C. overwrite the row in place with its dense gradient  a*dense_kd*p_T(v) + c*p_1(v)
         D. overwrite the target ids (and the label) with their full gradient values
@@ -29,16 +29,31 @@ import triton.language as tl
 
 from kdcache.kernels.sparse_kl_reference import TAIL_EPS
 
-# Logits buffer budget: with an fp32 dW (0.96 GiB at d=1280, V=202,048) this keeps the extra
-# peak memory under 2 GiB at any N.
-LOGITS_BUFFER_BYTES = 800 * 2**20
+# Memory budget for what the loss holds beyond h, W and their model-dtype gradients: the fp32 dW
+# accumulator plus the logits buffer (the issue's 2 GiB counts the fp32 dW whole). Chunks are whole
+# multiples of CHUNK_ROW_MULTIPLE rows: at d=1280, V=202,048 that is 2,048 rows (0.96 GiB dW +
+# 0.77 GiB logits = 1.73 GiB). Measured on the H200 (2026-11-29, docs/kernels.md): 2,560-row chunks
+# (1.93 GiB) ran the headline step 4% *slower* than 2,048 (cuBLAS picks worse kernels for M=2560:
+# the products alone 339 vs 327 ms); 4,096 rows were 2% faster but need 2.5 GiB. Users with memory
+# to spare can raise the budget with KDCACHE_SPARSE_KL_MEMORY_GIB. Never below
+# MIN_LOGITS_BUFFER_BYTES of logits (at d=4096 the fp32 dW alone is 3.1 GiB).
+MEMORY_BUDGET_BYTES = int(float(os.environ.get("KDCACHE_SPARSE_KL_MEMORY_GIB", "1.95")) * 2**30)
+MIN_LOGITS_BUFFER_BYTES = 800 * 2**20
+CHUNK_ROW_MULTIPLE = 1024
+# Rows per chunk when the caller gives none (None: from the budget, default_chunk_rows).
+CHUNK_ROWS: int | None = None
 # Tests set this to fill every buffer the kernel should write with NaN first, so that an element
 # left unwritten shows up as NaN instead of as a plausible stale value.
 POISON_OUTPUTS = False
-# Phase A flavour (see the kernel); both exact. Per lane (default) measured faster on the H200,
-# 2026-11-29: 361 ms vs 376 ms for the headline step (the per-tile max reductions cost more than
-# the exps they save). KDCACHE_TILE_MAX_LSE=1 selects the tile-max flavour.
-TILE_MAX_LSE = os.environ.get("KDCACHE_TILE_MAX_LSE", "0") == "1"
+# Phase A keeps one running (max, sum) per group of LSE_GROUP adjacent elements (see the kernel):
+# 8 (1.125 exps per element, one 16-byte load per group) ran the headline step 1-2% faster than 1
+# (two exps per element) on the H200 (2026-11-29), close to the noise: the pass is bound by memory,
+# not by the exps. The older one-max-per-tile flavour (block-wide reductions) was 4% slower.
+LSE_GROUP = int(os.environ.get("KDCACHE_LSE_GROUP", "8"))
+# Kernel launch shape: vocabulary tile and warps per program (one program per row). 8,192-wide
+# tiles, 8 or 32 warps: all within noise of these.
+KERNEL_BLOCK_V = 4096
+KERNEL_NUM_WARPS = 16
 
 
 @triton.jit
@@ -58,7 +73,7 @@ def _sparse_kl_rows_kernel(
     n_rows, V, K, inv_T, T, tail_eps,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     BUCKET: tl.constexpr, HAS_CE: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, TILE_MAX: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, GROUP: tl.constexpr,
 ):
     # A grid-stride loop over rows. On the H200 one program per row was as fast as any persistent
     # grid tried (1-4 programs per SM; 1 per SM, whose rows would fit in L2, was 1.6x slower).
@@ -68,7 +83,7 @@ def _sparse_kl_rows_kernel(
             logits_ptr + row * stride_l, ids_ptr + row * stride_i, lp_ptr + row * stride_p,
             labels_ptr + row, kd_w_ptr + row, ce_w_ptr + row, kd_out_ptr + row, ce_out_ptr + row,
             V, K, inv_T, T, tail_eps,
-            BLOCK_V, BLOCK_K, BUCKET, HAS_CE, SEPARATE_CE_LSE, WRITE_GRAD, TILE_MAX,
+            BLOCK_V, BLOCK_K, BUCKET, HAS_CE, SEPARATE_CE_LSE, WRITE_GRAD, GROUP,
         )
 
 
@@ -78,49 +93,36 @@ def _sparse_kl_one_row(
     V, K, inv_T, T, tail_eps,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     BUCKET: tl.constexpr, HAS_CE: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, TILE_MAX: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, GROUP: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK_V)
 
-    # A. online logsumexp. TILE_MAX: one running max per row, updated once per tile (one exp per
-    # element plus a scalar one); else one (max, sum) per lane (two exps per element, no
-    # reduction per tile). -1e30 (not -inf) keeps empty lanes NaN-free.
-    s_t = tl.zeros([BLOCK_V], tl.float32)
-    s_1 = tl.zeros([BLOCK_V], tl.float32)
-    if TILE_MAX:
-        m_t = tl.max(tl.full([BLOCK_V], -1e30, tl.float32), 0)
-        m_1 = tl.max(tl.full([BLOCK_V], -1e30, tl.float32), 0)
-    else:
-        m_t = tl.full([BLOCK_V], -1e30, tl.float32)
-        m_1 = tl.full([BLOCK_V], -1e30, tl.float32)
+    # A. online logsumexp, one (max, sum) pair per group of GROUP adjacent elements. A group sits
+    # in one thread's registers (the load is [BLOCK_V / GROUP, GROUP], contiguous along axis 1),
+    # so its max is a register-local reduction and the rescale exp is paid once per group:
+    # 1 + 1/GROUP exps per element (GROUP=1: the plain per-lane form, two exps per element).
+    # -1e30 (not -inf) keeps empty groups NaN-free.
+    gcols = tl.arange(0, BLOCK_V // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    m_t = tl.full([BLOCK_V // GROUP], -1e30, tl.float32)
+    s_t = tl.zeros([BLOCK_V // GROUP], tl.float32)
+    m_1 = tl.full([BLOCK_V // GROUP], -1e30, tl.float32)
+    s_1 = tl.zeros([BLOCK_V // GROUP], tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + offs
+        cols = v0 + gcols
         z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         zt = z * inv_T
-        if TILE_MAX:
-            m_new = tl.maximum(m_t, tl.max(zt, 0))
-        else:
-            m_new = tl.maximum(m_t, zt)
-        s_t = s_t * tl.exp(m_t - m_new) + tl.exp(zt - m_new)
+        m_new = tl.maximum(m_t, tl.max(zt, 1))
+        s_t = s_t * tl.exp(m_t - m_new) + tl.sum(tl.exp(zt - m_new[:, None]), 1)
         m_t = m_new
         if SEPARATE_CE_LSE:
-            if TILE_MAX:
-                m1_new = tl.maximum(m_1, tl.max(z, 0))
-            else:
-                m1_new = tl.maximum(m_1, z)
-            s_1 = s_1 * tl.exp(m_1 - m1_new) + tl.exp(z - m1_new)
+            m1_new = tl.maximum(m_1, tl.max(z, 1))
+            s_1 = s_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(z - m1_new[:, None]), 1)
             m_1 = m1_new
-    if TILE_MAX:
-        lse_t = m_t + tl.log(tl.sum(s_t, 0))
-    else:
-        M = tl.max(m_t, 0)
-        lse_t = M + tl.log(tl.sum(s_t * tl.exp(m_t - M), 0))
+    M = tl.max(m_t, 0)
+    lse_t = M + tl.log(tl.sum(s_t * tl.exp(m_t - M), 0))
     if SEPARATE_CE_LSE:
-        if TILE_MAX:
-            lse_1 = m_1 + tl.log(tl.sum(s_1, 0))
-        else:
-            M1 = tl.max(m_1, 0)
-            lse_1 = M1 + tl.log(tl.sum(s_1 * tl.exp(m_1 - M1), 0))
+        M1 = tl.max(m_1, 0)
+        lse_1 = M1 + tl.log(tl.sum(s_1 * tl.exp(m_1 - M1), 0))
     else:
         lse_1 = lse_t
 
@@ -195,10 +197,15 @@ def _sparse_kl_one_row(
         tl.store(row_ptr + tl.where(valid, ids, 0), g_ids.to(row_ptr.dtype.element_ty), mask=valid)
 
 
-def default_chunk_rows(n_rows: int, vocab: int, itemsize: int) -> int:
-    rows = max(16, LOGITS_BUFFER_BYTES // (vocab * itemsize))
-    if rows >= 128:
-        rows = rows // 128 * 128
+def default_chunk_rows(n_rows: int, vocab: int, itemsize: int, dim: int = 0, want_grads: bool = True) -> int:
+    """Rows per chunk so that fp32 dW (when gradients are wanted) plus the logits buffer fit
+    MEMORY_BUDGET_BYTES, at least MIN_LOGITS_BUFFER_BYTES of logits, a multiple of
+    CHUNK_ROW_MULTIPLE rows where possible."""
+    dw_bytes = vocab * dim * 4 if want_grads else 0
+    buffer_bytes = max(MIN_LOGITS_BUFFER_BYTES, MEMORY_BUDGET_BYTES - dw_bytes)
+    rows = max(16, buffer_bytes // (vocab * itemsize))
+    if rows >= CHUNK_ROW_MULTIPLE:
+        rows = rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
     return max(1, min(n_rows, rows))
 
 
@@ -239,7 +246,7 @@ def loss_and_grads(
     temperature: float,
     chunk_rows: int | None = None,
     block_v: int | None = None,
-    num_warps: int = 16,
+    num_warps: int | None = None,
     programs: int | None = None,
 ):
     """Same contract as sparse_kl_reference.loss_and_grads: per-row losses [N] (fp32) and, when
@@ -252,10 +259,12 @@ def loss_and_grads(
     want = kd_weight is not None
     has_ce = labels is not None
     T = float(temperature)
-    C = chunk_rows or default_chunk_rows(N, V, hidden.element_size())
+    C = chunk_rows or CHUNK_ROWS or default_chunk_rows(N, V, hidden.element_size(), d, want)
     C = max(1, min(C, N))
-    BLOCK_V = block_v or min(4096, triton.next_power_of_2(V))
+    BLOCK_V = block_v or max(16, min(KERNEL_BLOCK_V, triton.next_power_of_2(V)))
+    num_warps = num_warps or KERNEL_NUM_WARPS
     BLOCK_K = max(2, triton.next_power_of_2(K))
+    group = max(1, min(LSE_GROUP, BLOCK_V // 2))  # at least two groups per tile
     if programs is None:  # one program per row on CUDA (measured best); the CPU tests use the loop
         programs = C if dev.type == "cuda" else 2
 
@@ -278,27 +287,33 @@ def loss_and_grads(
             if t is not None:
                 t.fill_(float("nan"))
     w_t = weight.T
-    for r0 in range(0, N, C):
-        r1 = min(N, r0 + C)
-        n = r1 - r0
-        logits = buf[:n]
-        hc = hidden[r0:r1]
+
+    def logits_of(r0: int, r1: int, out: torch.Tensor) -> None:
         if bias is None:
-            torch.mm(hc, w_t, out=logits)
+            torch.mm(hidden[r0:r1], w_t, out=out)
         else:
-            torch.addmm(bias, hc, w_t, out=logits)
+            torch.addmm(bias, hidden[r0:r1], w_t, out=out)
+
+    def rows_kernel(r0: int, r1: int, logits: torch.Tensor) -> None:
+        n = r1 - r0
         _sparse_kl_rows_kernel[(min(n, programs),)](
             logits, logits.stride(0),
             ids[r0:r1], ids.stride(0), lp[r0:r1], lp.stride(0), lab[r0:r1] if has_ce else lab,
             kd_w[r0:r1] if want else kd_w, ce_w[r0:r1], kd_rows[r0:r1], ce_rows[r0:r1] if has_ce else kd_rows,
             n, V, K, 1.0 / T, T, TAIL_EPS,
             BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, BUCKET=(tail == "bucket"), HAS_CE=has_ce,
-            SEPARATE_CE_LSE=(has_ce and T != 1.0), WRITE_GRAD=want, TILE_MAX=TILE_MAX_LSE,
+            SEPARATE_CE_LSE=(has_ce and T != 1.0), WRITE_GRAD=want, GROUP=group,
             num_warps=num_warps,
         )
+
+    for r0 in range(0, N, C):
+        r1 = min(N, r0 + C)
+        logits = buf[: r1 - r0]
+        logits_of(r0, r1, logits)
+        rows_kernel(r0, r1, logits)
         if want:
             torch.mm(logits, weight, out=dh[r0:r1])
-            _accumulate_fp32(dW, logits.T, hc)
+            _accumulate_fp32(dW, logits.T, hidden[r0:r1])
             if db is not None:
                 db += logits.sum(dim=0, dtype=torch.float32)
     return kd_rows, (ce_rows if has_ce else None), dh, dW, db

@@ -81,15 +81,31 @@ def test_public_entry_point_triton_vs_reference(triton_interp, tail, T, reductio
         torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("group", [2, 4, 16])
 @pytest.mark.parametrize("tail,T,labels", [("renormalize", 2.0, True), ("bucket", 1.0, True),
                                            ("renormalize", 0.7, False)])
-def test_tile_max_logsumexp_variant(triton_interp, tail, T, labels, monkeypatch):
-    """Phase A's other flavour (one running max per tile instead of per lane) gives the same."""
-    monkeypatch.setattr(triton_interp, "TILE_MAX_LSE", True)
-    p = make_problem(N=5, d=4, V=45, k=3, dtype=torch.float32, seed=9)
+def test_grouped_logsumexp_matches_reference(triton_interp, tail, T, labels, group, monkeypatch):
+    """Phase A with one running max per group of adjacent elements (LSE_GROUP) gives the same
+    losses and gradients, V not a multiple of the group or the tile."""
+    monkeypatch.setattr(triton_interp, "LSE_GROUP", group)
+    p = make_problem(N=5, d=4, V=45, k=3, dtype=torch.float32, seed=9 + group)
     lab = torch.where(p["labels"] < 0, 0, p["labels"]) if labels else None
     a, c = torch.rand(5), (torch.rand(5) if labels else None)
     args = (p["h"], p["W"], p["b"], p["ids"], p["lp"], lab, a, c)
     out = triton_interp.loss_and_grads(*args, tail=tail, temperature=T, chunk_rows=3, block_v=16)
     ref = sparse_kl_reference.loss_and_grads(*args, tail=tail, temperature=T)
     _compare(out, ref)
+
+
+def test_default_chunk_rows_keeps_the_memory_budget(triton_interp):
+    """fp32 dW + logits buffer stay within MEMORY_BUDGET_BYTES at the headline shape; the buffer
+    never drops under its floor when dW alone is bigger (d=4096)."""
+    V, d = 202_048, 1280
+    rows = triton_interp.default_chunk_rows(131_072, V, 2, d)
+    assert rows % triton_interp.CHUNK_ROW_MULTIPLE == 0 and rows >= 2048
+    assert V * d * 4 + rows * V * 2 <= triton_interp.MEMORY_BUDGET_BYTES <= 2 * 2**30
+    big = triton_interp.default_chunk_rows(131_072, V, 2, 4096)
+    assert big >= 1024 and big * V * 2 >= triton_interp.MIN_LOGITS_BUFFER_BYTES - 1024 * V * 2
+    assert triton_interp.default_chunk_rows(100, V, 2, d) == 100
+    no_grad = triton_interp.default_chunk_rows(131_072, V, 2, d, want_grads=False)
+    assert no_grad > rows
