@@ -2,7 +2,8 @@
 
 A tiny teacher built locally (no network), the built-in corpus dumped through vLLM on a local Ray
 cluster, the dataset verified and inspected, a tiny student trained from the shards with KD, and
-the student evaluated against the teacher's stored targets. Each step is the same `kdcache`
+the student evaluated against the teacher's stored targets on the last eighth of the windows,
+which training never saw (`--holdout-windows` / `--last-windows`). Each step is the same `kdcache`
 subcommand a user would run, so the demo doubles as a worked example.
 """
 
@@ -87,9 +88,15 @@ def _run_demo(args: argparse.Namespace) -> int:
         write_synthetic_dataset(data, windows=8, window=args.window, vocab_size=4096, k=args.k)
     _step("verify", ["verify", str(data)], log)
     _step("inspect", ["inspect", str(data), "--window", "0", "--rows", "3"], log)
+    # Keep the last eighth of the windows out of training, and evaluate on them.
+    from kdcache.formats.reader import open_dataset
+
+    n_windows = len(open_dataset(str(data)))
+    holdout = max(1, n_windows // 8) if n_windows >= 4 else 0
     final_student = None
     if "train" in have:
-        argv = ["train", "--config", args.config, "--data", str(data), "--out", str(student)]
+        argv = ["train", "--config", args.config, "--data", str(data), "--out", str(student),
+                "--holdout-windows", str(holdout)]
         if args.max_steps:
             argv += ["--max-steps", str(args.max_steps)]
         _step("train", argv, log)
@@ -99,7 +106,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         skipped.append("train")
     if "eval" in have and final_student is not None:
         models = [str(final_student)] + ([str(teacher)] if (teacher / "config.json").exists() else [])
-        _step("eval", ["eval", "lm", *models, "--data", str(data), "--out", str(out / "eval")], log)
+        held = ["--last-windows", str(holdout)] if holdout else []
+        _step("eval", ["eval", "lm", *models, "--data", str(data), "--out", str(out / "eval"), *held], log)
     else:
         skipped.append("eval")
 

@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.validate import check_topk_rows
 
-_LOGPROB_MAX = 1e-4  # fp32 rounding above 0
-_ORDER_SLACK = 1e-5  # fp32 rounding in the descending order
 AMORTISE_TOKENS = 10_000_000  # a realistic dataset, for the table's share
 
 
@@ -78,22 +77,7 @@ def load_topk_npz(path: str | Path, k: int | None = None) -> TopkFile:
     ids, logprobs = ids[:, :k].astype(np.int64), logprobs[:, :k].astype(np.float32)
     vocab = int(vocab)
 
-    def first_row(bad: np.ndarray) -> int:
-        return int(np.flatnonzero(bad.reshape(n, -1).any(axis=1))[0])
-
-    if not np.isfinite(logprobs).all():
-        fail(f"row {first_row(~np.isfinite(logprobs))}: log-prob is NaN or infinite")
-    if (logprobs > _LOGPROB_MAX).any():
-        fail(f"row {first_row(logprobs > _LOGPROB_MAX)}: log-prob above 0")
-    if (np.diff(logprobs, axis=1) > _ORDER_SLACK).any():
-        fail(f"row {first_row(np.diff(logprobs, axis=1) > _ORDER_SLACK)}: log-probs are not "
-             "sorted in descending order")
-    if ((ids < 0) | (ids >= vocab)).any():
-        fail(f"row {first_row((ids < 0) | (ids >= vocab))}: id outside [0, {vocab})")
-    if k > 1:
-        s = np.sort(ids, axis=1)
-        if (s[:, 1:] == s[:, :-1]).any():
-            fail(f"row {first_row(s[:, 1:] == s[:, :-1])}: an id appears twice in one row")
+    check_topk_rows(ids, logprobs, np.arange(n), vocab, fail)
     return TopkFile(path, ids, logprobs, vocab)
 
 

@@ -72,7 +72,7 @@ def validate_window(rec: WindowRecord, header: DatasetHeader, *,
     vals_v = values[valid].astype(np.float32, copy=False)
     rows = np.flatnonzero(valid)
     if header.kind == "topk":
-        _check_topk(ids_v, vals_v, rows, header.vocab_size, fail)
+        check_topk_rows(ids_v, vals_v, rows, header.vocab_size, fail)
     else:
         _check_sampled(ids_v, vals_v, rows, header.vocab_size, fail)
     return ids_v, vals_v
@@ -93,7 +93,9 @@ def _check_distinct(ids: np.ndarray, rows: np.ndarray, fail, ignore_negative: bo
         fail(f"row {_first_row(dup, rows)}: an id appears twice in one row")
 
 
-def _check_topk(ids, vals, rows, vocab, fail) -> None:
+def check_topk_rows(ids, vals, rows, vocab, fail) -> None:
+    """Top-k rows: ids in [0, vocab), distinct per row; finite log-probs <= 0, sorted descending,
+    mass <= 1. `rows` maps each row to the index named in the message; `fail(msg)` raises."""
     if ids.size == 0:
         return
     bad = (ids < 0) | (ids >= vocab)

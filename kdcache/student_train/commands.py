@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (replaces the config's output_dir)")
     p.add_argument("--stage", help="run only this stage (its predecessor must be finished)")
     p.add_argument("--max-steps", type=int, help="override trainer.max_steps of every stage")
+    p.add_argument("--holdout-windows", type=int, default=None, metavar="N",
+                   help="never train on the last N windows of the data (evaluate on them with "
+                        "`kdcache eval lm --last-windows N`); replaces data.holdout_windows")
     p.add_argument("--workers", type=int, help="DataLoader workers per rank")
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if checkpoints or finished stages exist")
@@ -75,6 +78,8 @@ def _run_train(args: argparse.Namespace) -> int:
             stage.trainer.max_steps = args.max_steps
         if args.workers is not None:
             stage.data.num_workers = args.workers
+        if args.holdout_windows is not None:
+            stage.data.holdout_windows = args.holdout_windows
         if args.json:
             stage.trainer.progress_bar = False
     summaries = stages.run(config, only_stage=args.stage, resume=not args.no_resume)

@@ -50,6 +50,17 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: bool | None = None  # None: pin when training on CUDA
     verify_hashes: bool = True
+    holdout_windows: int = 0  # the last N windows (of all datasets, in order) are never trained on
+
+
+def trained_windows(n_windows: int, config: DataConfig) -> int:
+    """How many windows training draws from: all but the last `holdout_windows`."""
+    holdout = config.holdout_windows
+    if not 0 <= holdout < n_windows:
+        raise ConfigMismatchError(
+            f"{config.paths}: holdout_windows={holdout} must be in [0, {n_windows}) "
+            f"(these datasets hold {n_windows} windows)")
+    return n_windows - holdout
 
 
 @dataclass
@@ -261,7 +272,7 @@ class WindowBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         data = self.data
-        n, b = len(data), self.config.batch_windows
+        n, b = trained_windows(len(data), self.config), self.config.batch_windows
         epoch, start = self.state.epoch, self.state.consumed
         order = epoch_order(n, self.state.seed, epoch)
         n_steps = steps_in_epoch(n, start, self.world_size, b)
@@ -360,17 +371,20 @@ class WindowDataModule(pl.LightningDataModule):
             self.state.consumed = int(batch["consumed_after"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.state.as_dict(), "n_windows": len(self.data)}
+        return {**self.state.as_dict(), "n_windows": trained_windows(len(self.data), self.config)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if int(state_dict["n_windows"]) != len(self.data):
+        n = trained_windows(len(self.data), self.config)
+        if int(state_dict["n_windows"]) != n:
             raise ConfigMismatchError(
                 f"{self.config.paths}: the checkpoint's data order covers "
-                f"{state_dict['n_windows']} windows, these datasets hold {len(self.data)}")
+                f"{state_dict['n_windows']} windows, these datasets train on {n} "
+                f"({len(self.data)} held, holdout_windows={self.config.holdout_windows})")
         self.state.seed = int(state_dict["seed"])
         self.state.epoch = int(state_dict["epoch"])
         self.state.consumed = int(state_dict["consumed"])
 
     def steps_per_epoch(self, world_size: int = 1) -> int:
-        return steps_in_epoch(len(self.data), 0, world_size, self.config.batch_windows)
+        return steps_in_epoch(trained_windows(len(self.data), self.config), 0, world_size,
+                              self.config.batch_windows)
 

@@ -336,13 +336,14 @@ def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None
         "rope_theta": module.model.args.rope_theta, "attention": module.model.args.attention,
         "positions": module.model.args.positions, "vocab": verdict,
         "final_loss": module.loss_history[-1] if module.loss_history else None,
-        "data_state": datamodule.state.as_dict(), "hf_dir": hf_dir,
+        "data_state": datamodule.state.as_dict(), "holdout_windows": stage.data.holdout_windows,
+        "hf_dir": hf_dir,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     if trainer.is_global_zero:
         save_hf(module.model, hf_dir, extra_config={"kdcache_training": {
             "stage": stage.name, "steps": summary["steps"], "loss": asdict(stage.loss),
-            "data": list(stage.data.paths)}})
+            "data": list(stage.data.paths), "holdout_windows": stage.data.holdout_windows}})
         copy_tokenizer(student_tokenizer_dir(stage, datamodule.header), hf_dir)
         from kdcache.formats.storage import atomic_write_bytes, resolve
 

@@ -108,3 +108,15 @@ def test_eval_lm_refuses_a_smaller_vocabulary(logit_dataset, tmp_path, capsys):
     assert main(["eval", "lm", small, "--data", root, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "vocabulary of 64" in err and root in err
+
+
+def test_eval_lm_last_windows(logit_dataset, tiny_model_dir, tmp_path, capsys):
+    """--last-windows N evaluates windows [len - N, len): the ones training held out."""
+    root, _, _ = logit_dataset
+    out = str(tmp_path / "lm")
+    assert main(["eval", "lm", tiny_model_dir, "--data", root, "--out", out, "--last-windows", "2"]) == 0
+    with open(os.path.join(out, "lm.json")) as f:
+        result = json.load(f)
+    assert result["windows"] == 2 and result["window_range"] == [1, 3]
+    assert main(["eval", "lm", tiny_model_dir, "--data", root, "--out", out, "--last-windows", "4"]) == 2
+    assert "--last-windows 4 must be in [1, 3]" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def _bad_files():
         "vocab array": ({**good, "vocab_size": np.array([1000, 2])}, "vocab_size"),
         "unsorted": ({**good, "logprobs": unsorted}, "row 3.*descending"),
         "nan": ({**good, "logprobs": nan}, "row 4.*NaN"),
-        "id >= vocab": ({**good, "ids": big}, r"row 5.*outside \[0, 1000\)"),
+        "id >= vocab": ({**good, "ids": big}, r"row 5.*out of range \[0, 1000\)"),
         "duplicate id": ({**good, "ids": dup}, "row 6.*twice"),
         "empty": ({**good, "ids": good["ids"][:0], "logprobs": good["logprobs"][:0]},
                   "no targets"),

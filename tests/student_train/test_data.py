@@ -147,3 +147,19 @@ def test_datamodule_state_round_trip(doc_dataset):
     resumed = next(iter(other.train_dataloader()))
     full = list(dm.__class__(DataConfig(paths=[doc_dataset], seed=9)).train_dataloader())
     assert torch.equal(resumed["tokens"], full[1]["tokens"])
+
+
+def test_holdout_windows_are_never_trained_on(doc_dataset):
+    """holdout_windows=3: an epoch hands out exactly the first 9 of 12 windows, each once; the
+    resume state counts the 9; a holdout that leaves nothing to train on is refused."""
+    ds = open_dataset(doc_dataset)
+    batches = _batches(doc_dataset, seed=4, holdout_windows=3)
+    assert len(batches) == 9 and batches[-1]["epoch_done"] == 1
+    trained = {tuple(b["tokens"][0].tolist()) for b in batches}
+    held = {tuple(ds[i].tokens.tolist()) for i in range(9, 12)}
+    assert trained == {tuple(ds[i].tokens.tolist()) for i in range(9)}
+    assert not trained & held
+    dm = WindowDataModule(DataConfig(paths=[doc_dataset], holdout_windows=3))
+    assert dm.state_dict()["n_windows"] == 9 and dm.steps_per_epoch() == 9
+    with pytest.raises(ConfigMismatchError, match="holdout_windows=12"):
+        _batches(doc_dataset, holdout_windows=12)

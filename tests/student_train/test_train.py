@@ -74,9 +74,10 @@ def test_phasewise_stages_via_the_cli(doc512_dataset, tmp_path):
 
     out = tmp_path / "run"
     code = main(["train", "--config", "tiny-phasewise-kd", "--data", doc512_dataset, "--out",
-                 str(out), "--max-steps", "2", "--workers", "0", "--json"])
+                 str(out), "--max-steps", "2", "--workers", "0", "--holdout-windows", "1", "--json"])
     assert code == 0
     s1, s2 = (json.loads((out / s / "summary.json").read_text()) for s in ("stage1", "stage2"))
+    assert s1["holdout_windows"] == s2["holdout_windows"] == 1
     assert (s1["rope_theta"], s2["rope_theta"]) == (10_000.0, 500_000.0)
     assert (s1["attention"], s1["positions"]) == ("document", "reset")
     assert s2["init_from"] == str(out / "stage1" / "hf")

@@ -119,6 +119,8 @@ def _register_lm(sub) -> None:
     p.add_argument("--data", required=True, help="kdcache logit dataset (path or fsspec URL)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows")
+    p.add_argument("--last-windows", type=int, default=None, metavar="N",
+                   help="evaluate the last N windows (held out by `kdcache train --holdout-windows N`)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
@@ -133,7 +135,8 @@ def _run_lm(args) -> int:
 
     with tqdm(unit="window", desc="eval lm", disable=args.json) as bar:
         result = evaluate_lm(args.models, args.data, max_windows=args.max_windows,
-                             dtype=args.dtype, device=args.device, progress=bar.update)
+                             dtype=args.dtype, device=args.device, progress=bar.update,
+                             last_windows=args.last_windows)
     os.makedirs(args.out, exist_ok=True)
     plot = plot_lm(result, os.path.join(args.out, "lm_position.png"))
     result["plots"] = [os.path.basename(plot)]

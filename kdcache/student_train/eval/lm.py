@@ -86,7 +86,10 @@ def window_metrics(model: Any, window: Any, mode: str, kind: str, device: str = 
 
 def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None = None,
                 dtype: str = "float32", device: str = "cpu",
-                progress: Callable[[int], None] | None = None) -> dict:
+                progress: Callable[[int], None] | None = None,
+                last_windows: int | None = None) -> dict:
+    """Perplexity and KL to the teacher of each model over the first `max_windows` windows, or
+    over the last `last_windows` (the ones `kdcache train --holdout-windows` kept out)."""
     import numpy as np
 
     from kdcache.errors import KdcacheError
@@ -99,12 +102,20 @@ def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None =
     except (OSError, ValueError) as exc:
         raise EvalError(f"{data}: cannot open as a kdcache dataset: {exc}") from None
     mode = ds.packing.get("mode")
-    count = len(ds) if max_windows is None else min(len(ds), max_windows)
-    if count == 0:
+    if last_windows is not None and max_windows is not None:
+        raise EvalError("give --max-windows or --last-windows, not both")
+    if last_windows is not None and not 0 < last_windows <= len(ds):
+        raise EvalError(f"{data}: --last-windows {last_windows} must be in [1, {len(ds)}]")
+    if last_windows is not None:
+        first, end = len(ds) - last_windows, len(ds)
+    else:
+        first, end = 0, len(ds) if max_windows is None else min(len(ds), max_windows)
+    count = end - first
+    if count <= 0:
         raise EvalError(f"{data}: dataset has no windows")
-    window_len = int(ds.packing.get("window") or max(ds.window_lengths[:count]))
+    window_len = int(ds.packing.get("window") or max(ds.window_lengths[first:end]))
     result = {"data": data, "packing_mode": mode, "kind": ds.kind, "k": ds.k,
-              "teacher": ds.header.teacher, "windows": count,
+              "teacher": ds.header.teacher, "windows": count, "window_range": [first, end],
               "teacher_temperature": ds.header.temperature, "models": []}
     for path in model_paths:
         loaded = load_model(path, dtype=dtype, device=device, need_tokenizer=False)
@@ -112,7 +123,7 @@ def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None =
         ce_sum = kl_sum = 0.0
         rows_total = 0
         buckets: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
-        for i in range(count):
+        for i in range(first, end):
             window = ds[i]
             top = int(window.ids.max())
             if top >= vocab or int(window.tokens.max()) >= vocab:
