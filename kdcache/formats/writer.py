@@ -12,7 +12,6 @@ import os
 from typing import Any, Iterable
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.ipc as ipc
 import xxhash
 

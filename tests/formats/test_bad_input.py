@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest

@@ -110,8 +110,6 @@ def logprobs_from_hidden(model: Any, hidden) -> Any:
 
 def _block_kl(model: Any, ref_hidden, hidden, rows: int, chunk: int):
     """KL(p_ref || p) for rows [0, rows) of a block: (mean, max, KL at the last row)."""
-    import torch
-
     total, worst, last = 0.0, 0.0, 0.0
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
