@@ -40,6 +40,7 @@ class BenchConfig:
     rounds: int = 3
     baseline: bool = True
     mode: str = "causal"
+    dtype: str = "float32"  # the engine's weights and activations (bfloat16 on a GPU)
 
 
 def bench_windows(cfg: BenchConfig):
@@ -64,21 +65,13 @@ def _write(records, header, codec, root: str, name: str) -> None:
     write_shard(root, name, records, header, codec)
 
 
-def _records(windows, targets):
-    from kdcache.formats.window import WindowRecord
-
-    for w, t in zip(windows, targets):
-        yield WindowRecord(window_index=w.window_index, tokens=w.tokens, doc_offsets=w.doc_offsets,
-                           valid=t.valid, ids=t.ids, values=t.logprobs, doc_ids=w.doc_ids,
-                           doc_pieces=w.doc_pieces)
-
-
 class DumpBench:
     """Started engines (the dump engine and, for vLLM, the prompt-logprobs baseline, which also
     serves prefill-only) reused across measurements of several k and windows."""
 
     def __init__(self, model: str, engine: str = "vllm", *, max_k: int = 256,
-                 max_window: int = 8192, mode: str = "causal", baseline: bool = True) -> None:
+                 max_window: int = 8192, mode: str = "causal", baseline: bool = True,
+                 dtype: str = "float32") -> None:
         from kdcache.teacher_dump.engines import make_engine
         from kdcache.teacher_dump.engines.base import EngineConfig
         from kdcache.teacher_dump.plan import teacher_fingerprint
@@ -88,7 +81,8 @@ class DumpBench:
                                   ",".join(map(str, sorted(os.sched_getaffinity(0)))))
         self.model, self.engine_name, self.mode = model, engine, mode
         self.vocab = teacher_fingerprint(model)["vocab_size"]
-        ecfg = EngineConfig(model=model, k=max_k, window=max_window, mode=mode, device="auto")
+        ecfg = EngineConfig(model=model, k=max_k, window=max_window, mode=mode, device="auto",
+                            dtype=dtype)
         t0 = time.perf_counter()
         self.engine = make_engine(engine, ecfg)  # before the codecs import numba (see vllm.py)
         self.start_s = time.perf_counter() - t0
@@ -120,16 +114,21 @@ class DumpBench:
         return header, prepare_codec(header)
 
     def dump_fn(self, eng, windows, k: int, window: int):
+        """What a dump worker does for one shard: the engine called on ~16k-token groups while
+        the writer's threads encode the previous group (runner.engine_records + write_shard)."""
+        from kdcache.teacher_dump.runner import engine_records
+
         header, codec = self._header(k, window)
 
         def run() -> None:
-            _write(_records(windows, eng.topk(windows)), header, codec, self.tmp,
+            _write(engine_records(eng, windows), header, codec, self.tmp,
                    f"shard-{next(self._names):05d}")
         return run
 
     def measure(self, cfg: BenchConfig) -> dict:
         import torch
 
+        from kdcache.formats.writer import default_encode_threads
         from kdcache.teacher_dump.engines.base import chunked_topk
 
         windows = bench_windows(cfg)
@@ -170,6 +169,8 @@ class DumpBench:
             "ratio": round(tokens / med["dump"] / ceiling, 3),
             "engine_start_s": round(self.start_s, 1), "rounds": cfg.rounds,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "encode_threads": default_encode_threads(), "dtype": str(self.weight.dtype),
+            "device": str(self.weight.device),
         }
         if "baseline" in med:
             result["baseline"] = "vllm prompt_logprobs flat"
@@ -181,7 +182,7 @@ class DumpBench:
 def bench_dump(cfg: BenchConfig) -> dict:
     """One measurement (the `kdcache bench dump` command)."""
     bench = DumpBench(cfg.model, cfg.engine, max_k=cfg.k, max_window=cfg.window, mode=cfg.mode,
-                      baseline=cfg.baseline)
+                      baseline=cfg.baseline, dtype=cfg.dtype)
     try:
         return bench.measure(cfg)
     finally:

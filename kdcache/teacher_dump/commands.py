@@ -15,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Hugging Face model directory that transformers and vLLM both load. Used by "
                     "tests, benches and `make demo`.")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "bench"],
-                   help="model size: tiny (tests), demo, bench (4 layers, 256 wide, 32k vocab)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "demo", "bench", "gpu-1b"],
+                   help="model size: tiny (tests), demo, bench (4 layers, 256 wide, 32k vocab), "
+                        "gpu-1b (12 layers, 2048 wide, 202,048 vocab: GPU throughput)")
     p.add_argument("--train-seconds", type=float, default=0.0,
                    help="train on the built-in corpus for this long (default 0: random weights)")
     p.add_argument("--seed", type=int, default=0)
@@ -83,6 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
     p.add_argument("--no-baseline", action="store_true", help="skip the prompt-logprobs baseline")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="engine dtype (bfloat16 on a GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(handler=_run_bench_dump)
     bench.set_defaults(handler=lambda args: (bench.print_help(), 2)[1])
@@ -125,7 +128,8 @@ def _run_bench_dump(args: argparse.Namespace) -> int:
 
     result = bench_dump(BenchConfig(model=args.model, corpus=args.corpus, k=args.k,
                                     window=args.window, windows=args.windows, engine=args.engine,
-                                    rounds=args.rounds, baseline=not args.no_baseline))
+                                    rounds=args.rounds, baseline=not args.no_baseline,
+                                    dtype=args.dtype))
     if args.json:
         print(json.dumps(result))
     else:

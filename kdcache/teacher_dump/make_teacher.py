@@ -29,6 +29,9 @@ TEACHER_PRESETS: dict[str, dict] = {
                  num_layers=3, num_heads=4, num_kv_heads=2),
     "bench": dict(vocab_size=32000, tokenizer_vocab=2048, hidden_size=256, intermediate_size=768,
                   num_layers=4, num_heads=4, num_kv_heads=4),
+    # GPU throughput figures (random init, 1.4B parameters, the paper's 202,048-token vocabulary)
+    "gpu-1b": dict(vocab_size=202048, tokenizer_vocab=2048, hidden_size=2048,
+                   intermediate_size=5632, num_layers=12, num_heads=32, num_kv_heads=8),
 }
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 

@@ -124,6 +124,27 @@ def engine_config(cfg: DumpConfig) -> EngineConfig:
 # ---------------------------------------------------------------------------- the actor
 
 
+def engine_records(engine, windows: list[PackedWindow], call_tokens: int = ENGINE_CALL_TOKENS):
+    """WindowRecords for `windows`, the engine called on groups of about `call_tokens` tokens,
+    lazily: while the writer's threads encode one group, the engine computes the next."""
+    from kdcache.formats.window import WindowRecord
+
+    def run(group: list[PackedWindow]):
+        for w, t in zip(group, engine.topk(group)):
+            yield WindowRecord(window_index=w.window_index, tokens=w.tokens,
+                               doc_offsets=w.doc_offsets, valid=t.valid, ids=t.ids,
+                               values=t.logprobs, doc_ids=w.doc_ids, doc_pieces=w.doc_pieces)
+
+    group: list[PackedWindow] = []
+    for w in windows:
+        group.append(w)
+        if sum(g.n_tokens for g in group) >= call_tokens:
+            yield from run(group)
+            group = []
+    if group:
+        yield from run(group)
+
+
 def _window_to_dict(w: PackedWindow) -> dict[str, Any]:
     return {"window_index": w.window_index, "tokens": w.tokens, "doc_offsets": w.doc_offsets,
             "doc_ids": w.doc_ids, "doc_pieces": w.doc_pieces}
@@ -161,30 +182,11 @@ class DumpWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def records(self, windows: list[PackedWindow]):
-        from kdcache.formats.window import WindowRecord
-
-        group: list[PackedWindow] = []
-
-        def run(group):
-            for w, t in zip(group, self.engine.topk(group)):
-                yield WindowRecord(window_index=w.window_index, tokens=w.tokens,
-                                   doc_offsets=w.doc_offsets, valid=t.valid, ids=t.ids,
-                                   values=t.logprobs, doc_ids=w.doc_ids, doc_pieces=w.doc_pieces)
-
-        for w in windows:
-            group.append(w)
-            if sum(g.n_tokens for g in group) >= ENGINE_CALL_TOKENS:
-                yield from run(group)
-                group = []
-        if group:
-            yield from run(group)
-
     def run_shard(self, name: str, windows: list[dict]) -> dict:
         from kdcache.formats.writer import write_shard
 
         wins = [PackedWindow(**w) for w in windows]
-        info = write_shard(self.out, name, self.records(wins), self.header, self.codec)
+        info = write_shard(self.out, name, engine_records(self.engine, wins), self.header, self.codec)
         return asdict(info)
 
     def close(self) -> None:

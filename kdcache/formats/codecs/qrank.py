@@ -38,6 +38,7 @@ length, u32 raw length, u8 zstd?) | stream bytes in order.
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,11 @@ class QRankCodec(TargetCodec):
                  **kwargs: Any) -> None:
         super().__init__(step_max=step_max, sqrt_step=sqrt_step, kl_target=kl_target,
                          level=level, draws=draws, **kwargs)
+        # One codec may encode windows from several threads at once (the writer does): zstd
+        # (de)compressors are per thread, the quantiser cache is locked.
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._quantizers: dict[int, tuple[LogProbQuantizer, np.ndarray]] = {}
         self.step_max = float(step_max)
         self.sqrt_units = int(round(float(sqrt_step) / _SQRT_UNIT))
         self.quantizer = self._quantizer(self.sqrt_units)[0]  # validates the parameters
@@ -99,18 +105,39 @@ class QRankCodec(TargetCodec):
                              f"codec for {self.vocab_size}")
         self._ids_by_rank = self.rank_table.ids_by_rank
         self._escape_keys = self.rank_table.escape_keys()
-        self._zc = zstandard.ZstdCompressor(level=self.level)
-        self._zd = zstandard.ZstdDecompressor()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    @property
+    def _zc(self) -> zstandard.ZstdCompressor:
+        zc = getattr(self._local, "zc", None)
+        if zc is None:
+            zc = self._local.zc = zstandard.ZstdCompressor(level=self.level)
+        return zc
+
+    @property
+    def _zd(self) -> zstandard.ZstdDecompressor:
+        zd = getattr(self._local, "zd", None)
+        if zd is None:
+            zd = self._local.zd = zstandard.ZstdDecompressor()
+        return zd
 
     def _quantizer(self, units: int) -> tuple[LogProbQuantizer, np.ndarray]:
         """Quantiser and its decode table for sqrt_step = units * 1e-4 (cached, a few kept)."""
-        cache = self.__dict__.setdefault("_quantizers", {})
-        if units not in cache:
-            q = LogProbQuantizer(step_max=self.step_max, sqrt_step=units * _SQRT_UNIT)
-            if len(cache) >= 8:
-                cache.pop(next(iter(cache)))
-            cache[units] = (q, q.levels())
-        return cache[units]
+        with self._lock:
+            entry = self._quantizers.get(units)
+            if entry is None:
+                q = LogProbQuantizer(step_max=self.step_max, sqrt_step=units * _SQRT_UNIT)
+                if len(self._quantizers) >= 8:
+                    self._quantizers.pop(next(iter(self._quantizers)))
+                entry = self._quantizers[units] = (q, q.levels())
+            return entry
 
     def _choose_sqrt_step(self, values: np.ndarray, top_lp: np.ndarray) -> int:
         """Largest sqrt_step on the ladder whose mean renormalised KL on these rows is within
