@@ -153,14 +153,11 @@ class QRankCodec(TargetCodec):
         half_exp = np.exp(rel / 2.0)  # shared by every candidate step
 
         def kl(units: int) -> float:
+            # Decoded log-probs are top + levels[code]; the row's top cancels in renormalising.
             quantizer, levels = self._quantizer(units)
-            codes = quantizer.encode(rel, half_exp)
-            codes[:, 0] = 0
-            # Decoded log-probs are top + levels[code]; the row's top cancels in renormalising,
-            # and levels <= 0 with a 0 in every row, so no max-shift is needed.
-            q = levels[codes].astype(np.float64)
-            q -= np.log(np.exp(q).sum(axis=1, keepdims=True))
-            return float((weights * (p - q)).sum(axis=1).mean())
+            return float(kern.renormalised_kl(p, weights, rel, half_exp, quantizer._y_top,
+                                              quantizer.threshold, quantizer.sqrt_step,
+                                              quantizer.step_max, levels))
 
         i = int(np.argmin([abs(u - self.sqrt_units) for u in ladder]))
         if kl(ladder[i]) <= self.kl_target:

@@ -295,3 +295,42 @@ def decode_ranks(n, syms, words, total_bits, sym_base, sym_bits, ids_by_rank, es
             return ERR_RANGE
         out_ids[i] = tok
     return OK
+
+
+@numba.njit(cache=True, nogil=True)
+def renormalised_kl(p, weights, rel, half_exp, y_top, threshold, sqrt_step, step_max, levels):
+    """Mean over rows of KL(p || q), q the quantised row renormalised: the rate control's inner
+    loop in one pass per row (the encoder's LogProbQuantizer.encode, the decoder's lookup and a
+    log-sum-exp), no [m, k] temporaries. p: normalised log-probs (float64 [m, k]), weights =
+    exp(p), rel = log-probs relative to the row's top (<= 0), half_exp = exp(rel / 2); column 0
+    is the row's top entry (code 0). levels: float32 decode table."""
+    m, k = p.shape
+    e_half_t = np.exp(threshold / 2.0)
+    max_code = levels.shape[0] - 1
+    q = np.empty(k, dtype=np.float64)
+    total = 0.0
+    for r in range(m):
+        mx = -np.inf
+        for j in range(k):
+            if j == 0:
+                code = 0
+            else:
+                lp = rel[r, j]
+                if lp >= threshold:
+                    y = 2.0 * (half_exp[r, j] - e_half_t) / sqrt_step
+                else:
+                    y = (lp - threshold) / step_max
+                c = np.rint(y_top - y)
+                code = 0 if c < 0 else (max_code if c > max_code else int(c))
+            q[j] = np.float64(levels[code])
+            if q[j] > mx:
+                mx = q[j]
+        s = 0.0
+        for j in range(k):
+            s += np.exp(q[j] - mx)
+        lse = mx + np.log(s)
+        row = 0.0
+        for j in range(k):
+            row += weights[r, j] * (p[r, j] - (q[j] - lse))
+        total += row
+    return total / m
