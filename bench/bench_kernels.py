@@ -513,7 +513,6 @@ def run_profile() -> None:
         scale = N / C
         st_ms = {}
         st_ms["logits_mm"] = cuda_time(lambda: torch.mm(hc, W.T, out=buf), reps=5)[0]
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
         for bv, nw, tm in ((4096, 16, 1), (4096, 16, 8), (4096, 16, 4), (8192, 16, 8), (4096, 8, 8),
                            (8192, 32, 8)):
             def kern():

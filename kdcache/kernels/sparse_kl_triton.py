@@ -33,9 +33,9 @@ from kdcache.kernels.sparse_kl_reference import TAIL_EPS
 # accumulator plus the logits buffer (the 2 GiB counts the fp32 dW whole). Chunks are whole
 # multiples of CHUNK_ROW_MULTIPLE rows: at d=1280, V=202,048 that is 2,048 rows (0.96 GiB dW +
 # 0.77 GiB logits = 1.73 GiB). Measured on the H200 (2026-11-29, docs/kernels.md): 2,560-row chunks
-# (1.93 GiB) ran the headline step 4% *slower* than 2,048 (cuBLAS picks worse kernels for M=2560:
-# the products alone 339 vs 327 ms); 4,096 rows were 2% faster but need 2.5 GiB. Users with memory
-# to spare can raise the budget with KDCACHE_SPARSE_KL_MEMORY_GIB. Never below
+# (1.93 GiB) ran the headline step 2-5% *slower* than 2,048 (cuBLAS picks worse kernels for M=2560:
+# the products alone 330-339 vs 323-327 ms); 4,096 rows were 3-5% faster but need 2.5 GiB.
+# Users with memory to spare can raise the budget with KDCACHE_SPARSE_KL_MEMORY_GIB. Never below
 # MIN_LOGITS_BUFFER_BYTES of logits (at d=4096 the fp32 dW alone is 3.1 GiB).
 MEMORY_BUDGET_BYTES = int(float(os.environ.get("KDCACHE_SPARSE_KL_MEMORY_GIB", "1.95")) * 2**30)
 MIN_LOGITS_BUFFER_BYTES = 800 * 2**20
@@ -287,15 +287,15 @@ def loss_and_grads(
             if t is not None:
                 t.fill_(float("nan"))
     w_t = weight.T
-
-    def logits_of(r0: int, r1: int, out: torch.Tensor) -> None:
-        if bias is None:
-            torch.mm(hidden[r0:r1], w_t, out=out)
-        else:
-            torch.addmm(bias, hidden[r0:r1], w_t, out=out)
-
-    def rows_kernel(r0: int, r1: int, logits: torch.Tensor) -> None:
+    for r0 in range(0, N, C):
+        r1 = min(N, r0 + C)
         n = r1 - r0
+        logits = buf[:n]
+        hc = hidden[r0:r1]
+        if bias is None:
+            torch.mm(hc, w_t, out=logits)
+        else:
+            torch.addmm(bias, hc, w_t, out=logits)
         _sparse_kl_rows_kernel[(min(n, programs),)](
             logits, logits.stride(0),
             ids[r0:r1], ids.stride(0), lp[r0:r1], lp.stride(0), lab[r0:r1] if has_ce else lab,
@@ -305,15 +305,9 @@ def loss_and_grads(
             SEPARATE_CE_LSE=(has_ce and T != 1.0), WRITE_GRAD=want, GROUP=group,
             num_warps=num_warps,
         )
-
-    for r0 in range(0, N, C):
-        r1 = min(N, r0 + C)
-        logits = buf[: r1 - r0]
-        logits_of(r0, r1, logits)
-        rows_kernel(r0, r1, logits)
         if want:
             torch.mm(logits, weight, out=dh[r0:r1])
-            _accumulate_fp32(dW, logits.T, hidden[r0:r1])
+            _accumulate_fp32(dW, logits.T, hc)
             if db is not None:
                 db += logits.sum(dim=0, dtype=torch.float32)
     return kd_rows, (ce_rows if has_ce else None), dh, dW, db
