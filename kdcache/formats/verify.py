@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import FormatError, KdcacheError
 from kdcache.formats import storage
 from kdcache.formats.manifest import SHARD_DIR
-from kdcache.formats.reader import LogitDataset
+from kdcache.formats.reader import LogitDataset, ShardReader
 from kdcache.formats.validate import validate_window
 from kdcache.formats.window import WindowRecord
 
@@ -50,9 +50,6 @@ def verify_dataset(root: str | os.PathLike, *, decode: bool = True,
         ds = LogitDataset(root, verify_hashes=True, max_open_shards=1)
     except KdcacheError as exc:
         report.problems.append(str(exc))
-        return report
-    except Exception as exc:  # anything else unreadable is still a finding, not a crash
-        report.problems.append(f"{root}: cannot open dataset: {type(exc).__name__}: {exc}")
         return report
 
     seen_windows: list[int] = []
@@ -135,3 +132,31 @@ def _check_stray_files(ds: LogitDataset, report: VerifyReport) -> None:
     for name in sorted(present - listed):
         kind = "leftover temporary file" if storage.TMP_MARKER in name else "file not in manifest"
         report.warnings.append(f"{storage.join(shard_dir, name)}: {kind}")
+
+
+def preflight(ds: LogitDataset, *, hashes: bool = False) -> None:
+    """Cheap dataset-level checks for a trainer to run before its first step, so that a dataset
+    that cannot be trained on fails in seconds, not when a shard is first read an epoch later.
+
+    The manifest was checked when `ds` was opened (fields, paths confined to the dataset, no
+    shard listed twice, window ranges disjoint, totals adding up); this opens every shard's Arrow
+    footer (size, magic, column types, the shard's own kind/k/vocabulary/codec/mode against the
+    manifest, window count) and reads its first and last window_index against the manifest's
+    range, without decoding targets. `hashes=True` also checks every shard's xxh3 (reads all
+    bytes). Raises FormatError listing every problem found."""
+    problems = []
+    for info in ds.shards:
+        try:
+            reader = ShardReader(ds.fs, ds.path_of(info.name), info, ds.header,
+                                 verify_hash=hashes)
+            for j in sorted({0, len(reader) - 1}):
+                index = reader.window_index(j)
+                if not info.first_window <= index <= info.last_window:
+                    problems.append(f"{reader.path}: window {j} has window_index {index}, outside "
+                                    f"the manifest's {info.first_window}..{info.last_window}")
+        except KdcacheError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise FormatError(f"{ds.root}: dataset fails the pre-training check "
+                          f"({len(problems)} problems; `kdcache verify` checks every window):\n  "
+                          + "\n  ".join(problems[:20]))
