@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "dump", help="run a teacher over a corpus and store its top-k targets as shards",
-        description="Read a corpus (JSONL with a text field, Parquet, folders of .txt; local or "
-                    "any fsspec URL; or 'builtin'), tokenize with the teacher's tokenizer, wrap "
+        description="Read a corpus (JSONL with a text field or chat 'messages', Parquet, folders "
+                    "of .txt; local or any fsspec URL; or 'builtin'/'builtin-chat'), tokenize with the teacher's tokenizer, wrap "
                     "documents BOS...EOS, pack them into windows, run the teacher on Ray actors "
                     "(vLLM, or the transformers reference engine) and write top-k full-vocabulary "
                     "log-probs as compressed Arrow shards with a manifest. plan.json is written "
@@ -49,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-long-docs", action="store_true",
                    help="drop documents longer than the window instead of splitting them")
     p.add_argument("--text-field", default="text", help="JSONL/Parquet text field (default text)")
+    p.add_argument("--targets", default="auto",
+                   choices=["auto", "all", "assistant", "last-assistant"],
+                   help="which tokens get teacher targets: all; assistant (every assistant turn "
+                        "of a conversation); last-assistant; auto = assistant for conversations "
+                        "(records with 'messages' or 'prompt'/'response'), all for plain text")
     p.add_argument("--builtin-documents", type=int, default=400,
                    help="size of the built-in corpus (with --corpus builtin)")
     p.add_argument("--windows-per-shard", type=int, default=16)
@@ -113,7 +118,7 @@ def _run_dump(args: argparse.Namespace) -> int:
         model=args.model, corpus=args.corpus, out=args.out, k=args.k, window=args.window,
         mode=args.mode, engine=args.engine, seed=args.seed,
         split_long_docs=not args.drop_long_docs, shuffle_buffer=args.shuffle_buffer,
-        text_field=args.text_field, builtin_documents=args.builtin_documents,
+        text_field=args.text_field, targets=args.targets, builtin_documents=args.builtin_documents,
         windows_per_shard=args.windows_per_shard, codec=args.codec, dtype=args.dtype,
         vllm_path=args.vllm_path, bos_id=args.bos_id, eos_id=args.eos_id, workers=args.workers,
         tensor_parallel=args.tensor_parallel, ray_address=args.ray_address,

@@ -25,6 +25,7 @@ from typing import Any
 
 from kdcache.errors import ConfigMismatchError, FormatError
 from kdcache.formats import storage
+from kdcache.teacher_dump.corpus import BUILTINS
 
 PLAN_NAME = "plan.json"
 PROGRESS_DIR = "progress"
@@ -47,6 +48,7 @@ class DumpConfig:
     split_long_docs: bool = True
     shuffle_buffer: int = 4096
     text_field: str = "text"
+    targets: str = "auto"  # which tokens of a conversation get targets (chat.TARGET_POLICIES)
     builtin_documents: int = 400
     windows_per_shard: int = 16
     codec: str | None = None  # None: the formats default for top-k
@@ -69,9 +71,9 @@ class DumpConfig:
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
         d["model"] = os.path.abspath(self.model)
-        if self.corpus != "builtin" and "://" not in self.corpus:
+        if self.corpus not in BUILTINS and "://" not in self.corpus:
             d["corpus"] = os.path.abspath(self.corpus)
-        if self.corpus != "builtin":
+        if self.corpus not in BUILTINS:
             d.pop("builtin_documents")
         return {k: v for k, v in d.items() if k not in self.EXECUTION_FIELDS}
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.formats import storage
+from kdcache.teacher_dump.chat import resolve_policy
 from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, corpus_fingerprint, iter_documents
 from kdcache.teacher_dump.engines.base import EngineConfig
 from kdcache.teacher_dump.pack import (PackConfig, PackedWindow, PackStats, TeacherTokenizer,
@@ -55,7 +56,8 @@ def shard_name(index: int) -> str:
 
 def _pack_config(cfg: DumpConfig) -> PackConfig:
     return PackConfig(window=cfg.window, seed=cfg.seed, split_long_docs=cfg.split_long_docs,
-                      shuffle_buffer=cfg.shuffle_buffer, bos_id=cfg.bos_id, eos_id=cfg.eos_id)
+                      shuffle_buffer=cfg.shuffle_buffer, bos_id=cfg.bos_id, eos_id=cfg.eos_id,
+                      targets=cfg.targets)
 
 
 def _corpus_spec(cfg: DumpConfig) -> CorpusSpec:
@@ -107,7 +109,8 @@ def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
                "eos_id": tokenizer.eos_id, "seed": cfg.seed,
                "split_long_docs": cfg.split_long_docs, "shuffle_buffer": cfg.shuffle_buffer,
                "windows_per_shard": cfg.windows_per_shard, "policy": "next-fit whole documents",
-               "positions": "global" if cfg.mode in ("causal", "document-global") else "reset"}
+               "positions": "global" if cfg.mode in ("causal", "document-global") else "reset",
+               "targets": resolve_policy(cfg.targets, plan.packing_stats.get("chats", 0) > 0)}
     return DatasetHeader(kind="topk", k=cfg.k, vocab_size=int(teacher["vocab_size"]),
                          packing=packing, codec=cfg.codec or default_codec("topk"),
                          codec_params={}, teacher=teacher, temperature=1.0,
@@ -147,7 +150,7 @@ def engine_records(engine, windows: list[PackedWindow], call_tokens: int = ENGIN
 
 def _window_to_dict(w: PackedWindow) -> dict[str, Any]:
     return {"window_index": w.window_index, "tokens": w.tokens, "doc_offsets": w.doc_offsets,
-            "doc_ids": w.doc_ids, "doc_pieces": w.doc_pieces}
+            "doc_ids": w.doc_ids, "doc_pieces": w.doc_pieces, "target_mask": w.target_mask}
 
 
 class DumpWorker:
@@ -522,6 +525,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  packing: {p.get('documents', 0)} documents packed, {p.get('over_long', 0)} over-long "
         f"({p.get('split', 0)} split into {p.get('pieces', 0)} pieces, "
         f"{p.get('dropped_over_long', 0)} dropped), fill {p.get('fill', 0):.1%}",
+        *([f"  chat: {p.get('chats', 0)} conversations packed, {c.get('bad_chat', 0)} malformed, "
+           f"{p.get('rejected_chats', 0)} rejected by the template or target policy, "
+           f"{p.get('dropped_long_chats', 0)} longer than the window (dropped); targets on "
+           f"{p.get('target_tokens', 0):,} tokens"]
+          if p.get("chats") or c.get("bad_chat") or p.get("rejected_chats") else []),
         f"  faults: {s['actor_failures']} actor failures, {s['retries']} shard retries",
     ]
     if "target_bytes_per_token" in s:
