@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kdcache.cli import main
-from kdcache.student_train.analysis.capture import ActivationRecorder
-from kdcache.student_train.analysis.probe import ProbeConfig, build_block, run_mode
-from kdcache.student_train.eval.models import UnsupportedModelError, load_model
+from kdcache.evaluate.capture import ActivationRecorder
+from kdcache.evaluate.probe import ProbeConfig, build_block, run_mode
+from kdcache.evaluate.models import UnsupportedModelError, load_model
 
 N, R = 64, 8
 
@@ -65,7 +65,7 @@ def test_probe_query_states_pre_and_post_rope(probe_out):
 
 
 def test_post_rope_capture_is_the_rotation_of_pre_rope(tiny_model_dir):
-    from kdcache.student_train.analysis.rope_plan import pair_frequencies
+    from kdcache.evaluate.rope_plan import pair_frequencies
 
     loaded = load_model(tiny_model_dir)
     cfg = ProbeConfig(block_tokens=N, repeats=3, modes=("document-global",), dtypes=("float32",))

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoTokenizer
 
 from kdcache.cli import main
-from kdcache.student_train.eval.needle import aggregate, distance_bin
-from kdcache.student_train.eval.needle_tasks import (TASKS, Haystack, build_sample, build_samples,
+from kdcache.evaluate.needle import aggregate, distance_bin
+from kdcache.evaluate.needle_tasks import (TASKS, Haystack, build_sample, build_samples,
                                                      score)
 
 
@@ -80,7 +80,7 @@ def test_aggregate_bins_and_heatmap():
 
 def test_hf_engine_is_greedy(tiny_model_dir, tokenizer):
     """Batched generate equals a hand-written argmax loop on each prompt."""
-    from kdcache.student_train.eval.generate import HFGenerator
+    from kdcache.evaluate.generate import HFGenerator
 
     gen = HFGenerator(tiny_model_dir, batch_size=3)
     prompts = [s.input_ids for s in build_samples(tokenizer, "passkey", "numbers", [300, 320],
@@ -137,7 +137,7 @@ def test_eval_needle_errors(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_vllm_engine_agrees_with_transformers(tiny_model_dir, tokenizer):
     pytest.importorskip("vllm")
-    from kdcache.student_train.eval.generate import HFGenerator, VLLMGenerator
+    from kdcache.evaluate.generate import HFGenerator, VLLMGenerator
 
     prompts = [s.input_ids for s in build_samples(tokenizer, "niah_single", "numbers", [400],
                                                   [0.0, 0.5, 1.0], 2)]

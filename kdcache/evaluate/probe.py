@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kdcache.student_train.eval.models import (EvalError, LoadedModel, head_dim, rope_theta,
+from kdcache.evaluate.models import (EvalError, LoadedModel, head_dim, rope_theta,
                                                special_ids)
 
 PROBE_MODES = ("document-global", "document", "causal")
@@ -152,7 +152,7 @@ def run_mode(loaded: LoadedModel, block: list[int], cfg: ProbeConfig, mode: str,
     """Forward the repeated block in one packing mode; record and compare against repeat 0."""
     import torch
 
-    from kdcache.student_train.analysis.capture import ActivationRecorder, find_decoder
+    from kdcache.evaluate.capture import ActivationRecorder, find_decoder
 
     model, n, repeats = loaded.model, cfg.block_tokens, cfg.repeats
     decoder = find_decoder(model)
@@ -234,7 +234,7 @@ def _causal_forward(model: Any, recorder: Any, block_ids, cfg: ProbeConfig, cons
     Calls `consume` with each completed block's final hidden states; returns records [R, w]."""
     import torch
 
-    from kdcache.student_train.analysis.capture import find_decoder
+    from kdcache.evaluate.capture import find_decoder
 
     n, repeats, window = cfg.block_tokens, cfg.repeats, cfg.window
     decoder = find_decoder(model)
@@ -300,7 +300,7 @@ def run_probe(model_path: str, cfg: ProbeConfig, text: str | None = None,
     """All modes x dtypes. Returns (JSON-ready summary, data for the plots)."""
     from tqdm.auto import tqdm
 
-    from kdcache.student_train.eval.models import load_model, torch_dtype
+    from kdcache.evaluate.models import load_model, torch_dtype
 
     runs: list[RunResult] = []
     primary = None

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kdcache.cli import main
-from kdcache.student_train.analysis.rope_plan import (critical_dimension, men_decay,
+from kdcache.evaluate.rope_plan import (critical_dimension, men_decay,
                                                       satisfies_men_bound, theta_lower_bound)
 
 # Men et al. 2024, head dim 128. 128k: the paper says 7.8e6, a later reproduction 4.9e6.

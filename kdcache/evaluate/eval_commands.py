@@ -74,9 +74,9 @@ def _register_needle(sub) -> None:
 
 
 def _run_needle(args) -> int:
-    from kdcache.student_train.eval.needle import (NeedleConfig, bin_label, plot_needle,
+    from kdcache.evaluate.needle import (NeedleConfig, bin_label, plot_needle,
                                                    run_needle)
-    from kdcache.student_train.eval.report import one_line, table, write_json
+    from kdcache.evaluate.report import one_line, table, write_json
 
     cfg = NeedleConfig(tasks=tuple(args.task), value_type=args.values,
                        lengths=tuple(args.lengths), depths=tuple(args.depths),
@@ -130,8 +130,8 @@ def _register_lm(sub) -> None:
 def _run_lm(args) -> int:
     from tqdm.auto import tqdm
 
-    from kdcache.student_train.eval.lm import evaluate_lm, plot_lm
-    from kdcache.student_train.eval.report import one_line, table, write_json
+    from kdcache.evaluate.lm import evaluate_lm, plot_lm
+    from kdcache.evaluate.report import one_line, table, write_json
 
     with tqdm(unit="window", desc="eval lm", disable=args.json) as bar:
         result = evaluate_lm(args.models, args.data, max_windows=args.max_windows,

@@ -36,7 +36,7 @@ def _add_probe_input(p) -> None:
 
 
 def _read_text(path: str | None) -> str | None:
-    from kdcache.student_train.eval.models import EvalError
+    from kdcache.evaluate.models import EvalError
 
     if path is None:
         return None
@@ -76,10 +76,10 @@ def _register_probe(subparsers) -> None:
 
 
 def _run_probe(args) -> int:
-    from kdcache.student_train.analysis import plots
-    from kdcache.student_train.analysis.probe import ProbeConfig, run_probe
-    from kdcache.student_train.eval.models import EvalError, check_model_dir
-    from kdcache.student_train.eval.report import one_line, table, write_json
+    from kdcache.evaluate import plots
+    from kdcache.evaluate.probe import ProbeConfig, run_probe
+    from kdcache.evaluate.models import EvalError, check_model_dir
+    from kdcache.evaluate.report import one_line, table, write_json
 
     check_model_dir(args.model)
     cfg = ProbeConfig(block_tokens=args.block, repeats=args.repeats, modes=tuple(args.modes),
@@ -142,10 +142,10 @@ def _register_diff(subparsers) -> None:
 def _run_diff(args) -> int:
     from tqdm.auto import tqdm
 
-    from kdcache.student_train.analysis import plots
-    from kdcache.student_train.analysis.diff import diff_checkpoints
-    from kdcache.student_train.analysis.probe import ProbeConfig
-    from kdcache.student_train.eval.report import one_line, table, write_json
+    from kdcache.evaluate import plots
+    from kdcache.evaluate.diff import diff_checkpoints
+    from kdcache.evaluate.probe import ProbeConfig
+    from kdcache.evaluate.report import one_line, table, write_json
 
     cfg = ProbeConfig(block_tokens=args.block, repeats=args.repeats, modes=("document-global",),
                       dtypes=("float32",), batch_blocks=args.batch_blocks, device=args.device)
@@ -197,9 +197,9 @@ def _register_rope_plan(subparsers) -> None:
 
 
 def _run_rope_plan(args) -> int:
-    from kdcache.student_train.analysis.rope_plan import parse_stages, plan
-    from kdcache.student_train.eval.models import EvalError
-    from kdcache.student_train.eval.report import one_line, table, write_json
+    from kdcache.evaluate.rope_plan import parse_stages, plan
+    from kdcache.evaluate.models import EvalError
+    from kdcache.evaluate.report import one_line, table, write_json
 
     if args.head_dim <= 0 or args.head_dim % 2:
         raise EvalError(f"--head-dim must be a positive even number, got {args.head_dim}")
@@ -216,7 +216,7 @@ def _run_rope_plan(args) -> int:
         raise EvalError("contexts must be >= 1 and thetas > 1")
     result = plan(args.head_dim, stages, context=args.context, robust=args.robust)
     if args.out:
-        from kdcache.student_train.analysis.plots import plot_rope_plan
+        from kdcache.evaluate.plots import plot_rope_plan
 
         os.makedirs(args.out, exist_ok=True)
         plot_rope_plan(result, os.path.join(args.out, "rope_plan.png"))

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from kdcache.student_train.eval.models import EvalError
+from kdcache.evaluate.models import EvalError
 
 TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
 VALUE_TYPES = ("numbers", "words", "uuids")

@@ -170,7 +170,7 @@ def plot_rope_plan(result: dict, path: str) -> str:
     wavelength of each dimension pair against the context (right)."""
     import numpy as np
 
-    from kdcache.student_train.analysis.rope_plan import men_decay, pair_frequencies
+    from kdcache.evaluate.rope_plan import men_decay, pair_frequencies
 
     plt = _plt()
     d = result["head_dim"]

@@ -9,13 +9,11 @@ vLLM is imported lazily: machines without it (e.g. the GPU trainer) never touch 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
-from kdcache.student_train.eval.models import EvalError, load_model
+from kdcache.evaluate.models import EvalError, load_model
+from kdcache.vllm_start import configure_vllm_env, start_llm
 
 ENGINES = ("auto", "vllm", "hf")
 
@@ -92,18 +90,14 @@ class VLLMGenerator:
 
     def __init__(self, model_path: str, dtype: str = "float32", max_len: int = 4096,
                  kv_cache_gib: float = 1.0, seed: int = 0) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        configure_vllm_env(kv_cache_gib)
         from transformers import AutoTokenizer
-        from vllm import LLM
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         try:
-            with _llvmlite_hidden():
-                self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_len,
-                               enable_prefix_caching=False, enforce_eager=True,
-                               disable_log_stats=True, distributed_executor_backend="uni")
+            self.llm = start_llm(model=model_path, dtype=dtype, seed=seed, max_model_len=max_len,
+                                 enable_prefix_caching=False, enforce_eager=True,
+                                 disable_log_stats=True, distributed_executor_backend="uni")
         except (ValueError, RuntimeError) as exc:
             raise EvalError(f"{model_path}: vLLM could not start: {exc}") from exc
 
@@ -132,29 +126,6 @@ class VLLMGenerator:
                 llm.llm_engine.engine_core.shutdown()
             except Exception:  # best effort: freeing the engine is all we want here
                 pass
-
-
-@contextlib.contextmanager
-def _llvmlite_hidden():
-    """vLLM-CPU 0.32's kernel registration scans every module namespace and calls
-    `vars(value).get(...)` on anything with a `__dict__` attribute; llvmlite's `ffi.lib` answers
-    any attribute (including `__dict__`) with a function wrapper, so engine start crashes with
-    "'_lib_fn_wrapper' object has no attribute 'get'" once numba (used by kdcache's codecs) is
-    imported in the same process. Hide those objects for the duration of engine start."""
-    hidden = []
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        for attr, value in list(namespace.items()):
-            if type(value).__name__ == "_lib_wrapper" and type(value).__module__.startswith("llvmlite"):
-                hidden.append((namespace, attr, value))
-                namespace[attr] = None
-    try:
-        yield
-    finally:
-        for namespace, attr, value in hidden:
-            namespace[attr] = value
 
 
 def make_generator(engine: str, model_path: str, *, dtype: str = "float32", device: str = "cpu",

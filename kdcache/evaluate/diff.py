@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from kdcache.student_train.analysis.probe import ProbeConfig, build_block, run_mode
-from kdcache.student_train.eval.models import EvalError, head_dim, load_model, rope_theta
+from kdcache.evaluate.probe import ProbeConfig, build_block, run_mode
+from kdcache.evaluate.models import EvalError, head_dim, load_model, rope_theta
 
 
 def resolve_layers(spec: list[int] | None, num_layers: int) -> list[int]:

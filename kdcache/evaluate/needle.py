@@ -18,8 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from kdcache.student_train.eval.models import EvalError, check_model_dir, model_label
-from kdcache.student_train.eval.needle_tasks import TASKS, VALUE_TYPES, build_samples, score
+from kdcache.evaluate.models import EvalError, check_model_dir, model_label
+from kdcache.evaluate.needle_tasks import TASKS, VALUE_TYPES, build_samples, score
 
 DEFAULT_MAX_NEW_TOKENS = {"passkey": 16, "niah_single": 32, "niah_multikey": 32,
                           "niah_multivalue": 128, "niah_multiquery": 128}
@@ -116,7 +116,7 @@ def run_needle(model_paths: Sequence[str], cfg: NeedleConfig, haystack: str | No
                show_progress: bool = False) -> dict:
     from tqdm.auto import tqdm
 
-    from kdcache.student_train.eval.generate import make_generator, resolve_engine
+    from kdcache.evaluate.generate import make_generator, resolve_engine
 
     for path in model_paths:
         check_model_dir(path)

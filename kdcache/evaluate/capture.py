@@ -22,7 +22,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-from kdcache.student_train.eval.models import UnsupportedModelError
+from kdcache.evaluate.models import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "llama4", "llama4_text", "mistral", "mixtral", "qwen2",
                          "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",

@@ -12,7 +12,7 @@ from kdcache.cli import main
 from kdcache.formats.manifest import DatasetHeader
 from kdcache.formats.window import WindowRecord, default_valid
 from kdcache.formats.writer import DatasetWriter
-from kdcache.student_train.eval.models import load_model
+from kdcache.evaluate.models import load_model
 
 K = 8
 

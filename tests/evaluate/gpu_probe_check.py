@@ -1,6 +1,6 @@
 """Real-size check of `kdcache probe` (not collected by pytest; run by hand on a GPU):
 
-    python3 tests/eval/gpu_probe_check.py OUT_DIR [DTYPES]   (default float32,bfloat16,float16)
+    python3 tests/evaluate/gpu_probe_check.py OUT_DIR [DTYPES]   (default float32,bfloat16,float16)
 
 Builds a random-init model shaped like the paper's student (30 layers, 20 heads, 4 KV heads,
 dim 1280, FFN 6144, vocab 202,048, theta 500k) with the test tokenizer, then runs the default
@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from conftest import build_tokenizer  # noqa: E402
-from kdcache.student_train.analysis.probe import ProbeConfig, run_probe  # noqa: E402
+from kdcache.evaluate.probe import ProbeConfig, run_probe  # noqa: E402
 
 
 def main(out: str, dtypes: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ import math
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
-from kdcache.student_train.eval.models import EvalError, load_model
+from kdcache.evaluate.models import EvalError, load_model
 
 POSITION_BUCKETS = 8
 _ROW_CHUNK = 1024
@@ -41,8 +41,8 @@ def window_metrics(model: Any, window: Any, mode: str, kind: str, device: str = 
     """(row index, CE, KL) float64 tensors over the window's valid rows that have a next token."""
     import torch
 
-    from kdcache.student_train.analysis.capture import find_decoder
-    from kdcache.student_train.analysis.probe import logprobs_from_hidden
+    from kdcache.evaluate.capture import find_decoder
+    from kdcache.evaluate.probe import logprobs_from_hidden
 
     decoder = find_decoder(model)
     tokens = window.tokens.long().to(device)
