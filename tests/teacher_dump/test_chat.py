@@ -201,24 +201,33 @@ def test_a_teacher_without_a_chat_template_is_refused_once(tmp_path, teacher_dir
                             PackConfig(window=256), PackStats()))
 
 
-@pytest.mark.slow
-def test_response_only_dump_stores_targets_exactly_on_assistant_rows(
-        tmp_path, teacher_dir, hf_workers, small_dump_config, read_all):
-    """Same teacher, same windows: the response-only dataset's targets are the all-token
-    dataset's rows where the next token is an assistant token, and nothing else is stored."""
+@pytest.fixture(scope="module")
+def chat_dumps(tmp_path_factory, teacher_dir, hf_workers, small_dump_config, read_all):
+    """The built-in chat corpus dumped twice, response-only and all tokens (same windows)."""
     from kdcache.formats.verify import verify_dataset
-    from kdcache.teacher_dump.engines.base import needed_rows
-    from kdcache.teacher_dump.pack import PackedWindow
-    from kdcache.teacher_dump.runner import format_summary, run_dump
+    from kdcache.teacher_dump.runner import run_dump
 
+    root = tmp_path_factory.mktemp("chat-dumps")
     runs = {}
     for targets in ("assistant", "all"):
-        out = tmp_path / targets
+        out = root / targets
         cfg = small_dump_config(teacher_dir, out, corpus="builtin-chat", builtin_documents=16,
                                 targets=targets, window=512)
         summary = run_dump(cfg, actors=hf_workers)
         assert verify_dataset(str(out)).ok
-        runs[targets] = (summary, *read_all(str(out)))
+        runs[targets] = (str(out), summary, *read_all(str(out)))
+    return runs
+
+
+@pytest.mark.slow
+def test_response_only_dump_stores_targets_exactly_on_assistant_rows(chat_dumps, teacher_dir):
+    """Same teacher, same windows: the response-only dataset's targets are the all-token
+    dataset's rows where the next token is an assistant token, and nothing else is stored."""
+    from kdcache.teacher_dump.engines.base import needed_rows
+    from kdcache.teacher_dump.pack import PackedWindow
+    from kdcache.teacher_dump.runner import format_summary
+
+    runs = {k: v[1:] for k, v in chat_dumps.items()}
     summary, manifest, windows = runs["assistant"]
     _, manifest_all, windows_all = runs["all"]
     assert manifest["packing"]["targets"] == "assistant"
@@ -246,3 +255,28 @@ def test_response_only_dump_stores_targets_exactly_on_assistant_rows(
     bytes_resp = sum(s["bytes"] for s in manifest["shards"])
     bytes_all = sum(s["bytes"] for s in manifest_all["shards"])
     assert bytes_resp < bytes_all
+
+
+@pytest.mark.slow
+def test_a_student_trains_on_the_assistant_rows_only(chat_dumps, tmp_path):
+    """The built-in student trains on a response-only dataset unchanged: its KD and CE rows are
+    exactly the dataset's valid rows (prompt tokens carry IGNORE labels), and it exports."""
+    from kdcache.formats.reader import open_dataset
+    from kdcache.student_train.data import IGNORE_INDEX, window_to_sample
+    from kdcache.student_train.stages import parse_run, run
+
+    path = chat_dumps["assistant"][0]
+    ds = open_dataset(path)
+    for i in range(len(ds)):
+        w = ds[i]
+        sample = window_to_sample(w, "topk")
+        np.testing.assert_array_equal(sample.labels != IGNORE_INDEX, w.valid.numpy())
+    raw = {"name": "chat", "output_dir": str(tmp_path / "run"), "defaults": {
+        "model": {"preset": "tiny", "vocab_size": "dataset", "overrides": {"n_layer": 1}},
+        "data": {"paths": [path], "seed": 0}, "loss": {"alpha": 0.5},
+        "optim": {"lr": 3e-3, "warmup_steps": 1, "total_steps": 3},
+        "trainer": {"max_steps": 3, "checkpoint_every": 3, "progress_bar": False,
+                    "log_every_n_steps": 1, "accelerator": "cpu"}},
+        "stages": [{"name": "s1"}]}
+    run(parse_run(raw))
+    assert (tmp_path / "run" / "s1" / "hf" / "config.json").exists()
