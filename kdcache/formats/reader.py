@@ -93,12 +93,22 @@ class ShardReader:
     def fields(self, j: int) -> dict[str, Any]:
         batch = self._batch(j)
         try:
-            return batch_fields(batch)
+            f = batch_fields(batch)
         except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
             raise FormatError(f"{self.path}: window {j} cannot be read: {exc}") from None
+        self._check_index(j, f["window_index"])
+        return f
+
+    def _check_index(self, j: int, index: int) -> None:
+        if not self.info.first_window <= index <= self.info.last_window:
+            raise FormatError(f"{self.path}: window {j} has window_index {index}, outside the "
+                              f"manifest's {self.info.first_window}..{self.info.last_window}")
 
     def window_index(self, j: int) -> int:
-        return int(self._batch(j).column("window_index")[0].as_py())
+        """Window j's window_index, checked against the manifest's range for this shard."""
+        index = int(self._batch(j).column("window_index")[0].as_py())
+        self._check_index(j, index)
+        return index
 
     def token_counts(self) -> np.ndarray:
         out = np.empty(len(self), dtype=np.int64)
@@ -299,6 +309,12 @@ class LogitDataset:
         if ids_v.shape != (m, k) or values_v.shape != (m, k):
             raise FormatError(f"{where}: decoded targets have shape {ids_v.shape}, expected "
                               f"({m}, {k})")
+        # Ids index the student's logits downstream (a gather, a Triton kernel): out of range,
+        # they would read out of bounds, so they are checked here whatever the codec.
+        lowest = 0 if self.kind == "topk" else -1  # sampled rows pad with -1
+        if ids_v.size and (int(ids_v.min()) < lowest or int(ids_v.max()) >= self.vocab_size):
+            raise FormatError(f"{where}: decoded target ids span {int(ids_v.min())}.."
+                              f"{int(ids_v.max())}, outside [{lowest}, {self.vocab_size})")
         ids = np.full((n, k), -1, dtype=np.int32)
         ids[valid] = ids_v
         fill = -np.inf if self.kind == "topk" else 0.0
