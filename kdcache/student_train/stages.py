@@ -46,7 +46,7 @@ class TrainConfigError(KdcacheError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    rope_theta: float = 10_000.0
+    rope_theta: float | None = None  # None: the start model's (init_from), else 10,000
     vocab_size: int | str | None = None  # None: the preset's; "dataset": the teacher's
     attention: str | None = None  # None: match the dataset's packing mode
     positions: str | None = None
@@ -225,9 +225,10 @@ def copy_tokenizer(src: str | None, hf_dir: str) -> None:
             shutil.copyfile(os.path.join(src, name), os.path.join(hf_dir, name))
 
 
-def model_args_for(stage: StageConfig, header, where: str):
+def model_args_for(stage: StageConfig, header, where: str, start_theta: float | None = None):
     """ModelArgs for a stage on a dataset: preset + theta + the mask/positions the data needs,
-    after the vocabulary check."""
+    after the vocabulary check. `start_theta`: the theta of the model the stage starts from,
+    kept unless the stage sets its own (a start model is reproduced exactly)."""
     from kdcache.student_train.model import ModelArgs, mode_for_packing
     from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
 
@@ -239,7 +240,9 @@ def model_args_for(stage: StageConfig, header, where: str):
         overrides["vocab_size"] = header.vocab_size
     elif cfg.vocab_size is not None:
         overrides["vocab_size"] = int(cfg.vocab_size)
-    overrides.update(rope_theta=float(cfg.rope_theta), attention=attention, positions=positions)
+    theta = cfg.rope_theta if cfg.rope_theta is not None else start_theta
+    overrides.update(rope_theta=float(theta if theta is not None else 10_000.0),
+                     attention=attention, positions=positions)
     for key in ("bos_id", "eos_id"):
         value = header.packing.get(key)
         if value is not None and key not in overrides:
@@ -294,14 +297,20 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
     where = f"stage {stage.name!r} data {stage.data.paths[0] if stage.data.paths else '?'}"
     if not stage.data.paths:
         raise TrainConfigError(f"stage {stage.name!r}: data.paths is empty (give --data PATH)")
-    args, verdict = model_args_for(stage, datamodule.header, where)
+    init_from = previous_hf if stage.init_from == "previous" else stage.init_from
+    start_theta = None
+    if init_from:
+        from kdcache.student_train.model import read_hf_args
+
+        start_theta = read_hf_args(init_from).rope_theta  # refuses what it cannot reproduce
+    args, verdict = model_args_for(stage, datamodule.header, where, start_theta)
+    if start_theta is not None and args.rope_theta != start_theta:
+        log.info("stage %s: starts from %s (rope_theta %g) with rope_theta %g", stage.name,
+                 init_from, start_theta, args.rope_theta)
     datamodule.student_vocab_size = args.vocab_size
     import lightning.pytorch as pl
 
     pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
-    init_from = stage.init_from
-    if init_from == "previous":
-        init_from = previous_hf
     module = StudentModule(args.as_dict(), asdict(stage.loss), asdict(stage.optim),
                            compile_blocks=stage.model.compile,
                            checkpoint_layers=stage.model.checkpoint_layers, init_from=init_from)
