@@ -277,12 +277,17 @@ def build_trainer(stage: StageConfig, stage_dir: str, callbacks: list | None = N
                                  auto_insert_metric_name=False)
     if logger is True:
         logger = CSVLogger(stage_dir, name="logs")  # a new version per (re)start
+    callbacks = [checkpoint, *(callbacks or [])]
+    if t.progress_bar:
+        from kdcache.student_train.progress import StepProgressBar
+
+        callbacks.append(StepProgressBar(f"train {stage.name}"))
     return pl.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(t),
         gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
-        callbacks=[checkpoint, *(callbacks or [])], logger=logger,
+        callbacks=callbacks, logger=logger,
         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
         enable_progress_bar=t.progress_bar, enable_model_summary=False,
         default_root_dir=stage_dir)
@@ -317,6 +322,44 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
     return datamodule, module, verdict
 
 
+def _checkpoint_problem(path: str) -> str | None:
+    """Why a checkpoint file cannot be resumed from (None if intact). torch checkpoints are zip
+    archives: the central directory and every member's CRC are checked, nothing is unpickled."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return f"member {bad} is corrupt" if bad else None
+
+
+def resume_checkpoint(directory: str) -> str | None:
+    """The newest intact checkpoint to resume from: last.ckpt, else the newest step checkpoint
+    (with a warning); None when there is none. Unusable ones only: a clear error."""
+    import re
+
+    if not os.path.isdir(directory):
+        return None
+    steps = sorted((f for f in os.listdir(directory) if re.fullmatch(r"step\d+\.ckpt", f)),
+                   reverse=True)
+    candidates = [f for f in ["last.ckpt", *steps] if os.path.isfile(os.path.join(directory, f))]
+    problems = []
+    for name in candidates:
+        path = os.path.join(directory, name)
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning("resuming from %s instead: %s", path, "; ".join(problems))
+            return path
+        problems.append(f"{path} is unreadable ({problem})")
+    if problems:
+        raise TrainConfigError("cannot resume: " + "; ".join(problems)
+                               + ". Delete the checkpoints or pass --no-resume to start over.")
+    return None
+
+
 def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None, *,
               resume: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train one stage to `trainer.max_steps`, export it, return its summary."""
@@ -333,8 +376,7 @@ def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None
     os.makedirs(stage_dir, exist_ok=True)
     datamodule, module, verdict = prepare_stage(stage, stage_dir, previous_hf)
     trainer = build_trainer(stage, stage_dir, callbacks)
-    last = os.path.join(stage_dir, "checkpoints", "last.ckpt")
-    ckpt_path = last if (resume and os.path.exists(last)) else None
+    ckpt_path = resume_checkpoint(os.path.join(stage_dir, "checkpoints")) if resume else None
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     seconds = time.time() - started
