@@ -75,7 +75,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
                              fused=True if on_cuda else None)
 
 
-def distillation_loss(model: Student, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
+def distillation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
                       loss_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Forward the student on a batch and return {'loss', 'kd', 'ce', 'rows'}."""
     from kdcache.kernels import fused_sparse_kl
@@ -85,10 +85,14 @@ def distillation_loss(model: Student, batch: dict[str, torch.Tensor], loss_cfg: 
     rows = labels != IGNORE_INDEX  # rows with a teacher target and a next token
     h = hidden[rows]
     weight = model.lm_head_weight
+    bias = getattr(model, "lm_head_bias", None)  # an HF student's head may carry one
     if loss_dtype is not None:
         h, weight = h.to(loss_dtype), weight.to(loss_dtype)
+    if bias is not None:
+        bias = bias.to(weight.dtype)
     kd, ce = fused_sparse_kl(h, weight, batch["target_ids"][rows], batch["target_logprobs"][rows],
-                             labels[rows], tail=loss_cfg.tail, temperature=loss_cfg.temperature,
+                             labels[rows], bias=bias, tail=loss_cfg.tail,
+                             temperature=loss_cfg.temperature,
                              ignore_index=IGNORE_INDEX, reduction="mean",
                              loss_weights=(loss_cfg.alpha, 1.0 - loss_cfg.alpha))
     alpha = loss_cfg.alpha
