@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import xxhash
 
-from kdcache.errors import FormatError, KdcacheError
+from kdcache.errors import FormatError, KdcacheError, TargetValidationError
 from kdcache.formats import storage
 from kdcache.formats.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, DatasetHeader, ShardInfo,
                                       check_relative_path, parse_manifest)
@@ -285,7 +285,8 @@ class LogitDataset:
     def __getitem__(self, i: int) -> Window:
         s, j = self.locate(i)
         reader = self.shard(s)
-        return self.decode_window(reader.fields(j), where=f"{reader.path}: window {j}")
+        f = reader.fields(j)
+        return self.decode_window(f, where=f"{reader.path}: window {f['window_index']}")
 
     def iter_windows(self) -> Iterator[Window]:
         for i in range(len(self)):
@@ -313,8 +314,11 @@ class LogitDataset:
         # they would read out of bounds, so they are checked here whatever the codec.
         lowest = 0 if self.kind == "topk" else -1  # sampled rows pad with -1
         if ids_v.size and (int(ids_v.min()) < lowest or int(ids_v.max()) >= self.vocab_size):
-            raise FormatError(f"{where}: decoded target ids span {int(ids_v.min())}.."
-                              f"{int(ids_v.max())}, outside [{lowest}, {self.vocab_size})")
+            bad = (ids_v < lowest) | (ids_v >= self.vocab_size)
+            r = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise TargetValidationError(
+                f"{where}: row {int(np.flatnonzero(valid)[r])}: id out of range "
+                f"[{lowest}, {self.vocab_size}): {int(ids_v[r][bad[r]][0])}")
         ids = np.full((n, k), -1, dtype=np.int32)
         ids[valid] = ids_v
         fill = -np.inf if self.kind == "topk" else 0.0

@@ -69,9 +69,9 @@ def verify_dataset(root: str | os.PathLike, *, decode: bool = True,
         report.shards_checked += 1
         tokens = valid_rows = 0
         for j in range(len(reader)):
-            where = f"{reader.path}: window {j}"
             try:
                 f = reader.fields(j)
+                where = f"{reader.path}: window {f['window_index']}"
                 seen_windows.append(f["window_index"])
                 n = f["tokens"].shape[0]
                 tokens += n
