@@ -75,7 +75,7 @@ def _register_needle(sub) -> None:
 
 def _run_needle(args) -> int:
     from kdcache.evaluate.needle import (NeedleConfig, bin_label, plot_needle,
-                                                   run_needle)
+                                         run_needle)
     from kdcache.evaluate.report import one_line, table, write_json
 
     cfg = NeedleConfig(tasks=tuple(args.task), value_type=args.values,

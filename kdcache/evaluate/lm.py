@@ -24,16 +24,10 @@ from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 from kdcache.evaluate.models import EvalError, load_model
+from kdcache.formats.packing import request_segments
 
 POSITION_BUCKETS = 8
 _ROW_CHUNK = 1024
-
-
-def _segments(mode: str, n: int, offsets: list[int]) -> list[tuple[int, int, int]]:
-    """(start, end, first position id) per forward call."""
-    if mode == "causal":
-        return [(0, n, 0)]
-    return [(s, e, s if mode == "document-global" else 0) for s, e in zip(offsets, offsets[1:])]
 
 
 def window_metrics(model: Any, window: Any, mode: str, kind: str, device: str = "cpu",
@@ -50,7 +44,7 @@ def window_metrics(model: Any, window: Any, mode: str, kind: str, device: str = 
     valid = window.valid.clone()
     valid[n - 1] = False
     rows_all, ce_all, kl_all = [], [], []
-    for start, end, pos0 in _segments(mode, n, window.doc_offsets.tolist()):
+    for start, end, pos0 in request_segments(n, window.doc_offsets.tolist(), mode):
         seg_rows = torch.nonzero(valid[start:end]).flatten() + start
         if seg_rows.numel() == 0:
             continue

@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kdcache.evaluate.models import (EvalError, LoadedModel, head_dim, rope_theta,
-                                               special_ids)
+                                     special_ids)
+from kdcache.formats.packing import PACKING_MODES
 
-PROBE_MODES = ("document-global", "document", "causal")
+PROBE_MODES = tuple(reversed(PACKING_MODES))  # the paper's document-global first
 
 # Built-in block text (our own words), in the spirit of the paper's appendix example.
 EXAMPLE_TEXT = (

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_MODE_TEXT = {
-    "causal": "windows were run as one sequence: attention crosses document boundaries and "
-              "positions count over the whole window",
-    "document": "each document was run on its own: no cross-document attention, positions start "
-                "at 0 in every document",
-    "document-global": "document-masked attention with positions counted over the whole window "
-                       "(the seed paper's setting)",
-}
-
+from kdcache.formats.packing import MODES
 
 def render_card(manifest: dict[str, Any]) -> str:
     t = manifest["targets"]
@@ -45,7 +37,7 @@ def render_card(manifest: dict[str, Any]) -> str:
         f"(config hash `{teacher.get('config_hash', '?')}`, tokenizer hash "
         f"`{teacher.get('tokenizer_hash', '?')}`).",
         f"- Packing: `{p['mode']}` mode, {p.get('window', '?')}-token windows: "
-        f"{_MODE_TEXT.get(p['mode'], '')}. Train students with the matching mask and positions.",
+        f"{_mode_text(p['mode'])}. Train students with the matching mask and positions.",
         f"- Packing settings: `{ {k: v for k, v in p.items() if k != 'mode'} }`.",
     ]
     if stats:
@@ -64,3 +56,7 @@ def render_card(manifest: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _mode_text(mode: str) -> str:
+    return MODES[mode].card_text if mode in MODES else ""

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from kdcache.formats.manifest import DatasetHeader
-from kdcache.formats.window import WindowRecord, default_valid
+from kdcache.formats.packing import default_valid
+from kdcache.formats.window import WindowRecord
 
 
 def synthetic_targets(rng: np.random.Generator, n: int, vocab_size: int, k: int, *,

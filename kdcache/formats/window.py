@@ -2,8 +2,8 @@
 
 Row semantics (FORMAT.md): a window of n tokens carries n target rows; row i is the teacher's
 distribution for token i+1 given tokens up to i. `valid[i]` is False for rows with no target: the
-window's last token always, and in document-masked modes each document's last token (its EOS).
-Invalid rows hold ids -1 and log-probs -inf (weights 0 for sampled targets).
+window's last token always, and in document-masked modes each document's last token (its EOS):
+`kdcache.formats.packing.default_valid`. Invalid rows hold ids -1 and log-probs -inf (weights 0 for sampled targets).
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
-PACKING_MODES = ("causal", "document", "document-global")
-
 
 @dataclass
 class WindowRecord:
@@ -52,16 +49,3 @@ class Window:
     @property
     def n_tokens(self) -> int:
         return int(self.tokens.shape[0])
-
-
-def default_valid(n: int, doc_offsets: np.ndarray, mode: str) -> np.ndarray:
-    """The `valid` flags FORMAT.md prescribes for a packing mode."""
-    if mode not in PACKING_MODES:
-        raise ValueError(f"unknown packing mode {mode!r}; expected one of {PACKING_MODES}")
-    valid = np.ones(n, dtype=bool)
-    if n:
-        valid[-1] = False
-    if mode != "causal":
-        ends = np.asarray(doc_offsets[1:], dtype=np.int64) - 1
-        valid[ends[(ends >= 0) & (ends < n)]] = False
-    return valid

@@ -30,17 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
+from kdcache.formats.packing import MODES, PACKING_MODES
 from kdcache.student_train.rope import apply_rope, positions_for, rope_cos_sin
 
 ATTENTION_MODES = ("causal", "document")
 POSITION_MODES = ("global", "reset")
-
-# Dataset packing mode -> (attention, positions) the student must use to see what the teacher saw.
-PACKING_TO_MODEL_MODE = {
-    "causal": ("causal", "global"),
-    "document": ("document", "reset"),
-    "document-global": ("document", "global"),
-}
 
 
 @dataclass
@@ -114,9 +108,9 @@ def mode_for_packing(packing_mode: str, attention: str | None = None,
     None means "match the data". A requested mode that differs from the data's is refused unless
     `force`: the student would be taught targets the teacher produced under another context.
     """
-    if packing_mode not in PACKING_TO_MODEL_MODE:
+    if packing_mode not in PACKING_MODES:
         raise KdcacheError(f"{where}: unknown packing mode {packing_mode!r}")
-    want_attention, want_positions = PACKING_TO_MODEL_MODE[packing_mode]
+    want_attention, want_positions = MODES[packing_mode].attention, MODES[packing_mode].positions
     attention = attention or want_attention
     positions = positions or want_positions
     if (attention, positions) != (want_attention, want_positions) and not force:

@@ -32,6 +32,7 @@ import numpy as np
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.formats import storage
+from kdcache.formats.packing import MODES
 from kdcache.teacher_dump.corpus import CorpusStats, corpus_fingerprint, iter_documents
 from kdcache.teacher_dump.pack import PackedWindow, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import (PROGRESS_DIR, DumpConfig, Plan, check_against,
@@ -95,7 +96,7 @@ def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
                "eos_id": tokenizer.eos_id, "seed": p.seed,
                "split_long_docs": p.split_long_docs, "shuffle_buffer": p.shuffle_buffer,
                "windows_per_shard": cfg.windows_per_shard, "policy": "next-fit whole documents",
-               "positions": "global" if t.mode in ("causal", "document-global") else "reset"}
+               "positions": MODES[t.mode].positions}
     return DatasetHeader(kind="topk", k=t.k, vocab_size=int(teacher["vocab_size"]),
                          packing=packing, codec=cfg.codec or default_codec("topk"),
                          codec_params={}, teacher=teacher, temperature=1.0,

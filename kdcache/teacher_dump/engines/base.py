@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdcache.errors import KdcacheError
-from kdcache.formats.window import default_valid
+from kdcache.formats.packing import default_valid, request_segments
 from kdcache.teacher_dump.pack import PackedWindow
 
 
@@ -86,16 +86,9 @@ class TeacherEngine(ABC):
 
 
 def segments_for_mode(win: PackedWindow, mode: str) -> list[tuple[int, int, int]]:
-    """(start, end, first_position) of each separately run request of a window.
-
-    causal: the whole window from position 0. document: each document from position 0.
-    document-global: each document from its offset in the window (a document mask with global
-    positions is exactly a per-document run whose positions start at the document's offset).
-    """
-    if mode == "causal":
-        return [(0, win.n_tokens, 0)]
-    offs = win.doc_offsets.tolist()
-    return [(s, e, s if mode == "document-global" else 0) for s, e in zip(offs[:-1], offs[1:])]
+    """(start, end, first_position) of each separately run request of a window (the mode's
+    meaning lives in `kdcache.formats.packing.request_segments`)."""
+    return request_segments(win.n_tokens, win.doc_offsets, mode)
 
 
 def empty_targets(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
