@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
+from kdcache.formats import storage
 from kdcache.formats.packing import MODES, PACKING_MODES
 from kdcache.student_train.rope import apply_rope, positions_for, rope_cos_sin
 
@@ -342,15 +343,9 @@ def save_hf(model: Student, directory: str, dtype: torch.dtype = torch.bfloat16,
 
     The tied lm_head is not stored (HF re-ties it from `model.embed_tokens.weight`).
     """
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    parent = os.path.dirname(os.path.abspath(directory)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
-    try:
+    with storage.atomic_directory(directory) as tmp:
         tensors = {f"model.{name}": p.detach().to("cpu", dtype).contiguous()
                    for name, p in model.state_dict().items()}
         save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
@@ -360,12 +355,6 @@ def save_hf(model: Student, directory: str, dtype: torch.dtype = torch.bfloat16,
             json.dump(config, handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -116,13 +116,14 @@ class DumpBench:
     def dump_fn(self, eng, windows, k: int, window: int):
         """What a dump worker does for one shard: the engine called on ~16k-token groups while
         the writer's threads encode the previous group (workers.engine_records + write_shard)."""
+        from kdcache.formats.writer import shard_name
         from kdcache.teacher_dump.workers import engine_records
 
         header, codec = self._header(k, window)
 
         def run() -> None:
             _write(engine_records(eng, windows), header, codec, self.tmp,
-                   f"shard-{next(self._names):05d}")
+                   shard_name(next(self._names)))
         return run
 
     def measure(self, cfg: BenchConfig) -> dict:
