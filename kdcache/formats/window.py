@@ -8,7 +8,7 @@ window's last token always, and in document-masked modes each document's last to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,7 +44,6 @@ class Window:
     weights: "torch.Tensor | None" = None  # float32 [n, k] for sampled targets, 0 where invalid
     doc_ids: "torch.Tensor | None" = None  # int64 [d]
     doc_pieces: "torch.Tensor | None" = None  # int32 [d]
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:

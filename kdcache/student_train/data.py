@@ -328,7 +328,6 @@ class WindowDataModule(pl.LightningDataModule):
         self.student_vocab_size = student_vocab_size
         self.state = DataState(seed=config.seed)
         self._data: DatasetSet | None = None
-        self._world_size = 1
 
     @property
     def data(self) -> DatasetSet:
@@ -351,7 +350,6 @@ class WindowDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             rank, world = trainer.global_rank, trainer.world_size
-        self._world_size = world
         _ = self.data  # open and check in the main process, before workers start
         batches = WindowBatches(self.config, self.state, rank, world, self.student_vocab_size)
         pin = self.config.pin_memory

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -404,7 +404,3 @@ def load_hf(directory: str, **overrides: Any) -> Student:
                            f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
     return model
 
-
-def describe(args: ModelArgs) -> dict[str, Any]:
-    return {**asdict(args), "params": args.n_params(), "params_non_embedding":
-            args.n_params(embedding=False)}

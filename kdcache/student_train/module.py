@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -166,7 +166,3 @@ class StudentModule(pl.LightningModule):
                                               cfg.min_lr_ratio))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-
-def module_config(model_args: ModelArgs, loss: LossConfig, optim: OptimConfig) -> dict[str, Any]:
-    return {"model_args": model_args.as_dict(), "loss": asdict(loss), "optim": asdict(optim)}

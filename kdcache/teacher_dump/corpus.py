@@ -16,7 +16,6 @@ document, so that a teacher trained on it for a minute has peaked, context-depen
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -246,11 +245,3 @@ def builtin_corpus(n_documents: int, seed: int = 0) -> Iterator[str]:
     for _ in range(n_documents):
         yield builtin_document(rng)
 
-
-def write_jsonl(path: str, texts, text_field: str = "text") -> None:
-    """Write texts as JSONL (used by tests and benches to make file corpora)."""
-    buf = io.StringIO()
-    for t in texts:
-        buf.write(json.dumps({text_field: t}) + "\n")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(buf.getvalue())
