@@ -7,6 +7,9 @@ import os
 
 from kdcache.evaluate.probe import PROBE_MODES
 
+# The handlers import what they run inside themselves: `kdcache --help` imports every commands
+# module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
+
 
 def register(subparsers) -> None:
     _register_probe(subparsers)

@@ -20,11 +20,16 @@ merging every token outside the teacher's top-k into one "tail" outcome. It is a
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
+from kdcache.errors import KdcacheError
+from kdcache.evaluate.capture import find_decoder
 from kdcache.evaluate.models import EvalError, load_model
+from kdcache.evaluate.probe import logprobs_from_hidden
 from kdcache.formats.packing import request_segments
+from kdcache.formats.reader import open_dataset
 
 POSITION_BUCKETS = 8
 _ROW_CHUNK = 1024
@@ -34,9 +39,6 @@ def window_metrics(model: Any, window: Any, mode: str, kind: str, device: str = 
                    ) -> tuple[Any, Any, Any]:
     """(row index, CE, KL) float64 tensors over the window's valid rows that have a next token."""
     import torch
-
-    from kdcache.evaluate.capture import find_decoder
-    from kdcache.evaluate.probe import logprobs_from_hidden
 
     decoder = find_decoder(model)
     tokens = window.tokens.long().to(device)
@@ -85,9 +87,6 @@ def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None =
     """Perplexity and KL to the teacher of each model over the first `max_windows` windows, or
     over the last `last_windows` (the ones `kdcache train --holdout-windows` kept out)."""
     import numpy as np
-
-    from kdcache.errors import KdcacheError
-    from kdcache.formats.reader import open_dataset
 
     try:
         ds = open_dataset(data)
@@ -149,8 +148,6 @@ def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None =
 
 
 def plot_lm(result: dict, path: str) -> str:
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigMismatchError, KdcacheError, TargetValidationError
+from kdcache.formats.reader import open_dataset
 
 IGNORE_INDEX = -100
 
@@ -192,8 +193,6 @@ class DatasetSet:
     """Several logit datasets seen as one list of windows; checks that they agree."""
 
     def __init__(self, paths: list[str], verify_hashes: bool = True) -> None:
-        from kdcache.formats.reader import open_dataset
-
         if not paths:
             raise KdcacheError("data.paths is empty: give at least one dataset")
         self.paths = list(paths)

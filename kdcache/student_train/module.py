@@ -23,8 +23,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from kdcache.errors import ConfigMismatchError
+from kdcache.kernels import fused_sparse_kl
 from kdcache.student_train.data import IGNORE_INDEX
-from kdcache.student_train.model import ModelArgs, Student
+from kdcache.student_train.model import ModelArgs, Student, load_hf
 
 
 @dataclass
@@ -73,8 +75,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 def distillation_loss(model: Student, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
                       loss_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Forward the student on a batch and return {'loss', 'kd', 'ce', 'rows'}."""
-    from kdcache.kernels import fused_sparse_kl
-
     hidden = model(batch["tokens"], batch["seg_ids"])  # (R, L, d)
     labels = batch["labels"]
     rows = labels != IGNORE_INDEX  # rows with a teacher target and a next token
@@ -108,8 +108,6 @@ class StudentModule(pl.LightningModule):
         self.loss_cfg = LossConfig(**(loss or {}))
         self.optim_cfg = OptimConfig(**(optim or {}))
         if init_from:
-            from kdcache.student_train.model import load_hf
-
             # A later stage: the previous stage's weights, this stage's theta and masks.
             self.model = load_hf(init_from, rope_theta=self.model_args.rope_theta,
                                  attention=self.model_args.attention,
@@ -119,8 +117,6 @@ class StudentModule(pl.LightningModule):
             loaded = {f: getattr(self.model.args, f) for f in shape}
             wanted = {f: getattr(self.model_args, f) for f in shape}
             if loaded != wanted:
-                from kdcache.errors import ConfigMismatchError
-
                 raise ConfigMismatchError(
                     f"{init_from}: the model to start from has {loaded}, this stage's config "
                     f"asks for {wanted}")

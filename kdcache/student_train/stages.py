@@ -31,10 +31,17 @@ import copy
 import json
 import logging
 import os
+import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.storage import atomic_write_bytes, resolve
+from kdcache.student_train.data import DataConfig, WindowDataModule
+from kdcache.student_train.model import ModelArgs, mode_for_packing, save_hf
+from kdcache.student_train.module import LossConfig, OptimConfig, StudentModule
+from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
 
 log = logging.getLogger("kdcache.train")
 
@@ -118,9 +125,6 @@ def _build(cls, values: Any, where: str):
 
 
 def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
-    from kdcache.student_train.data import DataConfig
-    from kdcache.student_train.module import LossConfig, OptimConfig
-
     if not isinstance(raw, dict):
         raise TrainConfigError(f"{source}: a run config is a mapping with 'stages'")
     unknown = sorted(set(raw) - {"name", "output_dir", "defaults", "stages"})
@@ -216,8 +220,6 @@ def student_tokenizer_dir(stage: StageConfig, header) -> str | None:
 def copy_tokenizer(src: str | None, hf_dir: str) -> None:
     """Put the tokenizer beside the exported weights, so transformers and vLLM load the student
     (and `kdcache eval needle` can build prompts) with no other directory."""
-    import shutil
-
     if not src:
         return
     for name in _TOKENIZER_FILES:
@@ -228,9 +230,6 @@ def copy_tokenizer(src: str | None, hf_dir: str) -> None:
 def model_args_for(stage: StageConfig, header, where: str):
     """ModelArgs for a stage on a dataset: preset + theta + the mask/positions the data needs,
     after the vocabulary check."""
-    from kdcache.student_train.model import ModelArgs, mode_for_packing
-    from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
-
     cfg = stage.model
     attention, positions = mode_for_packing(header.packing["mode"], cfg.attention, cfg.positions,
                                             force=cfg.force_mode, where=where)
@@ -287,9 +286,6 @@ def build_trainer(stage: StageConfig, stage_dir: str, callbacks: list | None = N
 
 def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
     """The data module and the LightningModule for one stage (nothing is trained yet)."""
-    from kdcache.student_train.data import WindowDataModule
-    from kdcache.student_train.module import StudentModule
-
     datamodule = WindowDataModule(stage.data)
     where = f"stage {stage.name!r} data {stage.data.paths[0] if stage.data.paths else '?'}"
     if not stage.data.paths:
@@ -311,10 +307,6 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
 def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None, *,
               resume: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train one stage to `trainer.max_steps`, export it, return its summary."""
-    import time
-
-    from kdcache.student_train.model import save_hf
-
     summary_path = os.path.join(stage_dir, "summary.json")
     if resume and os.path.exists(summary_path):
         with open(summary_path) as handle:
@@ -345,8 +337,6 @@ def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None
             "stage": stage.name, "steps": summary["steps"], "loss": asdict(stage.loss),
             "data": list(stage.data.paths), "holdout_windows": stage.data.holdout_windows}})
         copy_tokenizer(student_tokenizer_dir(stage, datamodule.header), hf_dir)
-        from kdcache.formats.storage import atomic_write_bytes, resolve
-
         fs, base = resolve(summary_path)
         atomic_write_bytes(fs, base, (json.dumps(summary, indent=2) + "\n").encode())
     return summary

@@ -32,6 +32,8 @@ import numpy as np
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.formats import storage
+from kdcache.formats.codecs import default_codec
+from kdcache.formats.manifest import DatasetHeader, ShardInfo
 from kdcache.formats.packing import MODES
 from kdcache.formats.writer import (begin_dataset, dataset_finished, finish_dataset,
                                     read_finished_manifest, read_stored_codec_table,
@@ -84,9 +86,6 @@ def make_plan(cfg: DumpConfig, tokenizer: TeacherTokenizer) -> Plan:
 
 
 def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
-    from kdcache.formats.codecs import default_codec
-    from kdcache.formats.manifest import DatasetHeader
-
     t, p = cfg.teacher, cfg.pack
     teacher = dict(plan.teacher)
     teacher.update(engine=cfg.engine, dtype=t.dtype,
@@ -267,8 +266,6 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
 
 def _finish(cfg: DumpConfig, state: _RunState, seconds: float) -> dict[str, Any]:
     """Write the manifest and card (unless the dataset was already final); the summary."""
-    from kdcache.formats.manifest import ShardInfo
-
     plan, t = state.plan, cfg.teacher
     shards = [ShardInfo.from_dict(state.done[s["name"]]) for s in plan.shards]
     total_tokens = sum(s["tokens"] for s in plan.shards)

@@ -15,6 +15,10 @@ from dataclasses import asdict, replace
 from typing import Any, Iterator
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.manifest import DatasetHeader
+from kdcache.formats.window import WindowRecord
+from kdcache.formats.writer import make_codec, write_shard
+from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig
 from kdcache.teacher_dump.pack import PackedWindow
 
@@ -29,8 +33,6 @@ def engine_records(engine, windows: list[PackedWindow],
                    call_tokens: int = ENGINE_CALL_TOKENS) -> Iterator:
     """WindowRecords for `windows`, the engine called on groups of about `call_tokens` tokens,
     lazily: while the writer's threads encode one group, the engine computes the next."""
-    from kdcache.formats.window import WindowRecord
-
     def run(group: list[PackedWindow]):
         for w, t in zip(group, engine.topk(group)):
             yield WindowRecord(window_index=w.window_index, tokens=w.tokens,
@@ -61,15 +63,10 @@ class DumpWorker:
     """
 
     def __init__(self, engine_name: str, engine_cfg: dict) -> None:
-        from kdcache.teacher_dump.engines import make_engine
-
         self.engine = make_engine(engine_name, EngineConfig(**engine_cfg))
         self.out = self.header = self.codec = None
 
     def configure(self, out: str, header: dict, table: bytes | None) -> int:
-        from kdcache.formats.manifest import DatasetHeader
-        from kdcache.formats.writer import make_codec
-
         self.out = out
         self.header = DatasetHeader(**header)
         self.codec = make_codec(self.header, table)
@@ -83,8 +80,6 @@ class DumpWorker:
         return [(t.ids, t.logprobs, t.valid) for t in out]
 
     def run_shard(self, name: str, windows: list[dict]) -> dict:
-        from kdcache.formats.writer import write_shard
-
         wins = [PackedWindow(**w) for w in windows]
         info = write_shard(self.out, name, engine_records(self.engine, wins), self.header, self.codec)
         return asdict(info)

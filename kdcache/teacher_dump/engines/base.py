@@ -17,7 +17,7 @@ exists (never an [n, V] log-softmax).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -68,8 +68,6 @@ class TeacherEngine(ABC):
 
     def reconfigure(self, *, k: int, mode: str, window: int) -> None:
         """Serve another k / packing mode without restarting (a started engine is expensive)."""
-        from dataclasses import replace
-
         if mode not in self.modes:
             raise EngineError(f"engine {self.name!r} cannot serve packing mode {mode!r}")
         if window > self.cfg.window:
@@ -111,8 +109,9 @@ def chunked_topk(hidden, weight, k: int, *, chunk_elements: int | None = None, o
     hidden: [n, d] torch tensor; weight: [V, d]. Returns torch (ids int32 [n, k], logprobs fp32
     [n, k]) or fills `out_ids` / `out_logprobs` (numpy views of the same shape) in place.
     chunk_elements: logits per block; default 2^23 on CPU (cache-sized), 2^28 on a GPU (about
-    1,300 rows at V=202,048: 41-row blocks ran the lm_head at ~55 TFLOP/s on an H200). On a GPU
-    the results stay on the device until the end: one copy to the host, not one per block.
+    1,300 rows at V=202,048: blocks of a few dozen rows leave the GPU's matrix units mostly idle;
+    docs/teacher_dump.md). On a GPU the results stay on the device until the end: one copy to
+    the host, not one per block.
     """
     import torch
 
