@@ -107,8 +107,8 @@ ENCODE_THREADS_ENV = "KDCACHE_ENCODE_THREADS"
 def default_encode_threads() -> int:
     """Threads that validate and encode windows while the caller produces the next ones: the
     codec's numpy, numba (nogil) and zstd work releases the GIL. KDCACHE_ENCODE_THREADS, else
-    up to 8 of this process's CPUs (16-core H200 host: 1 thread 72k tokens/s at k=64, 4 threads
-    3.0x, 8 threads 4.8x, 12 threads 5.4x; bench/bench_encode.py)."""
+    up to 8 of this process's CPUs: beyond 8 the gain flattens (BENCHMARKS.md, encode threads;
+    bench/bench_encode.py)."""
     env = os.environ.get(ENCODE_THREADS_ENV)
     if env:
         try:
