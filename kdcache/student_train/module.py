@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -99,14 +99,18 @@ def distillation_loss(model: Student, batch: dict[str, torch.Tensor], loss_cfg: 
 class StudentModule(pl.LightningModule):
     """Trains a `Student` from teacher targets; see the module docstring for the loss."""
 
-    def __init__(self, model_args: dict[str, Any], loss: dict[str, Any] | None = None,
-                 optim: dict[str, Any] | None = None, compile_blocks: bool = False,
+    def __init__(self, model_args: ModelArgs, loss: LossConfig | None = None,
+                 optim: OptimConfig | None = None, compile_blocks: bool = False,
                  checkpoint_layers: int = 0, init_from: str | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.model_args = ModelArgs(**model_args)
-        self.loss_cfg = LossConfig(**(loss or {}))
-        self.optim_cfg = OptimConfig(**(optim or {}))
+        self.model_args = model_args
+        self.loss_cfg = loss or LossConfig()
+        self.optim_cfg = optim or OptimConfig()
+        # Checkpoints record plain values, not kdcache classes, so any kdcache can read them.
+        self.save_hyperparameters({
+            "model_args": model_args.as_dict(), "loss": asdict(self.loss_cfg),
+            "optim": asdict(self.optim_cfg), "compile_blocks": compile_blocks,
+            "checkpoint_layers": checkpoint_layers, "init_from": init_from})
         if init_from:
             # A later stage: the previous stage's weights, this stage's theta and masks.
             self.model = load_hf(init_from, rope_theta=self.model_args.rope_theta,

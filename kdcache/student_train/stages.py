@@ -33,7 +33,8 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from kdcache.errors import KdcacheError
@@ -50,6 +51,11 @@ class TrainConfigError(KdcacheError):
     """A training config file is malformed (unknown key, wrong type, missing field)."""
 
 
+# One config story: a run file is read into these typed dataclasses (and DataConfig, LossConfig,
+# OptimConfig beside the code they configure) by `_build`, field by field from their type hints;
+# nothing downstream sees a dict. `ModelConfig` is the stage's choice of student (a preset and
+# what to change in it, or "match the data"); `ModelArgs` (model.py), built from it once the
+# dataset is known, is the one type that describes the student's architecture.
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
@@ -63,6 +69,13 @@ class ModelConfig:
     compile: bool = False  # torch.compile each block (CUDA)
     init_seed: int = 0  # random initialisation (stages without init_from)
     overrides: dict[str, Any] = field(default_factory=dict)  # any other ModelArgs field
+
+    def __post_init__(self) -> None:
+        settable = {f.name for f in fields(ModelArgs) if f.init}
+        unknown = sorted(set(self.overrides) - settable)
+        if unknown:
+            raise ValueError(f"overrides {unknown} are not ModelArgs fields; known: "
+                             f"{sorted(settable)}")
 
 
 @dataclass
@@ -83,11 +96,11 @@ class TrainerConfig:
 @dataclass
 class StageConfig:
     name: str
-    model: ModelConfig
-    data: Any  # DataConfig
-    loss: Any  # LossConfig
-    optim: Any  # OptimConfig
-    trainer: TrainerConfig
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     init_from: str | None = None  # "previous", an HF directory, or None (random init)
 
 
@@ -110,6 +123,8 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _build(cls, values: Any, where: str):
+    """A `cls` dataclass from a YAML mapping: unknown keys refused, nested dataclasses built from
+    their sections, YAML lists turned into the tuples a field's type asks for."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -118,10 +133,23 @@ def _build(cls, values: Any, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise TrainConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _value(hints[key], value, f"{where}.{key}") for key, value in values.items()}
     try:
-        return cls(**values)
+        return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise TrainConfigError(f"{where}: {exc}") from None
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    if is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if origin is list and isinstance(value, str):  # `paths: ds` for `paths: [ds]`
+        return [value]
+    return value
 
 
 def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
@@ -137,28 +165,14 @@ def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     stages = []
     for index, stage_raw in enumerate(stages_raw):
         merged = _merge(defaults, stage_raw or {})
-        name = merged.pop("name", f"stage{index + 1}")
-        where = f"{source}: stage {name!r}"
-        unknown = sorted(set(merged) - {"model", "data", "loss", "optim", "trainer", "init_from"})
-        if unknown:
-            raise TrainConfigError(f"{where}: unknown key(s) {unknown}")
-        data_raw = merged.get("data") or {}
-        if isinstance(data_raw.get("paths"), str):
-            data_raw["paths"] = [data_raw["paths"]]
-        data_raw.setdefault("paths", [])
-        trainer = _build(TrainerConfig, merged.get("trainer"), f"{where}.trainer")
-        optim_raw = dict(merged.get("optim") or {})
-        optim_raw.setdefault("total_steps", trainer.max_steps)
-        if "betas" in optim_raw:
-            optim_raw["betas"] = tuple(optim_raw["betas"])
-        stages.append(StageConfig(
-            name=name,
-            model=_build(ModelConfig, merged.get("model"), f"{where}.model"),
-            data=_build(DataConfig, data_raw, f"{where}.data"),
-            loss=_build(LossConfig, merged.get("loss"), f"{where}.loss"),
-            optim=_build(OptimConfig, optim_raw, f"{where}.optim"),
-            trainer=trainer,
-            init_from=merged.get("init_from")))
+        merged.setdefault("name", f"stage{index + 1}")
+        where = f"{source}: stage {merged['name']!r}"
+        if isinstance(merged.get("data") or {}, dict):  # paths may come from --data later
+            merged["data"] = {"paths": [], **(merged.get("data") or {})}
+        stage = _build(StageConfig, merged, where)
+        if "total_steps" not in (merged.get("optim") or {}):  # the cosine ends with training
+            stage.optim.total_steps = stage.trainer.max_steps
+        stages.append(stage)
     if stages[0].init_from == "previous":
         raise TrainConfigError(f"{source}: the first stage cannot start from 'previous'")
     return RunConfig(name=raw.get("name") or os.path.splitext(os.path.basename(source))[0],
@@ -298,8 +312,7 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
     init_from = stage.init_from
     if init_from == "previous":
         init_from = previous_hf
-    module = StudentModule(args.as_dict(), asdict(stage.loss), asdict(stage.optim),
-                           compile_blocks=stage.model.compile,
+    module = StudentModule(args, stage.loss, stage.optim, compile_blocks=stage.model.compile,
                            checkpoint_layers=stage.model.checkpoint_layers, init_from=init_from)
     return datamodule, module, verdict
 
