@@ -28,11 +28,10 @@ import xxhash
 from kdcache import __version__
 from kdcache.errors import FormatError
 from kdcache.formats import storage
-from kdcache.formats.card import render_card
+from kdcache.formats.card import write_card
 from kdcache.formats.codecs import TargetCodec, get_codec
-from kdcache.formats.manifest import (CARD_NAME, MANIFEST_NAME, SHARD_DIR, TABLE_PATH,
-                                      DatasetHeader, ShardInfo, build_manifest, dump_manifest,
-                                      parse_manifest)
+from kdcache.formats.manifest import (MANIFEST_NAME, SHARD_DIR, TABLE_PATH, DatasetHeader,
+                                      ShardInfo, build_manifest, dump_manifest, parse_manifest)
 from kdcache.formats.shard import shard_schema, window_batch
 from kdcache.formats.validate import validate_window
 from kdcache.formats.window import WindowRecord
@@ -190,8 +189,9 @@ def write_shard(root: str, shard_name: str, windows: Iterable[WindowRecord],
 def finish_dataset(root: str, header: DatasetHeader, shards: list[ShardInfo], *,
                    table: bytes | None = None,
                    stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the dataset card, then manifest.json (last: its presence marks a complete dataset).
-    `table` is the codec table the shards were coded with (begin_dataset stored it).
+    """Write the dataset card (README.md and its figure), then manifest.json (last: its presence
+    marks a complete dataset). `table` is the codec table the shards were coded with
+    (begin_dataset stored it).
 
     The manifest records every codec parameter, the codec's defaults included, so that a later
     kdcache with other defaults still decodes it."""
@@ -202,7 +202,7 @@ def finish_dataset(root: str, header: DatasetHeader, shards: list[ShardInfo], *,
     header = replace(header, codec_params=make_codec(header, table).config())
     manifest = build_manifest(header, shards, table=_table_entry(table), stats=stats,
                               created_by=f"kdcache {__version__}")
-    storage.atomic_write_bytes(fs, storage.join(base, CARD_NAME), render_card(manifest).encode())
+    write_card(root, manifest)
     storage.atomic_write_bytes(fs, storage.join(base, MANIFEST_NAME), dump_manifest(manifest))
     return manifest
 

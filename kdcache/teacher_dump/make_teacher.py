@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
+from kdcache.teacher_dump.chat import BUILTIN_CHAT_TEMPLATE
 from kdcache.teacher_dump.corpus import builtin_corpus
 
 TEACHER_PRESETS: dict[str, dict] = {
@@ -83,7 +84,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=10**9)
+                                   eos_token="</s>", model_max_length=10**9,
+                                   chat_template=BUILTIN_CHAT_TEMPLATE)
 
 
 def _training_batches(token_ids: list[list[int]], cfg: TeacherConfig, bos: int, eos: int):

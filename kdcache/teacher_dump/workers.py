@@ -52,7 +52,7 @@ def engine_records(engine, windows: list[PackedWindow],
 def window_to_dict(w: PackedWindow) -> dict[str, Any]:
     """A window as plain fields (what travels to an actor; `PackedWindow(**d)` rebuilds it)."""
     return {"window_index": w.window_index, "tokens": w.tokens, "doc_offsets": w.doc_offsets,
-            "doc_ids": w.doc_ids, "doc_pieces": w.doc_pieces}
+            "doc_ids": w.doc_ids, "doc_pieces": w.doc_pieces, "target_mask": w.target_mask}
 
 
 class DumpWorker:
