@@ -353,6 +353,7 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
                                   "start at 0 per document, which vLLM cannot take: use --engine hf")
     tokenizer = TeacherTokenizer(cfg.model, cfg.bos_id, cfg.eos_id)
     fs, base = storage.resolve(cfg.out)
+    storage.check_reachable(fs, base)  # a missing bucket or refused credentials: before any work
     existing = load_plan(cfg.out)
     if existing is None and fs.exists(storage.join(base, MANIFEST_NAME)):
         raise ConfigMismatchError(f"{cfg.out}: holds a dataset that was not made by this dump "
