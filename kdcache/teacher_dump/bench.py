@@ -115,8 +115,8 @@ class DumpBench:
 
     def dump_fn(self, eng, windows, k: int, window: int):
         """What a dump worker does for one shard: the engine called on ~16k-token groups while
-        the writer's threads encode the previous group (runner.engine_records + write_shard)."""
-        from kdcache.teacher_dump.runner import engine_records
+        the writer's threads encode the previous group (workers.engine_records + write_shard)."""
+        from kdcache.teacher_dump.workers import engine_records
 
         header, codec = self._header(k, window)
 
