@@ -64,9 +64,11 @@ def test_no_temporaries_or_unfinished_uploads_on_s3(s3, local_and_remote):
     bucket, prefix = url[5:].split("/", 1)
     client = s3.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
-    assert sorted(k[len(prefix) + 1:] for k in keys) == [
-        "README.md", "codec/table.bin", "manifest.json"] + [
+    names = {k[len(prefix) + 1:] for k in keys}
+    assert {"README.md", "codec/table.bin", "manifest.json"} <= names
+    assert sorted(n for n in names if n.startswith("shards/")) == [
         f"shards/shard-{i:05d}.arrow" for i in range(3)]
+    assert not [n for n in names if storage.TMP_MARKER in n]
     assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
