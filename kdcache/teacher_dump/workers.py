@@ -105,7 +105,9 @@ def init_ray(address: str | None) -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            # "local": start this run's own cluster, never attach to one `ray start` left on
+            # the machine (its GCS may be gone, and ray.init() then waits on it)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise DumpError(f"cannot start or reach Ray ({address or 'local'}): {exc}") from None
 
