@@ -152,6 +152,7 @@ def _plan_run(cfg: DumpConfig) -> _RunState:
                                   "start at 0 per document, which vLLM cannot take: use --engine hf")
     tokenizer = TeacherTokenizer(cfg.teacher.model, cfg.pack.bos_id, cfg.pack.eos_id)
     fs, base = storage.resolve(cfg.out)
+    storage.check_reachable(fs, base)  # a missing bucket or refused credentials: before any work
     existing = load_plan(cfg.out)
     if existing is None and fs.exists(storage.join(base, MANIFEST_NAME)):
         raise ConfigMismatchError(f"{cfg.out}: holds a dataset that was not made by this dump "
@@ -324,7 +325,7 @@ def _finish(cfg: DumpConfig, state: _RunState, seconds: float) -> dict[str, Any]
         fs, base = storage.resolve(cfg.out)
         try:
             fs.rm(storage.join(base, PROGRESS_DIR), recursive=True)
-        except (OSError, FileNotFoundError):
+        except (OSError, KdcacheError):  # leftover records are harmless beside a manifest
             pass
     return summary
 
