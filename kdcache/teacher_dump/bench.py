@@ -31,13 +31,13 @@ import numpy as np
 
 from kdcache.formats.codecs import default_codec
 from kdcache.formats.manifest import DatasetHeader
-from kdcache.formats.writer import default_encode_threads, prepare_codec, shard_name, write_shard
+from kdcache.formats.writer import default_encode_threads, prepare_codec, shard_name
 from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
 from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk, segments_for_mode
 from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import teacher_fingerprint
-from kdcache.teacher_dump.workers import engine_records
+from kdcache.teacher_dump.pipeline import ShardPipeline
 
 
 @dataclass
@@ -52,6 +52,7 @@ class BenchConfig:
     baseline: bool = True
     mode: str = "causal"
     dtype: str = "float32"  # the engine's weights and activations (bfloat16 on a GPU)
+    windows_per_shard: int = 4  # the timed windows are written as shards of this many
 
 
 def bench_windows(cfg: BenchConfig):
@@ -65,10 +66,6 @@ def bench_windows(cfg: BenchConfig):
         if len(wins) == cfg.windows:
             break
     return wins
-
-
-def _write(records, header, codec, root: str, name: str) -> None:
-    write_shard(root, name, records, header, codec)
 
 
 class DumpBench:
@@ -109,14 +106,17 @@ class DumpBench:
                                packing={"window": window, "mode": self.mode})
         return header, prepare_codec(header)
 
-    def dump_fn(self, eng, windows, k: int, window: int):
-        """What a dump worker does for one shard: the engine called on ~16k-token groups while
-        the writer's threads encode the previous group (workers.engine_records + write_shard)."""
+    def dump_fn(self, eng, windows, k: int, window: int, windows_per_shard: int = 4):
+        """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
+        into shards, the engine called on ~16k-token groups on this thread while the writer's
+        threads encode the previous group and finish the previous shard."""
         header, codec = self._header(k, window)
+        pipeline = ShardPipeline(eng)
 
         def run() -> None:
-            _write(engine_records(eng, windows), header, codec, self.tmp,
-                   shard_name(next(self._names)))
+            shards = [(shard_name(next(self._names)), windows[i:i + windows_per_shard])
+                      for i in range(0, len(windows), windows_per_shard)]
+            pipeline.write_all(self.tmp, shards, header, codec)
         return run
 
     def measure(self, cfg: BenchConfig) -> dict:
@@ -135,9 +135,11 @@ class DumpBench:
             chunked_topk(hidden, self.weight, cfg.k)
 
         timers = {"prefill": _prefill_fn(cfg, self.engine, self.base, windows), "extra": extra,
-                  "dump": self.dump_fn(self.engine, windows, cfg.k, cfg.window)}
+                  "dump": self.dump_fn(self.engine, windows, cfg.k, cfg.window,
+                                       cfg.windows_per_shard)}
         if self.baseline and cfg.baseline:
-            timers["baseline"] = self.dump_fn(self.base, windows, cfg.k, cfg.window)
+            timers["baseline"] = self.dump_fn(self.base, windows, cfg.k, cfg.window,
+                                              cfg.windows_per_shard)
         for fn in timers.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {name: [] for name in timers}
