@@ -59,12 +59,6 @@ def bench_windows(cfg: BenchConfig):
     return wins
 
 
-def _write(records, header, codec, root: str, name: str) -> None:
-    from kdcache.formats.writer import write_shard
-
-    write_shard(root, name, records, header, codec)
-
-
 class DumpBench:
     """Started engines (the dump engine and, for vLLM, the prompt-logprobs baseline, which also
     serves prefill-only) reused across measurements of several k and windows."""
@@ -114,15 +108,16 @@ class DumpBench:
         return header, prepare_codec(header)
 
     def dump_fn(self, eng, windows, k: int, window: int):
-        """What a dump worker does for one shard: the engine called on ~16k-token groups while
-        the writer's threads encode the previous group (workers.engine_records + write_shard)."""
-        from kdcache.teacher_dump.workers import engine_records
+        """What a dump worker does for one shard (pipeline.ShardPipeline, the dump's own code):
+        the engine called on ~16k-token groups on this thread while the writer's threads encode
+        the previous group."""
+        from kdcache.teacher_dump.pipeline import ShardPipeline
 
         header, codec = self._header(k, window)
+        pipeline = ShardPipeline(eng)
 
         def run() -> None:
-            _write(engine_records(eng, windows), header, codec, self.tmp,
-                   f"shard-{next(self._names):05d}")
+            pipeline.write(self.tmp, f"shard-{next(self._names):05d}", windows, header, codec)
         return run
 
     def measure(self, cfg: BenchConfig) -> dict:
