@@ -41,6 +41,7 @@ class BenchConfig:
     baseline: bool = True
     mode: str = "causal"
     dtype: str = "float32"  # the engine's weights and activations (bfloat16 on a GPU)
+    windows_per_shard: int = 4  # the timed windows are written as shards of this many
 
 
 def bench_windows(cfg: BenchConfig):
@@ -107,17 +108,19 @@ class DumpBench:
                                packing={"window": window, "mode": self.mode})
         return header, prepare_codec(header)
 
-    def dump_fn(self, eng, windows, k: int, window: int):
-        """What a dump worker does for one shard (pipeline.ShardPipeline, the dump's own code):
-        the engine called on ~16k-token groups on this thread while the writer's threads encode
-        the previous group."""
+    def dump_fn(self, eng, windows, k: int, window: int, windows_per_shard: int = 4):
+        """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
+        into shards, the engine called on ~16k-token groups on this thread while the writer's
+        threads encode the previous group and finish the previous shard."""
         from kdcache.teacher_dump.pipeline import ShardPipeline
 
         header, codec = self._header(k, window)
         pipeline = ShardPipeline(eng)
 
         def run() -> None:
-            pipeline.write(self.tmp, f"shard-{next(self._names):05d}", windows, header, codec)
+            shards = [(f"shard-{next(self._names):05d}", windows[i:i + windows_per_shard])
+                      for i in range(0, len(windows), windows_per_shard)]
+            pipeline.write_all(self.tmp, shards, header, codec)
         return run
 
     def measure(self, cfg: BenchConfig) -> dict:
@@ -139,9 +142,11 @@ class DumpBench:
             chunked_topk(hidden, self.weight, cfg.k)
 
         timers = {"prefill": _prefill_fn(cfg, self.engine, self.base, windows), "extra": extra,
-                  "dump": self.dump_fn(self.engine, windows, cfg.k, cfg.window)}
+                  "dump": self.dump_fn(self.engine, windows, cfg.k, cfg.window,
+                                       cfg.windows_per_shard)}
         if self.baseline and cfg.baseline:
-            timers["baseline"] = self.dump_fn(self.base, windows, cfg.k, cfg.window)
+            timers["baseline"] = self.dump_fn(self.base, windows, cfg.k, cfg.window,
+                                              cfg.windows_per_shard)
         for fn in timers.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {name: [] for name in timers}

@@ -102,6 +102,14 @@ class ShardPipeline:
         """One shard, start to written (its ShardInfo)."""
         return self.start(out, name, windows, header, codec, encode_threads).result()
 
+    def write_all(self, out: str, shards: Iterable[tuple[str, list[PackedWindow]]], header,
+                  codec, encode_threads: int | None = None) -> list:
+        """Several shards in order, each written while the engine computes the next (the
+        in-process counterpart of the runner's scheduling); their ShardInfos."""
+        futures = [self.start(out, name, windows, header, codec, encode_threads)
+                   for name, windows in shards]
+        return [f.result() for f in futures]
+
     def close(self) -> None:
         self._writers.shutdown(wait=True)
 

@@ -5,7 +5,7 @@
   packing options, engine, dtype, codec, windows per shard), as the flat `kdcache dump` options;
 - `execution`: settings that do not (workers, tensor parallel, Ray address), free to change
   between an interrupted run and its resume;
-- fingerprints of the corpus (file names, sizes, head/tail hashes) and of the teacher (config,
+- fingerprints of the corpus (file names, sizes, a hash of every byte) and of the teacher (config,
   tokenizer, weight file names, sizes and head/tail hashes);
 - `shards`: the deterministic layout, shard name -> windows and tokens, from a first packing pass.
 

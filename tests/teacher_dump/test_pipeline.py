@@ -85,8 +85,7 @@ def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path):
         write_shard(str(serial), name, group_records(engine, wins), header, codec)
     pipeline = ShardPipeline(engine, call_tokens=200)  # several engine calls per shard
     try:
-        futures = [pipeline.start(str(piped), name, wins, header, codec) for name, wins in shards]
-        infos = [f.result() for f in futures]
+        infos = pipeline.write_all(str(piped), shards, header, codec)
     finally:
         pipeline.close()
     assert [i.windows for i in infos] == [3, len(windows) - 3]
