@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "kdcache.formats.commands",
     "kdcache.formats.codec_commands",
     "kdcache.formats.ops_commands",
+    "kdcache.formats.convert_commands",
     "kdcache.student_train.commands",
     "kdcache.evaluate.eval_commands",
     "kdcache.evaluate.analysis_commands",

@@ -16,7 +16,7 @@ _HOMES = {
     "request_segments": "packing",
     "WindowRecord": "window", "Window": "window",
     "DatasetHeader": "manifest", "ShardInfo": "manifest",
-    "open_dataset": "reader", "LogitDataset": "reader",
+    "open_dataset": "reader", "LogitDataset": "reader", "hf_iterable_dataset": "hf",
     "verify_dataset": "verify",
     "DatasetWriter": "writer", "begin_dataset": "writer", "shard_name": "writer",
     "write_shard": "writer", "finish_dataset": "writer", "make_codec": "writer",
