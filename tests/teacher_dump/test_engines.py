@@ -160,7 +160,7 @@ def test_hf_batched_documents_equal_documents_run_alone(hf_engine, windows):
         for s, e, p in segments_for_mode(win, mode):
             h = hf_engine.hidden_states(win.tokens[s:e], p)
             with torch.inference_mode():
-                lp = torch.log_softmax((h @ hf_engine.weight.T).float(), -1)
+                lp = torch.log_softmax(hf_engine.head(h), -1)
             ref = lp.topk(K + 1).values.numpy()
             v = got.valid[s:e]
             np.testing.assert_allclose(got.logprobs[s:e][v], ref[v], atol=1e-5, rtol=0)
