@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kdcache.errors import FormatError
-from kdcache.formats.window import PACKING_MODES
+from kdcache.formats.packing import PACKING_MODES
 
 FORMAT_NAME = "kdcache-logits"
 FORMAT_VERSION = "1.1.0"  # 1.1: packing.targets (which rows of a conversation get targets)
