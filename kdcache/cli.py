@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from kdcache import __version__
 from kdcache.errors import KdcacheError
 
 # Order here is the order in `kdcache --help`.
@@ -49,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from kdcache import __version__
-
     return f"kdcache {__version__}"
 
 

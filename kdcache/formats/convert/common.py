@@ -9,7 +9,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from kdcache.formats.window import WindowRecord, default_valid
+from kdcache.formats.packing import default_valid
+from kdcache.formats.window import WindowRecord
 
 # What kdcache's writer accepts (formats/validate.py); repaired rows land well inside it.
 _LOGPROB_MAX = 0.0

@@ -40,7 +40,8 @@ from kdcache.formats import storage
 from kdcache.formats.convert import torch_payload
 from kdcache.formats.convert.common import (RepairCounts, conversion_summary, repair_topk_rows,
                                            token_bar)
-from kdcache.formats.window import WindowRecord, default_valid
+from kdcache.formats.packing import default_valid
+from kdcache.formats.window import WindowRecord
 
 TAR_RE = re.compile(r"^cp(?P<cp>\d+)_dp(?P<dp>\d+)__(?P<iter>\d+)\.tar$")
 MEMBER_RE = re.compile(r"^(?P<iter>\d+)\.pt\.zst$")
