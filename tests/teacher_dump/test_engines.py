@@ -118,3 +118,49 @@ def test_engine_refuses_unknown_mode(teacher_dir):
 
     with pytest.raises(EngineError, match="cannot serve packing mode"):
         make_engine("hf", EngineConfig(model=teacher_dir, mode="sideways"))
+
+
+@pytest.mark.slow
+def test_vllm_many_document_window_matches_hf(vllm_workers, hf_engine, teacher_dir):
+    """A document-mode window of ~60 short documents (one vLLM request each, all sent in one
+    engine call) gives the same targets as the HF engine running each document alone."""
+    from kdcache.teacher_dump.pack import pack_token_docs
+
+    tok = TeacherTokenizer(teacher_dir)
+    rng = np.random.default_rng(3)
+    docs = [(i, rng.integers(3, 1000, size=int(rng.integers(2, 10))).tolist())
+            for i in range(80)]
+    win = next(iter(pack_token_docs(docs, PackConfig(window=512), tok.bos_id, tok.eos_id,
+                                    PackStats())))
+    assert len(win.doc_offsets) - 1 >= 40
+    ref = _hf(hf_engine, [win], "document")[0]
+    default_path = EngineConfig(model=teacher_dir).vllm_path
+    ids, lps, valid = _vllm(vllm_workers[default_path], [win], "document")[0]
+    assert np.array_equal(valid, ref.valid)
+    clear = (ref.logprobs[valid][:, K - 1] - ref.logprobs[valid][:, K]) > TIE_GAP
+    np.testing.assert_array_equal(np.sort(ids[valid][clear], axis=1),
+                                  np.sort(ref.ids[valid][clear, :K], axis=1))
+    assert np.abs(lps[valid][clear] - ref.logprobs[valid][clear, :K]).max() <= LOGPROB_TOL
+
+
+def test_hf_batched_documents_equal_documents_run_alone(hf_engine, windows):
+    """Right-padded batches of documents give each document's own forward (causal mask: real
+    tokens never see the padding), in document and document-global modes."""
+    import torch
+
+    from kdcache.teacher_dump.engines.base import segments_for_mode
+    from kdcache.teacher_dump.engines.hf import length_batches
+
+    assert length_batches([5, 9, 2, 9], budget=18) == [[1, 3], [0, 2]]
+    assert length_batches([30, 4], budget=16) == [[0], [1]]  # too long for any batch: alone
+    win = windows[0]
+    for mode in ("document", "document-global"):
+        got = _hf(hf_engine, [win], mode)[0]
+        assert len(segments_for_mode(win, mode)) > 1
+        for s, e, p in segments_for_mode(win, mode):
+            h = hf_engine.hidden_states(win.tokens[s:e], p)
+            with torch.inference_mode():
+                lp = torch.log_softmax(hf_engine.head(h), -1)
+            ref = lp.topk(K + 1).values.numpy()
+            v = got.valid[s:e]
+            np.testing.assert_allclose(got.logprobs[s:e][v], ref[v], atol=1e-5, rtol=0)
