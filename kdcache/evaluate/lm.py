@@ -28,6 +28,7 @@ from kdcache.errors import KdcacheError
 from kdcache.evaluate.capture import find_decoder
 from kdcache.evaluate.models import EvalError, load_model
 from kdcache.evaluate.probe import logprobs_from_hidden
+from kdcache.evaluate.report import save_figure
 from kdcache.formats.packing import request_segments
 from kdcache.formats.reader import open_dataset
 
@@ -168,8 +169,4 @@ def plot_lm(result: dict, path: str) -> str:
         ax.legend(fontsize=7)
     fig.suptitle(f"Held-out {result['packing_mode']} windows of {os.path.basename(os.path.normpath(result['data']))}",
                  fontsize=10)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

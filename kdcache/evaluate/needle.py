@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from kdcache.evaluate.generate import make_generator, resolve_engine
 from kdcache.evaluate.models import EvalError, check_model_dir, model_label
 from kdcache.evaluate.needle_tasks import TASKS, VALUE_TYPES, build_samples, score
+from kdcache.evaluate.report import save_figure
 
 DEFAULT_MAX_NEW_TOKENS = {"passkey": 16, "niah_single": 32, "niah_multikey": 32,
                           "niah_multivalue": 128, "niah_multiquery": 128}
@@ -196,7 +197,7 @@ def plot_needle(result: dict, task: str, out_dir: str) -> list[str]:
                     ax.text(c, r, f"{v:.0%}", ha="center", va="center", fontsize=6)
     fig.colorbar(image, ax=axes, fraction=0.03, pad=0.03).set_label("accuracy")
     fig.suptitle(f"{task}: accuracy by length and depth", fontsize=10)
-    paths.append(_save(fig, os.path.join(out_dir, f"needle_{task}_heatmap.png")))
+    paths.append(save_figure(fig, os.path.join(out_dir, f"needle_{task}_heatmap.png")))
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for m in models:
@@ -214,19 +215,10 @@ def plot_needle(result: dict, task: str, out_dir: str) -> list[str]:
     ax.set_title(f"{task}: accuracy by needle distance", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths.append(_save(fig, os.path.join(out_dir, f"needle_{task}_distance.png")))
+    paths.append(save_figure(fig, os.path.join(out_dir, f"needle_{task}_distance.png")))
     return paths
 
 
 def _k(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
-
-def _save(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
-    return path
