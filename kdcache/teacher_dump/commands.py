@@ -55,9 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shuffle-buffer", type=int, default=4096, help="documents shuffled together")
     p.add_argument("--codec", default=None, help="target codec (default: the formats default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--vllm-path", default="hidden", choices=["hidden", "prompt-logprobs"],
-                   help="hidden: vLLM hidden states + chunked top-k (fast); prompt-logprobs: "
-                        "vLLM's own prompt log-probs")
+    p.add_argument("--vllm-path", default="pooler", choices=["pooler", "prompt-logprobs"],
+                   help="pooler (default): the model's own logits and top-k inside vLLM's "
+                        "worker, on its device; prompt-logprobs: vLLM's own prompt log-probs")
     p.add_argument("--bos-id", type=int, default=None)
     p.add_argument("--eos-id", type=int, default=None)
     p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose actor died")
@@ -82,7 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=8192)
     p.add_argument("--windows", type=int, default=4, help="windows to time")
     p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
+    p.add_argument("--mode", default="causal", choices=["causal", "document"],
+                   help="packing mode of the timed windows")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds (median)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's share of the GPU per engine (default: vLLM's, or what is free)")
     p.add_argument("--no-baseline", action="store_true", help="skip the prompt-logprobs baseline")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="engine dtype (bfloat16 on a GPU)")
@@ -129,7 +133,8 @@ def _run_bench_dump(args: argparse.Namespace) -> int:
     result = bench_dump(BenchConfig(model=args.model, corpus=args.corpus, k=args.k,
                                     window=args.window, windows=args.windows, engine=args.engine,
                                     rounds=args.rounds, baseline=not args.no_baseline,
-                                    dtype=args.dtype))
+                                    dtype=args.dtype, mode=args.mode,
+                                    gpu_memory_utilization=args.gpu_memory_utilization))
     if args.json:
         print(json.dumps(result))
     else:

@@ -51,7 +51,7 @@ class DumpConfig:
     windows_per_shard: int = 16
     codec: str | None = None  # None: the formats default for top-k
     dtype: str = "float32"
-    vllm_path: str = "hidden"
+    vllm_path: str = "pooler"
     bos_id: int | None = None
     eos_id: int | None = None
     # execution only

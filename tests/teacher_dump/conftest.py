@@ -51,11 +51,11 @@ def _start_worker(engine: str, teacher_dir: str, **engine_kw):
 
 @pytest.fixture(scope="session")
 def vllm_workers(ray_address, teacher_dir):
-    """{'hidden': actor, 'prompt-logprobs': actor}; constructors run concurrently in Ray."""
+    """{'pooler': actor, 'prompt-logprobs': actor}; constructors run concurrently in Ray."""
     import ray
 
     workers = {path: _start_worker("vllm", teacher_dir, vllm_path=path)
-               for path in ("hidden", "prompt-logprobs")}
+               for path in ("pooler", "prompt-logprobs")}
     yield workers
     for w in workers.values():
         ray.kill(w, no_restart=True)

@@ -37,6 +37,10 @@ class WindowTargets:
     ids: np.ndarray  # int32 [n, k]
     logprobs: np.ndarray  # float32 [n, k]
     valid: np.ndarray  # bool [n]
+    # sampled targets (EngineConfig.draws > 0): distinct drawn ids, -1 padded [n, draws], and
+    # their weights (counts / draws, 0 padded)
+    draw_ids: np.ndarray | None = None
+    draw_weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,12 @@ class EngineConfig:
     tensor_parallel: int = 1
     seed: int = 0
     chunk_elements: int | None = None  # logits per top-k block (None: by device, see chunked_topk)
-    vllm_path: str = "hidden"  # "hidden" (pooling + chunked top-k) | "prompt-logprobs"
+    vllm_path: str = "pooler"  # "pooler" (top-k inside vLLM's worker) | "prompt-logprobs"
     device: str = "auto"  # HF engine: "cpu", "cuda" or "auto"
     kv_cache_gib: float = 1.0  # vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float | None = None  # vLLM's share of the GPU (None: vLLM's default)
+    draws: int = 0  # > 0: also this many samples per row from softmax(z / temperature)
+    temperature: float = 1.0  # of the sampled draws
 
 
 class TeacherEngine(ABC):
