@@ -23,16 +23,17 @@ def driver_peak_mb(model: str, documents: int, shuffle_buffer: int = 512) -> flo
     from kdcache.teacher_dump.corpus import CorpusStats
     from kdcache.teacher_dump.pack import PackStats, TeacherTokenizer
     from kdcache.teacher_dump.plan import DumpConfig
-    from kdcache.teacher_dump.runner import _window_to_dict, iter_shards
+    from kdcache.teacher_dump.runner import iter_shards
+    from kdcache.teacher_dump.workers import window_to_dict
 
-    cfg = DumpConfig(model=model, corpus="builtin", out="unused", window=8192,
+    cfg = DumpConfig.from_options(model=model, corpus="builtin", out="unused", window=8192,
                      builtin_documents=documents, windows_per_shard=4,
                      shuffle_buffer=shuffle_buffer)
     tok = TeacherTokenizer(model)
     tracemalloc.start()
     shards = 0
     for _, wins in iter_shards(cfg, tok, CorpusStats(), PackStats()):
-        payload = [_window_to_dict(w) for w in wins]  # what the driver hands to an actor
+        payload = [window_to_dict(w) for w in wins]  # what the driver hands to an actor
         shards += 1
         del payload
     peak = tracemalloc.get_traced_memory()[1]

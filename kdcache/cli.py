@@ -19,8 +19,8 @@ _COMMAND_MODULES = (
     "kdcache.formats.commands",
     "kdcache.formats.codec_commands",
     "kdcache.student_train.commands",
-    "kdcache.student_train.eval.commands",
-    "kdcache.student_train.analysis.commands",
+    "kdcache.evaluate.eval_commands",
+    "kdcache.evaluate.analysis_commands",
     "kdcache.demo",
 )
 

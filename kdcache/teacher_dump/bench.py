@@ -117,7 +117,7 @@ class _Writer:
         """The engine called on ~16k-token groups while the writer's threads encode the
         previous group, written as one shard."""
         from kdcache.formats.writer import write_shard
-        from kdcache.teacher_dump.runner import engine_records
+        from kdcache.teacher_dump.workers import engine_records
 
         header, codec = self.header(c.k, c.window, c.mode)
 

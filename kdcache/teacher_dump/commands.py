@@ -113,7 +113,7 @@ def _run_dump(args: argparse.Namespace) -> int:
     from kdcache.teacher_dump.plan import DumpConfig
     from kdcache.teacher_dump.runner import format_summary, run_dump
 
-    cfg = DumpConfig(
+    cfg = DumpConfig.from_options(
         model=args.model, corpus=args.corpus, out=args.out, k=args.k, window=args.window,
         mode=args.mode, engine=args.engine, seed=args.seed,
         split_long_docs=not args.drop_long_docs, shuffle_buffer=args.shuffle_buffer,

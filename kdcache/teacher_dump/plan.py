@@ -2,7 +2,7 @@
 
 `plan.json` sits at the dataset root. It records
 - `config`: every setting that changes the targets (teacher, corpus, k, window, mode, seed,
-  packing options, engine, dtype, codec, windows per shard);
+  packing options, engine, dtype, codec, windows per shard), as the flat `kdcache dump` options;
 - `execution`: settings that do not (workers, tensor parallel, Ray address), free to change
   between an interrupted run and its resume;
 - fingerprints of the corpus (file names, sizes, head/tail hashes) and of the teacher (config,
@@ -25,6 +25,9 @@ from typing import Any
 
 from kdcache.errors import ConfigMismatchError, FormatError
 from kdcache.formats import storage
+from kdcache.teacher_dump.corpus import CorpusSpec
+from kdcache.teacher_dump.engines.base import EngineConfig
+from kdcache.teacher_dump.pack import PackConfig
 
 PLAN_NAME = "plan.json"
 PROGRESS_DIR = "progress"
@@ -32,51 +35,87 @@ PLAN_FORMAT = "kdcache-dump-plan"
 PLAN_VERSION = 1
 
 
-@dataclass
-class DumpConfig:
-    """One `kdcache dump` run. Fields above `workers` change the targets; the rest do not."""
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How a dump runs; free to change between an interrupted run and its resume."""
 
-    model: str
-    corpus: str
+    workers: int = 1  # engines (Ray actors)
+    ray_address: str | None = None  # None: a local Ray
+    max_retries: int = 3  # retries of a shard whose actor died
+    progress: bool = True  # a progress bar on stderr
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    """One `kdcache dump` run: its corpus, packing, teacher engine, output and execution.
+
+    The parts are the configs their components take as they are (no copying between them);
+    `from_options` builds them from the CLI's flat options, setting shared values (window,
+    seed) once. `identity()` is what must not change between a run and its resume.
+    """
+
+    corpus: CorpusSpec
+    pack: PackConfig
+    teacher: EngineConfig
     out: str
-    k: int = 64
-    window: int = 131072
-    mode: str = "document"
-    engine: str = "vllm"
-    seed: int = 0
-    split_long_docs: bool = True
-    shuffle_buffer: int = 4096
-    text_field: str = "text"
-    builtin_documents: int = 400
+    engine: str = "vllm"  # which engine serves `teacher` ("vllm" or "hf")
     windows_per_shard: int = 16
     codec: str | None = None  # None: the formats default for top-k
-    dtype: str = "float32"
-    vllm_path: str = "pooler"
-    bos_id: int | None = None
-    eos_id: int | None = None
-    # execution only
-    workers: int = 1
-    tensor_parallel: int = 1
-    ray_address: str | None = None
-    max_retries: int = 3
-    kv_cache_gib: float = 1.0
-    device: str = "auto"
-    progress: bool = True
+    execution: ExecutionConfig = ExecutionConfig()
 
-    EXECUTION_FIELDS = ("out", "workers", "tensor_parallel", "ray_address", "max_retries",
-                        "kv_cache_gib", "device", "progress")
+    @classmethod
+    def from_options(cls, *, model: str, corpus: str, out: str, k: int = 64,
+                     window: int = 131072, mode: str = "document", engine: str = "vllm",
+                     seed: int = 0, split_long_docs: bool = True, shuffle_buffer: int = 4096,
+                     text_field: str = "text", builtin_documents: int = 400,
+                     windows_per_shard: int = 16, codec: str | None = None,
+                     dtype: str = "float32", vllm_path: str = "pooler",
+                     bos_id: int | None = None, eos_id: int | None = None, workers: int = 1,
+                     tensor_parallel: int = 1, ray_address: str | None = None,
+                     max_retries: int = 3, kv_cache_gib: float = 1.0, device: str = "auto",
+                     progress: bool = True) -> "DumpConfig":
+        """The config of the CLI's options (same names as the `kdcache dump` flags)."""
+        return cls(
+            corpus=CorpusSpec(path=corpus, text_field=text_field,
+                              builtin_documents=builtin_documents, builtin_seed=seed),
+            pack=PackConfig(window=window, seed=seed, split_long_docs=split_long_docs,
+                            shuffle_buffer=shuffle_buffer, bos_id=bos_id, eos_id=eos_id),
+            teacher=EngineConfig(model=model, k=k, window=window, mode=mode, dtype=dtype,
+                                 tensor_parallel=tensor_parallel, seed=seed,
+                                 vllm_path=vllm_path, device=device, kv_cache_gib=kv_cache_gib),
+            out=out, engine=engine, windows_per_shard=windows_per_shard, codec=codec,
+            execution=ExecutionConfig(workers=workers, ray_address=ray_address,
+                                      max_retries=max_retries, progress=progress))
+
+    def options(self) -> dict[str, Any]:
+        """The flat options this config was built from (inverse of `from_options`)."""
+        c, p, t, x = self.corpus, self.pack, self.teacher, self.execution
+        return dict(model=t.model, corpus=c.path, out=self.out, k=t.k, window=p.window,
+                    mode=t.mode, engine=self.engine, seed=p.seed,
+                    split_long_docs=p.split_long_docs, shuffle_buffer=p.shuffle_buffer,
+                    text_field=c.text_field, builtin_documents=c.builtin_documents,
+                    windows_per_shard=self.windows_per_shard, codec=self.codec, dtype=t.dtype,
+                    vllm_path=t.vllm_path, bos_id=p.bos_id, eos_id=p.eos_id,
+                    workers=x.workers, tensor_parallel=t.tensor_parallel,
+                    ray_address=x.ray_address, max_retries=x.max_retries,
+                    kv_cache_gib=t.kv_cache_gib, device=t.device, progress=x.progress)
+
+    # settings that do not change the targets (recorded in plan.json, not compared)
+    EXECUTION_OPTIONS = ("out", "workers", "tensor_parallel", "ray_address", "max_retries",
+                         "kv_cache_gib", "device", "progress")
 
     def identity(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["model"] = os.path.abspath(self.model)
-        if self.corpus != "builtin" and "://" not in self.corpus:
-            d["corpus"] = os.path.abspath(self.corpus)
-        if self.corpus != "builtin":
+        d = self.options()
+        d["model"] = os.path.abspath(self.teacher.model)
+        if self.corpus.path != "builtin" and "://" not in self.corpus.path:
+            d["corpus"] = os.path.abspath(self.corpus.path)
+        if self.corpus.path != "builtin":
             d.pop("builtin_documents")
-        return {k: v for k, v in d.items() if k not in self.EXECUTION_FIELDS}
+        return {k: v for k, v in d.items() if k not in self.EXECUTION_OPTIONS}
 
-    def execution(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.EXECUTION_FIELDS}
+    def execution_options(self) -> dict[str, Any]:
+        options = self.options()
+        return {k: options[k] for k in self.EXECUTION_OPTIONS}
 
 
 @dataclass

@@ -39,7 +39,7 @@ def _start_worker(engine: str, teacher_dir: str, **engine_kw):
     import ray
 
     from kdcache.teacher_dump.engines.base import EngineConfig
-    from kdcache.teacher_dump.runner import DumpWorker
+    from kdcache.teacher_dump.workers import DumpWorker
 
     cfg = EngineConfig(model=teacher_dir, k=TEST_K_MAX, window=TEST_WINDOW, mode="document",
                        **engine_kw)
@@ -86,7 +86,7 @@ def _small_dump_config(teacher_dir: str, out, **overrides):
               engine="hf", builtin_documents=24, windows_per_shard=2, workers=2, progress=False,
               device="cpu", codec="raw")
     kw.update(overrides)
-    return DumpConfig(**kw)
+    return DumpConfig.from_options(**kw)
 
 
 def _read_all(path: str):

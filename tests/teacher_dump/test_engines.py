@@ -41,9 +41,9 @@ def _hf(engine, wins, mode):
 
 
 def _to_dicts(wins):
-    from kdcache.teacher_dump.runner import _window_to_dict
+    from kdcache.teacher_dump.workers import window_to_dict
 
-    return [_window_to_dict(w) for w in wins]
+    return [window_to_dict(w) for w in wins]
 
 
 def _vllm(worker, wins, mode, k=K):

@@ -37,21 +37,13 @@ from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, Teache
                                                WindowTargets, empty_targets, finish_targets,
                                                segments_for_mode)
 from kdcache.teacher_dump.pack import PackedWindow
+from kdcache.vllm_start import configure_vllm_env, start_llm
 
 VLLM_PATHS = ("pooler", "prompt-logprobs")
 
 
-def configure_vllm_env(kv_cache_gib: float) -> None:
-    """Environment vLLM reads at import / engine start (set before importing vllm)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for --json
-    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is optional
-
-
 def served_architecture(model_dir: str) -> str:
-    """The checkpoint's architecture, refused early (with the alternative) if vLLM lacks it."""
+    """The checkpoint's architecture, refused early (with the alternative) if not exactly one."""
     with open(os.path.join(model_dir, "config.json")) as fh:
         config = json.load(fh)
     archs = config.get("architectures") or []
@@ -221,19 +213,7 @@ def _pooler_config():
 
 
 def _make_llm(**kwargs):
-    import sys
-
-    from vllm import LLM
-
-    # vLLM 0.32's CPU kernel-override scan walks every module's globals and calls
-    # `vars(value).get`, which fails on llvmlite's ffi wrappers (numba, used by the codecs, may
-    # already be imported). Hide llvmlite's modules from that scan while the engine starts.
-    hidden = {name: mod for name, mod in sys.modules.items() if name.startswith("llvmlite")}
-    for name in hidden:
-        del sys.modules[name]
     try:
-        return LLM(**kwargs)
+        return start_llm(**kwargs)
     except (ValueError, RuntimeError) as exc:
         raise EngineError(f"{kwargs['model']}: vLLM could not start: {exc}") from exc
-    finally:
-        sys.modules.update(hidden)
