@@ -57,6 +57,7 @@ class EngineConfig:
     device: str = "auto"  # HF engine: "cpu", "cuda" or "auto"
     kv_cache_gib: float = 1.0  # vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float | None = None  # vLLM's share of the GPU (None: vLLM's default)
+    max_num_batched_tokens: int | None = None  # vLLM's tokens per step (None: vLLM's default)
     draws: int = 0  # > 0: also this many samples per row from softmax(z / temperature)
     temperature: float = 1.0  # of the sampled draws
 

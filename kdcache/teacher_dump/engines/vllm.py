@@ -80,6 +80,8 @@ class VLLMEngine(TeacherEngine):
                       distributed_executor_backend="uni" if cfg.tensor_parallel == 1 else "mp")
         if cfg.gpu_memory_utilization is not None:
             common["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if cfg.max_num_batched_tokens is not None:
+            common["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         if cfg.vllm_path == "pooler":
             from kdcache.teacher_dump.engines import vllm_topk
 

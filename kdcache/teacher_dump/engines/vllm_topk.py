@@ -144,15 +144,18 @@ class TopkPooler(_pooler_base()):
                 outs = [torch.cat([piece[:, :s["k"]], piece[:, k:k + s["k"]]], dim=1)
                         for piece, s in zip(torch.split(both, counts), settings)]
         states = getattr(pooling_metadata, "pooling_states", None)
-        if states is None or all(finished):
+        if states is None:
             return outs
         # chunked prefill: keep each unfinished request's compact rows until its last chunk
         result = []
         for state, out, done in zip(states, outs, finished):
-            state.hidden_states_cache.append(out)
+            cache = state.hidden_states_cache
+            if done and not cache:
+                result.append(out)
+                continue
+            cache.append(out)
             if done:
-                cache = state.hidden_states_cache
-                result.append(cache[0] if len(cache) == 1 else torch.cat(cache, dim=0))
+                result.append(torch.cat(cache, dim=0))
                 state.clean()
             else:
                 result.append(None)
