@@ -3,8 +3,10 @@
 A tiny teacher built locally (no network), the built-in corpus dumped through vLLM on a local Ray
 cluster, the dataset verified and inspected, a tiny student trained from the shards with KD, and
 the student evaluated against the teacher's stored targets on the last eighth of the windows,
-which training never saw (`--holdout-windows` / `--last-windows`). Each step is the same `kdcache`
-subcommand a user would run, so the demo doubles as a worked example.
+which training never saw (`--holdout-windows` / `--last-windows`). Then the same for chat data: the
+built-in conversations (system prompts, follow-ups, tool calls) rendered with the teacher's chat
+template, dumped with targets on the assistant turns only, and a student trained on them. Each
+step is the same `kdcache` subcommand a user would run, so the demo doubles as a worked example.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "RoPE schedule at a tiny size)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="override the training steps of every stage")
+    p.add_argument("--chat-conversations", type=int, default=160,
+                   help="built-in conversations in the chat example (0: skip it)")
     p.set_defaults(handler=_run_demo)
 
 
@@ -57,6 +61,26 @@ def _step(name: str, argv: list[str], log: list[dict]) -> subprocess.CompletedPr
     if proc.returncode != 0:
         raise SystemExit(f"demo step {name!r} failed with exit code {proc.returncode}")
     return proc
+
+
+def _chat_example(args: argparse.Namespace, out: Path, teacher: Path, log: list[dict]) -> None:
+    """Response-only targets: a chat corpus dumped with targets on the assistant turns, and a
+    short KD run on it (the prompt rows carry no target, so neither loss term sees them)."""
+    data, student = out / "chat-dataset", out / "chat-student"
+    if not (data / "manifest.json").exists():
+        _step("chat-dump", ["dump", "--model", str(teacher), "--corpus", "builtin-chat",
+                            "--builtin-documents", str(args.chat_conversations),
+                            "--targets", "assistant", "--out", str(data),
+                            "--window", str(args.window), "--k", str(args.k),
+                            "--engine", args.engine, "--workers", "1"], log)
+    _step("chat-inspect", ["inspect", str(data)], log)
+    steps = str(args.max_steps or 40)
+    _step("chat-train", ["train", "--config", "tiny-fixed10k-kd", "--data", str(data),
+                         "--out", str(student), "--max-steps", steps], log)
+    exports = sorted(student.glob("*/hf/config.json"))
+    if exports:
+        _step("chat-eval", ["eval", "lm", str(exports[-1].parent), str(teacher), "--data",
+                            str(data), "--out", str(out / "chat-eval")], log)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -110,6 +134,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         _step("eval", ["eval", "lm", *models, "--data", str(data), "--out", str(out / "eval"), *held], log)
     else:
         skipped.append("eval")
+
+    if args.chat_conversations and "train" in have and (teacher / "config.json").exists():
+        _chat_example(args, out, teacher, log)
 
     summary = {"out": str(out), "steps": log, "skipped": skipped}
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2))

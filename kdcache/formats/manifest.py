@@ -17,7 +17,7 @@ from kdcache.errors import FormatError
 from kdcache.formats.window import PACKING_MODES
 
 FORMAT_NAME = "kdcache-logits"
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"  # 1.1: packing.targets (which rows of a conversation get targets)
 MANIFEST_NAME = "manifest.json"
 CARD_NAME = "README.md"
 SHARD_DIR = "shards"

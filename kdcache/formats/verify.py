@@ -20,7 +20,6 @@ from kdcache.formats import storage
 from kdcache.formats.manifest import SHARD_DIR
 from kdcache.formats.reader import LogitDataset
 from kdcache.formats.validate import validate_window
-from kdcache.formats.window import WindowRecord
 
 
 @dataclass
@@ -83,12 +82,7 @@ def verify_dataset(root: str | os.PathLike, *, decode: bool = True,
                                            f"manifest's range {info.first_window}..{info.last_window}")
                 if decode:
                     w = ds.decode_window(f, where=where)
-                    values = w.logprobs if w.logprobs is not None else w.weights
-                    rec = WindowRecord(window_index=f["window_index"], tokens=f["tokens"],
-                                       doc_offsets=f["doc_offsets"], valid=f["valid"],
-                                       ids=w.ids.numpy(), values=values.numpy(),
-                                       doc_ids=f["doc_ids"], doc_pieces=f["doc_pieces"])
-                    validate_window(rec, ds.header, where=reader.path)
+                    validate_window(w.to_record(), ds.header, where=reader.path)
                 report.windows_checked += 1
                 report.tokens_checked += n
             except KdcacheError as exc:

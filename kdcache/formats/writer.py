@@ -20,9 +20,9 @@ import xxhash
 from kdcache import __version__
 from kdcache.errors import FormatError
 from kdcache.formats import storage
-from kdcache.formats.card import render_card
+from kdcache.formats.card import write_card
 from kdcache.formats.codecs import TargetCodec, get_codec
-from kdcache.formats.manifest import (CARD_NAME, MANIFEST_NAME, SHARD_DIR, TABLE_PATH,
+from kdcache.formats.manifest import (MANIFEST_NAME, SHARD_DIR, TABLE_PATH,
                                       DatasetHeader, ShardInfo, build_manifest, dump_manifest)
 from kdcache.formats.shard import shard_schema, window_batch
 from kdcache.formats.validate import validate_window
@@ -171,14 +171,15 @@ def write_shard(root: str, shard_name: str, windows: Iterable[WindowRecord],
 def finalize_dataset(root: str, header: DatasetHeader, shards: list[ShardInfo], *,
                      stats: dict[str, Any] | None = None,
                      table: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the dataset card, then manifest.json (last: its presence marks a complete dataset)."""
+    """Write the dataset card (README.md and its figure), then manifest.json (last: its presence
+    marks a complete dataset)."""
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         raise FormatError(f"{root}: duplicate shard names in the manifest")
     fs, base = storage.resolve(root)
     manifest = build_manifest(header, shards, table=table, stats=stats,
                               created_by=f"kdcache {__version__}")
-    storage.atomic_write_bytes(fs, storage.join(base, CARD_NAME), render_card(manifest).encode())
+    write_card(root, manifest)
     storage.atomic_write_bytes(fs, storage.join(base, MANIFEST_NAME), dump_manifest(manifest))
     return manifest
 

@@ -23,8 +23,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from kdcache.errors import KdcacheError
 from kdcache.student_train.data import IGNORE_INDEX
 from kdcache.student_train.model import ModelArgs, Student
+
+
+class NonFiniteLossError(KdcacheError):
+    """Training produced a NaN or infinite loss; it stops rather than train on (or export) it."""
 
 
 @dataclass
@@ -70,7 +75,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
                              fused=True if on_cuda else None)
 
 
-def distillation_loss(model: Student, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
+def distillation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
                       loss_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Forward the student on a batch and return {'loss', 'kd', 'ce', 'rows'}."""
     from kdcache.kernels import fused_sparse_kl
@@ -80,10 +85,14 @@ def distillation_loss(model: Student, batch: dict[str, torch.Tensor], loss_cfg: 
     rows = labels != IGNORE_INDEX  # rows with a teacher target and a next token
     h = hidden[rows]
     weight = model.lm_head_weight
+    bias = getattr(model, "lm_head_bias", None)  # an HF student's head may carry one
     if loss_dtype is not None:
         h, weight = h.to(loss_dtype), weight.to(loss_dtype)
+    if bias is not None:
+        bias = bias.to(weight.dtype)
     kd, ce = fused_sparse_kl(h, weight, batch["target_ids"][rows], batch["target_logprobs"][rows],
-                             labels[rows], tail=loss_cfg.tail, temperature=loss_cfg.temperature,
+                             labels[rows], bias=bias, tail=loss_cfg.tail,
+                             temperature=loss_cfg.temperature,
                              ignore_index=IGNORE_INDEX, reduction="mean",
                              loss_weights=(loss_cfg.alpha, 1.0 - loss_cfg.alpha))
     alpha = loss_cfg.alpha
@@ -142,6 +151,7 @@ class StudentModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = distillation_loss(self.model, batch, self.loss_cfg, self._loss_dtype())
+        self.check_finite(out, batch)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "mark_consumed"):
             datamodule.mark_consumed(batch)  # before any checkpoint of this step is written
@@ -157,6 +167,22 @@ class StudentModule(pl.LightningModule):
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=1,
                       rank_zero_only=True)
         return out["loss"]
+
+    def check_finite(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        """Stop before the optimizer step on a NaN/inf loss (on any rank): the weights are still
+        those of the last good step, and nothing is exported."""
+        finite = bool(torch.isfinite(out["loss"].detach()))
+        if self._trainer is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        values = {key: float(out[key].detach()) for key in ("loss", "kd", "ce")}
+        windows = batch.get("windows")
+        where = f" on windows {windows.tolist()}" if windows is not None else ""
+        raise NonFiniteLossError(
+            f"step {self.global_step}: the loss is not finite (loss {values['loss']}, kd "
+            f"{values['kd']}, ce {values['ce']}){where}; stopped before updating or "
+            "exporting any weights. Check the data with `kdcache verify`, or lower optim.lr.")
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)

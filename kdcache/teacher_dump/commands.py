@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "dump", help="run a teacher over a corpus and store its top-k targets as shards",
-        description="Read a corpus (JSONL with a text field, Parquet, folders of .txt; local or "
-                    "any fsspec URL; or 'builtin'), tokenize with the teacher's tokenizer, wrap "
+        description="Read a corpus (JSONL with a text field or chat 'messages', Parquet, folders "
+                    "of .txt; local or any fsspec URL; or 'builtin'/'builtin-chat'), tokenize with the teacher's tokenizer, wrap "
                     "documents BOS...EOS, pack them into windows, run the teacher on Ray actors "
                     "(vLLM, or the transformers reference engine) and write top-k full-vocabulary "
                     "log-probs as compressed Arrow shards with a manifest. plan.json is written "
@@ -49,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-long-docs", action="store_true",
                    help="drop documents longer than the window instead of splitting them")
     p.add_argument("--text-field", default="text", help="JSONL/Parquet text field (default text)")
+    p.add_argument("--targets", default="auto",
+                   choices=["auto", "all", "assistant", "last-assistant"],
+                   help="which tokens get teacher targets: all; assistant (every assistant turn "
+                        "of a conversation); last-assistant; auto = assistant for conversations "
+                        "(records with 'messages' or 'prompt'/'response'), all for plain text")
     p.add_argument("--builtin-documents", type=int, default=400,
                    help="size of the built-in corpus (with --corpus builtin)")
     p.add_argument("--windows-per-shard", type=int, default=16)
@@ -64,6 +69,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM-CPU KV cache size")
     p.add_argument("--json", action="store_true", help="print one JSON line (no progress bar)")
     p.set_defaults(handler=_run_dump)
+
+    p = subparsers.add_parser(
+        "generate", help="the teacher writes responses to prompts (a chat corpus for the dump)",
+        description="Render each prompt (JSONL/Parquet records with 'messages' or 'prompt', or "
+                    "plain text as one user turn; trailing assistant turns are replaced) with the "
+                    "teacher's chat template, sample the teacher's response with vLLM on Ray "
+                    "actors, and write a JSONL chat corpus. Resumable: finished parts are kept "
+                    "under OUT.parts/ and skipped on a re-run. With --dump DIR the dump runs on "
+                    "the result right after (targets on the assistant turns).")
+    p.add_argument("--model", required=True, help="teacher: a Hugging Face model directory")
+    p.add_argument("--prompts", required=True,
+                   help="prompts file, folder, glob or fsspec URL, or 'builtin-chat'")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=256, help="longest response, in tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    p.add_argument("--text-field", default="text", help="field of plain-text prompts")
+    p.add_argument("--builtin-documents", type=int, default=400,
+                   help="prompts from --prompts builtin-chat")
+    p.add_argument("--prompts-per-part", type=int, default=256,
+                   help="prompts per resumable part")
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="longest prompt + response the engine accepts")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, one vLLM engine each")
+    p.add_argument("--ray-address", default=None, help="join a Ray cluster (default: local)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM-CPU KV cache size")
+    p.add_argument("--dump", default=None, metavar="DIR",
+                   help="then dump the teacher's targets for the generated corpus into DIR")
+    p.add_argument("--k", type=int, default=64, help="with --dump: top-k entries per token")
+    p.add_argument("--window", type=int, default=8192, help="with --dump: tokens per window")
+    p.add_argument("--mode", default="document", choices=["causal", "document",
+                                                           "document-global"],
+                   help="with --dump: packing mode")
+    p.add_argument("--engine", default="vllm", choices=["vllm", "hf"],
+                   help="with --dump: teacher engine")
+    p.add_argument("--targets", default="assistant",
+                   choices=["all", "assistant", "last-assistant"],
+                   help="with --dump: which tokens get targets")
+    p.add_argument("--json", action="store_true", help="print one JSON line (no progress bar)")
+    p.set_defaults(handler=_run_generate)
 
     bench = subparsers.add_parser(
         "bench", help="benchmarks (see BENCHMARKS.md)",
@@ -117,13 +164,47 @@ def _run_dump(args: argparse.Namespace) -> int:
         model=args.model, corpus=args.corpus, out=args.out, k=args.k, window=args.window,
         mode=args.mode, engine=args.engine, seed=args.seed,
         split_long_docs=not args.drop_long_docs, shuffle_buffer=args.shuffle_buffer,
-        text_field=args.text_field, builtin_documents=args.builtin_documents,
+        text_field=args.text_field, targets=args.targets, builtin_documents=args.builtin_documents,
         windows_per_shard=args.windows_per_shard, codec=args.codec, dtype=args.dtype,
         vllm_path=args.vllm_path, bos_id=args.bos_id, eos_id=args.eos_id, workers=args.workers,
         tensor_parallel=args.tensor_parallel, ray_address=args.ray_address,
         max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json)
     summary = run_dump(cfg, log=(lambda m: None) if args.json else print)
     print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from kdcache.teacher_dump.generate import GenerateConfig, format_summary, run_generate
+
+    cfg = GenerateConfig(
+        model=args.model, prompts=args.prompts, out=args.out, temperature=args.temperature,
+        top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, text_field=args.text_field,
+        builtin_documents=args.builtin_documents, prompts_per_part=args.prompts_per_part,
+        max_model_len=args.max_model_len, dtype=args.dtype, workers=args.workers,
+        ray_address=args.ray_address, kv_cache_gib=args.kv_cache_gib, progress=not args.json)
+    dump_cfg = None
+    if args.dump is not None:  # validated before anything is generated
+        from kdcache.teacher_dump.plan import DumpConfig
+
+        dump_cfg = DumpConfig.from_options(
+            model=args.model, corpus=args.out, out=args.dump, k=args.k, window=args.window,
+            mode=args.mode, engine=args.engine, seed=args.seed, targets=args.targets,
+            dtype=args.dtype, workers=args.workers, ray_address=args.ray_address,
+            kv_cache_gib=args.kv_cache_gib, progress=not args.json)
+    log = (lambda m: None) if args.json else print
+    summary = run_generate(cfg, log=log)
+    result: dict = {"generate": summary}
+    if not args.json:
+        print(format_summary(summary))
+    if dump_cfg is not None:
+        from kdcache.teacher_dump.runner import format_summary as dump_summary, run_dump
+
+        result["dump"] = run_dump(dump_cfg, log=log)
+        if not args.json:
+            print(dump_summary(result["dump"]))
+    if args.json:
+        print(json.dumps(result))
     return 0
 
 

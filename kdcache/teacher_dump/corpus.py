@@ -5,6 +5,10 @@ read one at a time and JSONL line by line, Parquet record batch by record batch,
 than memory streams through. `doc_id` is the document's position in the corpus stream (files in
 sorted order), which makes it stable across runs and machines.
 
+A record is a conversation instead of a text when it has no text field but OpenAI-style
+`messages` or `prompt` / `response` fields (chat.py); it is yielded as a `Conversation`, which
+the packer renders with the teacher's chat template.
+
 Nothing is silently lost: documents that are empty, not decodable as UTF-8, not valid JSON, or
 missing the text field are counted in `CorpusStats` (over-long documents are counted later, by the
 packer, because only it knows their token length).
@@ -23,8 +27,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from kdcache.errors import KdcacheError
+from kdcache.teacher_dump.chat import ChatError, Conversation, conversation_from_record, is_chat_record
 
 BUILTIN = "builtin"
+BUILTIN_CHAT = "builtin-chat"  # the built-in documents as conversations (chat.py)
+BUILTINS = (BUILTIN, BUILTIN_CHAT)
 _TEXT_SUFFIXES = (".txt",)
 _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".jsonl.xz")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -42,12 +49,14 @@ class CorpusStats:
     documents: int = 0  # yielded to the packer
     empty: int = 0  # text empty or whitespace only
     undecodable: int = 0  # invalid UTF-8, invalid JSON line, or text field missing / not a string
+    bad_chat: int = 0  # a conversation record that is malformed (roles, contents, tools)
+    chats: int = 0  # conversations among `documents`
     problems: list[str] = field(default_factory=list)  # first few, "file:line: what"
 
-    def note(self, kind: str, where: str) -> None:
+    def note(self, kind: str, where: str, why: str = "") -> None:
         setattr(self, kind, getattr(self, kind) + 1)
         if len(self.problems) < 20:
-            self.problems.append(f"{where}: {kind}")
+            self.problems.append(f"{where}: {kind}" + (f" ({why})" if why else ""))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +74,7 @@ class CorpusSpec:
 
 def list_corpus_files(spec: CorpusSpec) -> list[tuple[str, int]]:
     """Sorted (url, size) of the corpus files; for fingerprints and reading. Empty for builtin."""
-    if spec.path == BUILTIN:
+    if spec.path in BUILTINS:
         return []
     import fsspec
 
@@ -102,13 +111,16 @@ def _kind_of(path: str) -> str | None:
     return None
 
 
-def iter_documents(spec: CorpusSpec, stats: CorpusStats) -> Iterator[tuple[int, str]]:
-    """Yield `(doc_id, text)` for every usable document; count the rest in `stats`."""
-    if spec.path == BUILTIN:
+def iter_documents(spec: CorpusSpec,
+                   stats: CorpusStats) -> Iterator[tuple[int, str | Conversation]]:
+    """Yield `(doc_id, text or Conversation)` for every usable document; count the rest."""
+    if spec.path in BUILTINS:
         stats.files = 0
-        for doc_id, text in enumerate(builtin_corpus(spec.builtin_documents, spec.builtin_seed)):
+        make = builtin_corpus if spec.path == BUILTIN else builtin_chat_corpus
+        for doc_id, doc in enumerate(make(spec.builtin_documents, spec.builtin_seed)):
             stats.documents += 1
-            yield doc_id, text
+            stats.chats += isinstance(doc, Conversation)
+            yield doc_id, doc
         return
     doc_id = 0
     for url, _ in list_corpus_files(spec):
@@ -116,7 +128,9 @@ def iter_documents(spec: CorpusSpec, stats: CorpusStats) -> Iterator[tuple[int, 
         for where, text in _iter_file(url, spec.text_field, stats):
             if text is None:
                 continue
-            if not text.strip():
+            if isinstance(text, Conversation):
+                stats.chats += 1
+            elif not text.strip():
                 stats.note("empty", where)
                 continue
             stats.documents += 1
@@ -124,7 +138,26 @@ def iter_documents(spec: CorpusSpec, stats: CorpusStats) -> Iterator[tuple[int, 
             doc_id += 1
 
 
-def _iter_file(url: str, text_field: str, stats: CorpusStats) -> Iterator[tuple[str, str | None]]:
+def _record_document(obj, text_field: str, where: str, stats: CorpusStats):
+    """The text or Conversation of one JSON record, or None (counted in `stats`)."""
+    value = obj.get(text_field) if isinstance(obj, dict) else None
+    if isinstance(value, str):
+        return value
+    if value is None and is_chat_record(obj):
+        try:
+            return conversation_from_record(obj)
+        except ChatError as exc:
+            stats.note("bad_chat", where, str(exc))
+            return None
+    stats.note("undecodable", where)
+    return None
+
+
+_CHAT_COLUMNS = ("messages", "tools", "prompt", "response", "completion")
+
+
+def _iter_file(url: str, text_field: str,
+               stats: CorpusStats) -> Iterator[tuple[str, str | Conversation | None]]:
     import fsspec
 
     kind = _kind_of(url)
@@ -133,9 +166,19 @@ def _iter_file(url: str, text_field: str, stats: CorpusStats) -> Iterator[tuple[
 
         with fsspec.open(url, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            if text_field not in pf.schema_arrow.names:
+            names = pf.schema_arrow.names
+            if text_field not in names and ("messages" in names or "prompt" in names):
+                columns = [c for c in _CHAT_COLUMNS if c in names]
+                for row, obj in enumerate(r for b in pf.iter_batches(columns=columns,
+                                                                     batch_size=1024)
+                                          for r in b.to_pylist()):
+                    where = f"{url}:row {row}"
+                    obj = {k: v for k, v in obj.items() if v is not None}
+                    yield where, _record_document(obj, text_field, where, stats)
+                return
+            if text_field not in names:
                 raise CorpusError(f"{url}: no column {text_field!r} (columns: "
-                                  f"{', '.join(pf.schema_arrow.names)}); use --text-field")
+                                  f"{', '.join(names)}); use --text-field")
             row = 0
             for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
                 for value in batch.column(0).to_pylist():
@@ -158,12 +201,7 @@ def _iter_file(url: str, text_field: str, stats: CorpusStats) -> Iterator[tuple[
                     stats.note("undecodable", where)
                     yield where, None
                     continue
-                value = obj.get(text_field) if isinstance(obj, dict) else None
-                if not isinstance(value, str):
-                    stats.note("undecodable", where)
-                    yield where, None
-                    continue
-                yield where, value
+                yield where, _record_document(obj, text_field, where, stats)
     else:  # one document per .txt file
         with fsspec.open(url, "rb") as fh:
             data = fh.read()
@@ -182,8 +220,8 @@ def corpus_fingerprint(spec: CorpusSpec) -> dict:
     """
     import xxhash
 
-    if spec.path == BUILTIN:
-        return {"builtin": {"documents": spec.builtin_documents, "seed": spec.builtin_seed,
+    if spec.path in BUILTINS:
+        return {spec.path: {"documents": spec.builtin_documents, "seed": spec.builtin_seed,
                             "generator": _BUILTIN_VERSION}, "text_field": spec.text_field}
     import fsspec
 
@@ -245,6 +283,46 @@ def builtin_corpus(n_documents: int, seed: int = 0) -> Iterator[str]:
     rng = random.Random(f"kdcache-builtin-{_BUILTIN_VERSION}-{seed}")
     for _ in range(n_documents):
         yield builtin_document(rng)
+
+
+def builtin_conversation(rng: random.Random) -> Conversation:
+    """A conversation about one built-in document: the user shares notes and asks for a code
+    stated in them; sometimes a second question, sometimes answered through a tool call."""
+    facts = {rng.choice(_NAMES): rng.randrange(100, 1000) for _ in range(rng.randrange(1, 4))}
+    notes = [f"Notes on the {rng.choice(_ADJS)} {rng.choice(_NOUNS)}."]
+    notes += [f"The code of {name} is {code}." for name, code in facts.items()]
+    notes += [_sentence(rng) for _ in range(rng.randrange(1, 8))]
+    messages = []
+    if rng.random() < 0.5:
+        messages.append({"role": "system", "content": "Answer from the notes, briefly."})
+    names = list(facts)
+    first = rng.choice(names)
+    messages += [{"role": "user", "content": " ".join(notes) + f" What is the code of {first}?"},
+                 {"role": "assistant", "content": f"The code of {first} is {facts[first]}."}]
+    tools = None
+    if rng.random() < 0.3:
+        other = rng.choice(_NAMES)
+        code = rng.randrange(100, 1000)
+        tools = ({"type": "function", "function": {"name": "lookup_code",
+                                                   "parameters": {"name": "string"}}},)
+        messages += [{"role": "user", "content": f"Look up the code of {other}."},
+                     {"role": "assistant", "content": None, "tool_calls": [
+                         {"type": "function", "function": {"name": "lookup_code",
+                                                           "arguments": {"name": other}}}]},
+                     {"role": "tool", "content": str(code)},
+                     {"role": "assistant", "content": f"The code of {other} is {code}."}]
+    elif len(names) > 1 and rng.random() < 0.5:
+        second = rng.choice([n for n in names if n != first])
+        messages += [{"role": "user", "content": f"And {second}?"},
+                     {"role": "assistant", "content": f"The code of {second} is {facts[second]}."}]
+    return Conversation(messages=tuple(messages), tools=tools)
+
+
+def builtin_chat_corpus(n_conversations: int, seed: int = 0) -> Iterator[Conversation]:
+    """`n_conversations` synthetic conversations, identical for the same seed everywhere."""
+    rng = random.Random(f"kdcache-builtin-chat-{_BUILTIN_VERSION}-{seed}")
+    for _ in range(n_conversations):
+        yield builtin_conversation(rng)
 
 
 def write_jsonl(path: str, texts, text_field: str = "text") -> None:

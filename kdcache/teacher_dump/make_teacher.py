@@ -22,6 +22,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
+from kdcache.teacher_dump.chat import BUILTIN_CHAT_TEMPLATE
+
 TEACHER_PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=1024, tokenizer_vocab=1024, hidden_size=128, intermediate_size=384,
                  num_layers=2, num_heads=2, num_kv_heads=1),
@@ -81,7 +83,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=10**9)
+                                   eos_token="</s>", model_max_length=10**9,
+                                   chat_template=BUILTIN_CHAT_TEMPLATE)
 
 
 def _training_batches(token_ids: list[list[int]], cfg: TeacherConfig, bos: int, eos: int):

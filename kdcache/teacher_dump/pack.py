@@ -13,6 +13,9 @@ Design (deterministic, streaming):
   the BOS; only the last keeps the EOS); otherwise it is dropped. Both are counted in `PackStats`.
 - The last window of the corpus is kept even if it is short (nothing is lost); `window_index`
   counts windows from 0 in packing order.
+- Conversations (chat.py) are rendered with the teacher's chat template and carry a per-token
+  target mask; one that the template rejects, or that does not fit a window, is dropped and
+  counted (cutting a conversation would leave turns without their context).
 
 The same corpus, tokenizer, window, seed and buffer size always give the same windows, which is
 what lets the runner plan shards up front and resume by shard name.
@@ -27,6 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from kdcache.errors import KdcacheError
+from kdcache.teacher_dump.chat import ChatError, ChatRenderer, Conversation, TARGET_POLICIES
 
 
 class PackingError(KdcacheError):
@@ -42,8 +46,12 @@ class PackConfig:
     bos_id: int | None = None  # None: the tokenizer's BOS (or no BOS if it has none)
     eos_id: int | None = None  # None: the tokenizer's EOS (required)
     tokenize_batch: int = 256
+    targets: str = "auto"  # which tokens of a conversation get targets (chat.TARGET_POLICIES)
 
     def __post_init__(self) -> None:
+        if self.targets not in TARGET_POLICIES:
+            raise PackingError(f"targets must be one of {', '.join(TARGET_POLICIES)}, "
+                               f"got {self.targets!r}")
         if self.window < 4:
             raise PackingError(f"window must be at least 4 tokens, got {self.window}")
         if self.shuffle_buffer < 1:
@@ -59,6 +67,9 @@ class PackedWindow:
     doc_offsets: np.ndarray  # int64 [d+1], 0 ... n
     doc_ids: np.ndarray  # int64 [d], corpus doc_id of each segment
     doc_pieces: np.ndarray  # int32 [d], piece number of a split document, 0 otherwise
+    # bool [n]: True where the token is a target token (its row's predecessor gets a target);
+    # None: every token is (plain text)
+    target_mask: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -75,6 +86,10 @@ class PackStats:
     dropped_over_long: int = 0  # over-long documents dropped (split_long_docs=False)
     pieces: int = 0  # pieces produced from split documents
     fill: float = 0.0  # tokens / (windows * window)
+    chats: int = 0  # conversations packed
+    rejected_chats: int = 0  # conversations the template rejected or that cannot be masked
+    dropped_long_chats: int = 0  # conversations longer than the window (never split)
+    target_tokens: int = 0  # tokens that are targets (all tokens for plain text)
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -101,6 +116,17 @@ class TeacherTokenizer:
         if self.eos_id is None:
             raise PackingError(f"{model_dir}: the tokenizer has no EOS token; pass --eos-id")
         self.vocab_hash = tokenizer_hash(model_dir)
+        self._renderers: dict[str, ChatRenderer] = {}
+
+    def render_chat(self, conv: Conversation, targets: str):
+        """Token ids (no BOS) and target mask of a conversation under a target policy."""
+        policy = "assistant" if targets == "auto" else targets
+        if policy not in self._renderers:
+            try:
+                self._renderers[policy] = ChatRenderer(self.tok, self.bos_id, policy)
+            except ChatError as exc:  # the teacher, not one conversation, is the problem
+                raise PackingError(f"the corpus holds conversations but {exc}") from None
+        return self._renderers[policy].render(conv)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.tok(texts, add_special_tokens=False)["input_ids"]
@@ -127,6 +153,12 @@ def _wrap(ids: list[int], bos: int | None, eos: int) -> np.ndarray:
     return np.asarray(head + list(ids) + [eos], dtype=np.int32)
 
 
+def _wrap_mask(mask: np.ndarray, bos: int | None) -> np.ndarray:
+    """A conversation's target mask over BOS + ids + EOS (the added BOS/EOS are not targets)."""
+    head = np.zeros(1 if bos is not None else 0, dtype=bool)
+    return np.concatenate([head, np.asarray(mask, dtype=bool), np.zeros(1, dtype=bool)])
+
+
 class _WindowBuilder:
     def __init__(self, window: int) -> None:
         self.window = window
@@ -135,6 +167,7 @@ class _WindowBuilder:
 
     def _reset(self) -> None:
         self.parts: list[np.ndarray] = []
+        self.masks: list[np.ndarray | None] = []
         self.doc_ids: list[int] = []
         self.pieces: list[int] = []
         self.used = 0
@@ -142,8 +175,10 @@ class _WindowBuilder:
     def fits(self, n: int) -> bool:
         return self.used + n <= self.window
 
-    def add(self, tokens: np.ndarray, doc_id: int, piece: int) -> None:
+    def add(self, tokens: np.ndarray, doc_id: int, piece: int,
+            mask: np.ndarray | None = None) -> None:
         self.parts.append(tokens)
+        self.masks.append(mask)
         self.doc_ids.append(doc_id)
         self.pieces.append(piece)
         self.used += len(tokens)
@@ -152,21 +187,26 @@ class _WindowBuilder:
         if not self.parts:
             return None
         lengths = np.fromiter((len(p) for p in self.parts), dtype=np.int64, count=len(self.parts))
+        target_mask = None
+        if any(m is not None for m in self.masks):
+            target_mask = np.concatenate([np.ones(len(p), dtype=bool) if m is None else m
+                                          for p, m in zip(self.parts, self.masks)])
         win = PackedWindow(
             window_index=self.next_index, tokens=np.concatenate(self.parts),
             doc_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             doc_ids=np.asarray(self.doc_ids, dtype=np.int64),
-            doc_pieces=np.asarray(self.pieces, dtype=np.int32))
+            doc_pieces=np.asarray(self.pieces, dtype=np.int32), target_mask=target_mask)
         self.next_index += 1
         self._reset()
         return win
 
 
-def pack_token_docs(docs: Iterable[tuple[int, list[int]]], cfg: PackConfig, bos: int | None,
+def pack_token_docs(docs: Iterable[tuple], cfg: PackConfig, bos: int | None,
                     eos: int, stats: PackStats) -> Iterator[PackedWindow]:
-    """Pack already tokenized `(doc_id, ids)` documents (no special tokens) into windows."""
+    """Pack already tokenized documents (no special tokens) into windows: `(doc_id, ids)` for
+    text, `(doc_id, ids, target_mask)` for a rendered conversation."""
     builder = _WindowBuilder(cfg.window)
-    buffer: list[tuple[int, list[int]]] = []
+    buffer: list[tuple] = []
     buffer_no = 0
 
     def flush_buffer() -> Iterator[PackedWindow]:
@@ -174,8 +214,15 @@ def pack_token_docs(docs: Iterable[tuple[int, list[int]]], cfg: PackConfig, bos:
         rng = np.random.default_rng([cfg.seed, buffer_no])
         buffer_no += 1
         for j in rng.permutation(len(buffer)):
-            doc_id, ids = buffer[j]
+            doc_id, ids, *rest = buffer[j]
             tokens = _wrap(ids, bos, eos)
+            mask = _wrap_mask(rest[0], bos) if rest else None
+            if mask is not None and len(tokens) > cfg.window:
+                stats.dropped_long_chats += 1
+                if len(stats.problems) < 20:
+                    stats.problems.append(f"doc {doc_id}: conversation of {len(tokens)} tokens > "
+                                          f"window {cfg.window}, dropped")
+                continue
             if len(tokens) > cfg.window:
                 stats.over_long += 1
                 if not cfg.split_long_docs:
@@ -191,12 +238,15 @@ def pack_token_docs(docs: Iterable[tuple[int, list[int]]], cfg: PackConfig, bos:
                 for piece, start in enumerate(range(0, len(tokens), cfg.window)):
                     builder.add(tokens[start:start + cfg.window], doc_id, piece)
                     stats.pieces += 1
+                    stats.target_tokens += len(tokens[start:start + cfg.window])
                     yield builder.close()
                 continue
             stats.documents += 1
+            stats.chats += mask is not None
+            stats.target_tokens += int(mask.sum()) if mask is not None else len(tokens)
             if not builder.fits(len(tokens)):
                 yield builder.close()
-            builder.add(tokens, doc_id, 0)
+            builder.add(tokens, doc_id, 0, mask)
         buffer.clear()
 
     for item in docs:
@@ -209,19 +259,44 @@ def pack_token_docs(docs: Iterable[tuple[int, list[int]]], cfg: PackConfig, bos:
         yield w
 
 
-def pack_documents(texts: Iterable[tuple[int, str]], tokenizer: TeacherTokenizer,
+def pack_documents(texts: Iterable[tuple[int, str | Conversation]], tokenizer: TeacherTokenizer,
                    cfg: PackConfig, stats: PackStats) -> Iterator[PackedWindow]:
-    """Tokenize `(doc_id, text)` documents in batches and pack them; counts go to `stats`."""
+    """Tokenize `(doc_id, text)` documents in batches (conversations one by one, through the
+    chat template) and pack them; counts go to `stats`."""
+    targets = cfg.targets
 
-    def tokenized() -> Iterator[tuple[int, list[int]]]:
-        batch: list[tuple[int, str]] = []
+    def encode(batch: list[tuple[int, str | Conversation]]) -> Iterator[tuple]:
+        plain = [t for _, t in batch if isinstance(t, str)]
+        encoded = iter(tokenizer.encode_batch(plain) if plain else [])
+        for doc_id, item in batch:
+            if isinstance(item, str):
+                ids = next(encoded)
+                if targets == "all" or targets == "auto":
+                    yield doc_id, ids
+                else:  # a response-only policy gives plain text no targets: say so, count it
+                    stats.rejected_chats += 1
+                    if len(stats.problems) < 20:
+                        stats.problems.append(f"doc {doc_id}: plain text has no assistant turns "
+                                              f"for --targets {targets}, dropped")
+                continue
+            try:
+                rendered = tokenizer.render_chat(item, targets)
+            except ChatError as exc:
+                stats.rejected_chats += 1
+                if len(stats.problems) < 20:
+                    stats.problems.append(f"doc {doc_id}: {exc}")
+                continue
+            yield doc_id, rendered.ids, rendered.target_mask
+
+    def tokenized() -> Iterator[tuple]:
+        batch: list[tuple[int, str | Conversation]] = []
         for item in texts:
             batch.append(item)
             if len(batch) >= cfg.tokenize_batch:
-                yield from zip((d for d, _ in batch), tokenizer.encode_batch([t for _, t in batch]))
+                yield from encode(batch)
                 batch = []
         if batch:
-            yield from zip((d for d, _ in batch), tokenizer.encode_batch([t for _, t in batch]))
+            yield from encode(batch)
 
     for win in pack_token_docs(tokenized(), cfg, tokenizer.bos_id, tokenizer.eos_id, stats):
         stats.windows += 1

@@ -25,7 +25,7 @@ from typing import Any
 
 from kdcache.errors import ConfigMismatchError, FormatError
 from kdcache.formats import storage
-from kdcache.teacher_dump.corpus import CorpusSpec
+from kdcache.teacher_dump.corpus import BUILTINS, CorpusSpec
 from kdcache.teacher_dump.engines.base import EngineConfig
 from kdcache.teacher_dump.pack import PackConfig
 
@@ -67,7 +67,8 @@ class DumpConfig:
     def from_options(cls, *, model: str, corpus: str, out: str, k: int = 64,
                      window: int = 131072, mode: str = "document", engine: str = "vllm",
                      seed: int = 0, split_long_docs: bool = True, shuffle_buffer: int = 4096,
-                     text_field: str = "text", builtin_documents: int = 400,
+                     text_field: str = "text", targets: str = "auto",
+                     builtin_documents: int = 400,
                      windows_per_shard: int = 16, codec: str | None = None,
                      dtype: str = "float32", vllm_path: str = "pooler",
                      bos_id: int | None = None, eos_id: int | None = None, workers: int = 1,
@@ -79,7 +80,8 @@ class DumpConfig:
             corpus=CorpusSpec(path=corpus, text_field=text_field,
                               builtin_documents=builtin_documents, builtin_seed=seed),
             pack=PackConfig(window=window, seed=seed, split_long_docs=split_long_docs,
-                            shuffle_buffer=shuffle_buffer, bos_id=bos_id, eos_id=eos_id),
+                            shuffle_buffer=shuffle_buffer, bos_id=bos_id, eos_id=eos_id,
+                            targets=targets),
             teacher=EngineConfig(model=model, k=k, window=window, mode=mode, dtype=dtype,
                                  tensor_parallel=tensor_parallel, seed=seed,
                                  vllm_path=vllm_path, device=device, kv_cache_gib=kv_cache_gib),
@@ -93,7 +95,8 @@ class DumpConfig:
         return dict(model=t.model, corpus=c.path, out=self.out, k=t.k, window=p.window,
                     mode=t.mode, engine=self.engine, seed=p.seed,
                     split_long_docs=p.split_long_docs, shuffle_buffer=p.shuffle_buffer,
-                    text_field=c.text_field, builtin_documents=c.builtin_documents,
+                    text_field=c.text_field, targets=p.targets,
+                    builtin_documents=c.builtin_documents,
                     windows_per_shard=self.windows_per_shard, codec=self.codec, dtype=t.dtype,
                     vllm_path=t.vllm_path, bos_id=p.bos_id, eos_id=p.eos_id,
                     workers=x.workers, tensor_parallel=t.tensor_parallel,
@@ -107,9 +110,9 @@ class DumpConfig:
     def identity(self) -> dict[str, Any]:
         d = self.options()
         d["model"] = os.path.abspath(self.teacher.model)
-        if self.corpus.path != "builtin" and "://" not in self.corpus.path:
+        if self.corpus.path not in BUILTINS and "://" not in self.corpus.path:
             d["corpus"] = os.path.abspath(self.corpus.path)
-        if self.corpus.path != "builtin":
+        if self.corpus.path not in BUILTINS:
             d.pop("builtin_documents")
         return {k: v for k, v in d.items() if k not in self.EXECUTION_OPTIONS}
 

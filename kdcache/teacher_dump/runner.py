@@ -32,6 +32,7 @@ import numpy as np
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.formats import storage
+from kdcache.teacher_dump.chat import resolve_policy
 from kdcache.teacher_dump.corpus import CorpusStats, corpus_fingerprint, iter_documents
 from kdcache.teacher_dump.pack import PackedWindow, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import (PROGRESS_DIR, DumpConfig, Plan, check_against,
@@ -95,7 +96,8 @@ def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
                "eos_id": tokenizer.eos_id, "seed": p.seed,
                "split_long_docs": p.split_long_docs, "shuffle_buffer": p.shuffle_buffer,
                "windows_per_shard": cfg.windows_per_shard, "policy": "next-fit whole documents",
-               "positions": "global" if t.mode in ("causal", "document-global") else "reset"}
+               "positions": "global" if t.mode in ("causal", "document-global") else "reset",
+               "targets": resolve_policy(p.targets, plan.packing_stats.get("chats", 0) > 0)}
     return DatasetHeader(kind="topk", k=t.k, vocab_size=int(teacher["vocab_size"]),
                          packing=packing, codec=cfg.codec or default_codec("topk"),
                          codec_params={}, teacher=teacher, temperature=1.0,
@@ -359,6 +361,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  packing: {p.get('documents', 0)} documents packed, {p.get('over_long', 0)} over-long "
         f"({p.get('split', 0)} split into {p.get('pieces', 0)} pieces, "
         f"{p.get('dropped_over_long', 0)} dropped), fill {p.get('fill', 0):.1%}",
+        *([f"  chat: {p.get('chats', 0)} conversations packed, {c.get('bad_chat', 0)} malformed, "
+           f"{p.get('rejected_chats', 0)} rejected by the template or target policy, "
+           f"{p.get('dropped_long_chats', 0)} longer than the window (dropped); targets on "
+           f"{p.get('target_tokens', 0):,} tokens"]
+          if p.get("chats") or c.get("bad_chat") or p.get("rejected_chats") else []),
         f"  faults: {s['actor_failures']} actor failures, {s['retries']} shard retries",
     ]
     if "target_bytes_per_token" in s:

@@ -50,7 +50,7 @@ def engine_records(engine, windows: list[PackedWindow],
 def window_to_dict(w: PackedWindow) -> dict[str, Any]:
     """A window as plain fields (what travels to an actor; `PackedWindow(**d)` rebuilds it)."""
     return {"window_index": w.window_index, "tokens": w.tokens, "doc_offsets": w.doc_offsets,
-            "doc_ids": w.doc_ids, "doc_pieces": w.doc_pieces}
+            "doc_ids": w.doc_ids, "doc_pieces": w.doc_pieces, "target_mask": w.target_mask}
 
 
 class DumpWorker:
@@ -105,7 +105,9 @@ def init_ray(address: str | None) -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            # "local": start this run's own cluster, never attach to one `ray start` left on
+            # the machine (its GCS may be gone, and ray.init() then waits on it)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise DumpError(f"cannot start or reach Ray ({address or 'local'}): {exc}") from None
 

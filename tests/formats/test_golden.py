@@ -190,3 +190,33 @@ def test_naive_decoder_accepts_values_at_the_tolerances():
     assert (np.diff(values, axis=1) > 0).any()
     assert (np.exp(values.astype(np.float64)).sum(axis=1) > 1).any()
     nd.check_values("topk", ids, values, 256)
+
+
+LADDER = (100, 125, 150, 175, 200, 225, 250, 275, 300, 350, 400, 500)
+
+
+@pytest.mark.parametrize("step_max", [0.5, 1.0, 2.0])
+def test_value_grid_from_format_md_equals_kdcache_tables(step_max):
+    """FORMAT.md 7.4's float64 recipe (numpy, and the C library's exp/log through `math`) gives
+    kdcache's decode table exactly for every step of the encoder's ladder; float32 does not."""
+    import math
+
+    from kdcache.formats.codecs.quantize import LogProbQuantizer
+
+    float32_differs = 0
+    for u in (u for u in LADDER if u * 1e-4 < step_max):
+        want = LogProbQuantizer(step_max=step_max, sqrt_step=u * 1e-4).levels()
+        assert _same_bits(nd.value_table(u, step_max), want), u
+        a = u * 1e-4
+        t = 2 * math.log(a / step_max)
+        h = math.exp(t / 2)
+        y_top = 2 * (1 - h) / a
+        libm = [min(2 * math.log(max((y_top - c) * a / 2 + h, 1e-300)) if y_top - c >= 0
+                    else t + (y_top - c) * step_max, 0.0) for c in range(0, 65536, 7)]
+        assert _same_bits(np.array(libm, dtype=np.float32), want[::7]), u
+        f = np.float32
+        y = (f(y_top) - np.arange(65536, dtype=np.float32)).astype(np.float32)
+        in32 = np.where(y >= 0, f(2) * np.log(np.maximum(y * f(a) / f(2) + f(h), f(1e-30))),
+                        f(t) + y * f(step_max))
+        float32_differs += int((np.minimum(in32, 0).astype(np.float32) != want).sum())
+    assert float32_differs > 10_000

@@ -29,7 +29,7 @@ def teacher_dir(tmp_path_factory) -> str:
 def ray_address():
     import ray
 
-    ctx = ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ctx = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                    ignore_reinit_error=True)
     yield ctx.address_info["gcs_address"]
     ray.shutdown()

@@ -106,14 +106,23 @@ def segments_for_mode(win: PackedWindow, mode: str) -> list[tuple[int, int, int]
     return [(s, e, s if mode == "document-global" else 0) for s, e in zip(offs[:-1], offs[1:])]
 
 
+def needed_rows(win: PackedWindow, mode: str) -> np.ndarray:
+    """bool [n]: the rows that get a teacher target. Row i predicts token i + 1."""
+    valid = default_valid(win.n_tokens, win.doc_offsets, mode)
+    if win.target_mask is not None:
+        valid &= np.append(np.asarray(win.target_mask[1:], dtype=bool), False)
+    return valid
+
+
 def empty_targets(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), -1, dtype=np.int32), np.full((n, k), -np.inf, dtype=np.float32)
 
 
 def finish_targets(win: PackedWindow, mode: str, ids: np.ndarray,
                    logprobs: np.ndarray) -> WindowTargets:
-    """Blank the rows that have no target (window end; document ends in document modes)."""
-    valid = default_valid(win.n_tokens, win.doc_offsets, mode)
+    """Blank the rows that have no target (window end; document ends in document modes; rows
+    whose next token is not a target token, e.g. a conversation's prompt)."""
+    valid = needed_rows(win, mode)
     ids[~valid] = -1
     logprobs[~valid] = -np.inf
     return WindowTargets(ids=ids, logprobs=logprobs, valid=valid)
