@@ -38,6 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="corpus file, folder, glob or fsspec URL, or 'builtin'")
     p.add_argument("--out", required=True, help="dataset directory or fsspec URL")
     p.add_argument("--k", type=int, default=64, help="top-k entries per token (default 64)")
+    p.add_argument("--kind", default="topk", choices=["topk", "sampled"],
+                   help="topk (default): top-k log-probs; sampled: RS-KD, --draws samples per "
+                        "position from the full distribution at --temperature, stored as counts "
+                        "(vLLM pooler path)")
+    p.add_argument("--draws", type=int, default=None,
+                   help="with --kind sampled: draws per position (e.g. 50)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="with --kind sampled: temperature of the draws (default 1.0)")
     p.add_argument("--window", type=int, default=131072, help="tokens per window")
     p.add_argument("--mode", default="document", choices=["causal", "document", "document-global"],
                    help="packing mode (document-global needs --engine hf)")
@@ -168,10 +176,29 @@ def _run_dump(args: argparse.Namespace) -> int:
         windows_per_shard=args.windows_per_shard, codec=args.codec, dtype=args.dtype,
         vllm_path=args.vllm_path, bos_id=args.bos_id, eos_id=args.eos_id, workers=args.workers,
         tensor_parallel=args.tensor_parallel, ray_address=args.ray_address,
-        max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json)
+        max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json,
+        draws=_sampled_draws(args), temperature=args.temperature)
     summary = run_dump(cfg, log=(lambda m: None) if args.json else print)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
+
+
+def _sampled_draws(args: argparse.Namespace) -> int:
+    """Draws per position for --kind sampled (0 for top-k), checked before anything is written."""
+    from kdcache.errors import ConfigMismatchError
+
+    if args.kind == "topk":
+        if args.draws is not None:
+            raise ConfigMismatchError("--draws needs --kind sampled")
+        return 0
+    if args.draws is None or args.draws < 1:
+        raise ConfigMismatchError("--kind sampled needs --draws N (N >= 1 draws per position)")
+    if args.engine != "vllm" or args.vllm_path != "pooler":
+        raise ConfigMismatchError("--kind sampled draws on the teacher's device inside vLLM: "
+                                  "use --engine vllm --vllm-path pooler")
+    if not args.temperature > 0:
+        raise ConfigMismatchError(f"--temperature must be > 0, got {args.temperature}")
+    return int(args.draws)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -74,8 +74,11 @@ class DumpConfig:
                      bos_id: int | None = None, eos_id: int | None = None, workers: int = 1,
                      tensor_parallel: int = 1, ray_address: str | None = None,
                      max_retries: int = 3, kv_cache_gib: float = 1.0, device: str = "auto",
-                     progress: bool = True) -> "DumpConfig":
-        """The config of the CLI's options (same names as the `kdcache dump` flags)."""
+                     progress: bool = True, draws: int = 0,
+                     temperature: float = 1.0) -> "DumpConfig":
+        """The config of the CLI's options (same names as the `kdcache dump` flags).
+        `draws` > 0 makes a `sampled` dataset (RS-KD: that many draws per position at
+        `temperature`, stored as counts) instead of top-k."""
         return cls(
             corpus=CorpusSpec(path=corpus, text_field=text_field,
                               builtin_documents=builtin_documents, builtin_seed=seed),
@@ -84,7 +87,8 @@ class DumpConfig:
                             targets=targets),
             teacher=EngineConfig(model=model, k=k, window=window, mode=mode, dtype=dtype,
                                  tensor_parallel=tensor_parallel, seed=seed,
-                                 vllm_path=vllm_path, device=device, kv_cache_gib=kv_cache_gib),
+                                 vllm_path=vllm_path, device=device, kv_cache_gib=kv_cache_gib,
+                                 draws=draws, temperature=temperature),
             out=out, engine=engine, windows_per_shard=windows_per_shard, codec=codec,
             execution=ExecutionConfig(workers=workers, ray_address=ray_address,
                                       max_retries=max_retries, progress=progress))
@@ -92,7 +96,9 @@ class DumpConfig:
     def options(self) -> dict[str, Any]:
         """The flat options this config was built from (inverse of `from_options`)."""
         c, p, t, x = self.corpus, self.pack, self.teacher, self.execution
-        return dict(model=t.model, corpus=c.path, out=self.out, k=t.k, window=p.window,
+        # sampled-target settings only when set: top-k plans keep their earlier identity
+        sampled = {"draws": t.draws, "temperature": t.temperature} if t.draws else {}
+        return dict(**sampled, model=t.model, corpus=c.path, out=self.out, k=t.k, window=p.window,
                     mode=t.mode, engine=self.engine, seed=p.seed,
                     split_long_docs=p.split_long_docs, shuffle_buffer=p.shuffle_buffer,
                     text_field=c.text_field, targets=p.targets,

@@ -31,11 +31,14 @@ def engine_records(engine, windows: list[PackedWindow],
     lazily: while the writer's threads encode one group, the engine computes the next."""
     from kdcache.formats.window import WindowRecord
 
+    sampled = bool(getattr(engine.cfg, "draws", 0))  # a `sampled` dataset stores the draws
+
     def run(group: list[PackedWindow]):
         for w, t in zip(group, engine.topk(group)):
+            ids, values = (t.draw_ids, t.draw_weights) if sampled else (t.ids, t.logprobs)
             yield WindowRecord(window_index=w.window_index, tokens=w.tokens,
-                               doc_offsets=w.doc_offsets, valid=t.valid, ids=t.ids,
-                               values=t.logprobs, doc_ids=w.doc_ids, doc_pieces=w.doc_pieces)
+                               doc_offsets=w.doc_offsets, valid=t.valid, ids=ids,
+                               values=values, doc_ids=w.doc_ids, doc_pieces=w.doc_pieces)
 
     group: list[PackedWindow] = []
     for w in windows:

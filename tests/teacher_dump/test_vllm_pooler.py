@@ -130,3 +130,36 @@ def test_sampled_draws_are_unbiased_and_reproducible(ray_address, teacher_dir):
     z = (freq - p) / np.sqrt(p * (1 - p) / DRAWS + 1e-12)
     assert np.abs(z).max() < 6.0, np.abs(z).max()
     assert abs(float(z.mean())) < 0.2  # no systematic bias over ~1,300 (row, id) pairs
+
+
+@pytest.mark.slow
+def test_sampled_dump_end_to_end(ray_address, teacher_dir, small_dump_config, tmp_path):
+    """`kdcache dump --kind sampled --draws 50` through the runner and a Ray actor: a `sampled`
+    dataset (qrank, counts) that verify accepts, weights = counts / 50 summing to 1."""
+    import ray
+
+    from kdcache.formats.reader import open_dataset
+    from kdcache.formats.verify import verify_dataset
+    from kdcache.teacher_dump.runner import run_dump
+    from tests.teacher_dump.conftest import _start_worker
+
+    worker = _start_worker("vllm", teacher_dir, vllm_path="pooler", draws=50)
+    try:
+        cfg = small_dump_config(teacher_dir, tmp_path / "sampled", engine="vllm", workers=1,
+                                codec=None, draws=50, builtin_documents=8)
+        summary = run_dump(cfg, actors=[worker])
+    finally:
+        ray.kill(worker, no_restart=True)
+    assert summary["shards_written"] == summary["shards"] >= 1
+    report = verify_dataset(str(tmp_path / "sampled"))
+    assert report.ok, report.problems
+    ds = open_dataset(str(tmp_path / "sampled"))
+    h = ds.header
+    assert h.kind == "sampled" and h.k == 50 and h.temperature == 1.0
+    assert h.codec == "qrank" and h.codec_params["draws"] == 50
+    w = ds[0]
+    v = w.valid.numpy()
+    weights = w.weights.numpy()[v]
+    np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-5)
+    counts = weights * 50
+    np.testing.assert_allclose(counts, np.rint(counts), atol=1e-4)  # exact counts of 50 draws

@@ -67,11 +67,15 @@ class TeacherEngine(ABC):
 
     name: str = "base"
     modes: tuple[str, ...] = ()
+    draws_supported: bool = False  # can it sample targets (EngineConfig.draws)?
 
     def __init__(self, cfg: EngineConfig) -> None:
         if cfg.mode not in self.modes:
             raise EngineError(f"engine {self.name!r} cannot serve packing mode {cfg.mode!r} "
                               f"(it serves {', '.join(self.modes)})")
+        if cfg.draws and not self.draws_supported:
+            raise EngineError(f"engine {self.name!r} cannot sample targets (draws); use "
+                              "--engine vllm")
         self.cfg = cfg
 
     def reconfigure(self, *, k: int, mode: str, window: int) -> None:

@@ -56,6 +56,7 @@ def served_architecture(model_dir: str) -> str:
 class VLLMEngine(TeacherEngine):
     name = "vllm"
     modes = ("causal", "document")
+    draws_supported = True
 
     def __init__(self, cfg: EngineConfig) -> None:
         super().__init__(cfg)
