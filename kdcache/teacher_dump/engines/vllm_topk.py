@@ -126,7 +126,10 @@ class TopkPooler(_pooler_base()):
         counts = cursor.num_scheduled_tokens_cpu.tolist()
         finished = (cursor.prompt_lens_cpu == cursor.seq_lens_cpu).tolist()
         starts = (cursor.seq_lens_cpu - cursor.num_scheduled_tokens_cpu).tolist()
-        settings = [_settings(p, self.max_k) for p in pooling_metadata.pooling_params]
+        # requests without extra_kwargs (vLLM's memory-profiling run) ask for the most this
+        # engine serves, so that the profile counts the largest blocks
+        settings = [_settings(p, self.max_k, self.max_draws)
+                    for p in pooling_metadata.pooling_params]
         with torch.inference_mode():
             if any(s["draws"] for s in settings):
                 # one generator per request chunk, blocks aligned to the request: the same
@@ -204,8 +207,8 @@ class TopkPooler(_pooler_base()):
         return out
 
 
-def _settings(params, max_k: int) -> dict[str, Any]:
+def _settings(params, max_k: int, max_draws: int) -> dict[str, Any]:
     extra = (getattr(params, "extra_kwargs", None) or {}) if params is not None else {}
-    return {"k": int(extra.get("k", max_k)), "draws": int(extra.get("draws", 0)),
+    return {"k": int(extra.get("k", max_k)), "draws": int(extra.get("draws", max_draws)),
             "temperature": float(extra.get("temperature", 1.0)),
             "seed": int(extra.get("seed", 0))}
