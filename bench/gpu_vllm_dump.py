@@ -46,7 +46,8 @@ def build_teachers() -> None:
     t0 = time.perf_counter()
     if not os.path.isfile(os.path.join(BIG, "config.json")):
         build_big(BIG, tokenizer_from=GPU_1B)
-    emit({"step": "teacher", "name": "llama3-8b-shape", "seconds": round(time.perf_counter() - t0, 1)})
+    emit({"step": "teacher", "name": "llama3-8b-shape",
+          "seconds": round(time.perf_counter() - t0, 1)})
 
 
 def build_big(out: str, tokenizer_from: str) -> None:
@@ -160,7 +161,8 @@ def engine_only() -> None:
             sec = b._median_seconds(lambda: engine.topk(w), c.rounds)
             tokens = int(sum(x.n_tokens for x in w))
             emit({"step": "engine_only", "teacher": "gpu-1b", "mode": c.mode, "k": c.k,
-                  "window": c.window, "tokens": tokens, "engine_tokens_per_s": round(tokens / sec, 1),
+                  "window": c.window, "tokens": tokens,
+                  "engine_tokens_per_s": round(tokens / sec, 1),
                   "engine_start_s": round(start_s, 1)})
         engine.reconfigure(k=64, mode="causal", window=8192)
         mine = engine.topk(wins[1])

@@ -140,8 +140,10 @@ class VLLMEngine(TeacherEngine):
         from kdcache.teacher_dump.engines.vllm_topk import request_kwargs, split_result
 
         k, draws = self.cfg.k, self.cfg.draws
+        # draws are seeded per (dump seed, window, request start): a resumed shard redraws the same
         params = [PoolingParams(extra_kwargs=request_kwargs(
-            k, draws, self.cfg.temperature, seed=zlib.crc32(f"{self.cfg.seed}:{index}:{start}".encode())))
+            k, draws, self.cfg.temperature,
+            seed=zlib.crc32(f"{self.cfg.seed}:{index}:{start}".encode())))
             for _, start, _, index in where]
         results = self.llm.encode(prompts, pooling_task="token_embed", pooling_params=params,
                                   use_tqdm=False)

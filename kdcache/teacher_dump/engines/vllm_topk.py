@@ -92,7 +92,9 @@ def _make_class(arch: str) -> type:
         def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
             settings = getattr(vllm_config.model_config.hf_config, CONFIG_KEY, None) or {}
-            self.pooler = TopkPooler(self.compute_logits, **settings)
+            self.pooler = TopkPooler(self.compute_logits,
+                                     vocab_size=vllm_config.model_config.get_vocab_size(),
+                                     **settings)
 
     TopkModel.__name__ = TopkModel.__qualname__ = PREFIX + arch
     TopkModel.__module__ = __name__
@@ -108,10 +110,15 @@ def _pooler_base():
 class TopkPooler(_pooler_base()):
     """Per-token top-k (and draws) from the model's logits; see the module docstring."""
 
-    def __init__(self, compute_logits, max_k: int = 64, max_draws: int = 0,
+    def __init__(self, compute_logits, vocab_size: int, max_k: int = 64, max_draws: int = 0,
                  block_elements: int | None = None) -> None:
         super().__init__()
+        if vocab_size > MAX_EXACT_ID:
+            raise ValueError(f"vocabulary of {vocab_size} ids: the pooler path carries ids as "
+                             f"float32, exact only below {MAX_EXACT_ID}; use --vllm-path "
+                             "prompt-logprobs")
         self._compute_logits = compute_logits  # a bound method: not registered as a submodule
+        self.vocab_size = int(vocab_size)
         self.max_k = int(max_k)
         self.max_draws = int(max_draws)
         self.block_elements = block_elements
@@ -175,20 +182,16 @@ class TopkPooler(_pooler_base()):
         out[:, :k] = -1.0
         out[:, k:2 * k] = float("-inf")
         out[:, 2 * k:2 * k + draws] = -1.0
-        start, rows = 0, 1
-        while start < n:
+        # the same blocks on every tensor-parallel rank: compute_logits gathers collectively
+        on_gpu = hidden.device.type == "cuda"
+        elements = self.block_elements or ((1 << 28) if on_gpu else (1 << 23))
+        rows = max(1, elements // self.vocab_size)
+        for start in range(0, n, rows):
             z = self._compute_logits(hidden[start:start + rows])
-            if z is None:  # a tensor-parallel rank that does not hold the gathered logits
-                return out
+            if z is None:  # a rank that does not receive the gathered logits: vLLM drops its
+                continue  # output and returns the driver rank's
             z = z.float()
             vocab = z.shape[-1]
-            if vocab > MAX_EXACT_ID:
-                raise ValueError(f"vocabulary of {vocab} ids: ids travel as float32, exact only "
-                                 f"below {MAX_EXACT_ID}")
-            if start == 0:  # the first block is one row; its width tells the block size
-                elements = self.block_elements or (
-                    (1 << 28) if hidden.device.type == "cuda" else (1 << 23))
-                rows = max(1, elements // vocab)
             m = z.shape[0]
             block = out[start:start + m]
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
@@ -203,7 +206,6 @@ class TopkPooler(_pooler_base()):
                 cnt, cid = torch.topk(counts, min(draws, vocab), dim=-1, sorted=True)
                 block[:, 2 * k:2 * k + cid.shape[1]] = torch.where(cnt > 0, cid.float(), -1.0)
                 block[:, 2 * k + draws:2 * k + draws + cnt.shape[1]] = cnt
-            start += m
         return out
 
 
