@@ -8,9 +8,10 @@
 - t_extra: the unavoidable extra work on the same device: the lm_head matmul over every prompt
   token plus one pass over those logits for logsumexp and top-k (`chunked_topk` on random hidden
   states of the same size, the checkpoint's lm_head weight in the engine's dtype).
-- dump: everything a dump worker does per shard after packing: targets computed (vLLM `pooler`
-  path: top-k inside vLLM's worker), converted, validated, encoded by the default codec and
-  written to an Arrow shard atomically (workers' `engine_records` + `write_shard`).
+- dump: everything a dump worker does after packing: targets computed (vLLM `pooler` path: top-k
+  inside vLLM's worker), converted, validated, encoded by the default codec and written as Arrow
+  shards of `windows_per_shard` windows atomically, each shard written while the engine computes
+  the next (pipeline.ShardPipeline, the dump's own code).
 - baseline (side by side): vLLM's own `prompt_logprobs=k, flat_logprobs=True` path through the
   same conversion, encoding and writing.
 
@@ -44,6 +45,7 @@ class BenchConfig:
     mode: str = "causal"
     dtype: str = "float32"  # the engine's weights and activations (bfloat16 on a GPU)
     gpu_memory_utilization: float | None = None
+    windows_per_shard: int = 4  # the timed windows are written as shards of this many
 
 
 def bench_windows(cfg: BenchConfig):
@@ -102,6 +104,7 @@ class _Writer:
         self.vocab = vocab
         self.tmp = tempfile.mkdtemp(prefix="kdcache-bench-")
         self._names = iter(range(10**9))
+        self._pipelines: list = []
 
     def header(self, k: int, window: int, mode: str):
         from kdcache.formats.codecs import default_codec
@@ -114,21 +117,27 @@ class _Writer:
         return header, prepare_codec(header)
 
     def dump_fn(self, engine, windows, c: BenchConfig) -> Callable[[], None]:
-        """The engine called on ~16k-token groups while the writer's threads encode the
-        previous group, written as one shard."""
-        from kdcache.formats.writer import write_shard
-        from kdcache.teacher_dump.workers import engine_records
+        """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
+        into shards, the engine called on ~16k-token groups on this thread while the writer's
+        threads encode the previous group and finish the previous shard."""
+        from kdcache.teacher_dump.pipeline import ShardPipeline
 
         header, codec = self.header(c.k, c.window, c.mode)
+        pipeline = ShardPipeline(engine)
+        self._pipelines.append(pipeline)
+        step = c.windows_per_shard
 
         def run() -> None:
-            write_shard(self.tmp, f"shard-{next(self._names):05d}",
-                        engine_records(engine, windows), header, codec)
+            shards = [(f"shard-{next(self._names):05d}", windows[i:i + step])
+                      for i in range(0, len(windows), step)]
+            pipeline.write_all(self.tmp, shards, header, codec)
         return run
 
     def close(self) -> None:
         import shutil
 
+        for pipeline in self._pipelines:
+            pipeline.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -137,6 +146,9 @@ def _engine(name: str, cfgs: list[BenchConfig], **overrides):
     from kdcache.teacher_dump.engines import make_engine
     from kdcache.teacher_dump.engines.base import EngineConfig
 
+    if hasattr(os, "sched_getaffinity"):  # in-process engine: use every core we have
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                              ",".join(map(str, sorted(os.sched_getaffinity(0)))))
     c = cfgs[0]
     util = c.gpu_memory_utilization
     if util is None and name == "vllm":
