@@ -51,7 +51,7 @@ def group_records(engine, group: list[PackedWindow]) -> list:
     engine.cfg.draws > 0, stores the draws: distinct ids and counts / draws)."""
     from kdcache.formats.window import WindowRecord
 
-    sampled = bool(getattr(engine.cfg, "draws", 0))
+    sampled = bool(getattr(getattr(engine, "cfg", None), "draws", 0))
     records = []
     for w, t in zip(group, engine.topk(group)):
         ids, values = (t.draw_ids, t.draw_weights) if sampled else (t.ids, t.logprobs)
