@@ -24,11 +24,22 @@ engine start-up is excluded.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
+
+from kdcache.formats.codecs import default_codec
+from kdcache.formats.manifest import DatasetHeader
+from kdcache.formats.writer import default_encode_threads, prepare_codec
+from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
+from kdcache.teacher_dump.engines import make_engine
+from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk, segments_for_mode
+from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
+from kdcache.teacher_dump.plan import teacher_fingerprint
+from kdcache.teacher_dump.pipeline import ShardPipeline
 
 
 
@@ -50,9 +61,6 @@ class BenchConfig:
 
 def bench_windows(cfg: BenchConfig):
     """`cfg.windows` packed windows (the built-in corpus is made as large as needed)."""
-    from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
-    from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
-
     tok = TeacherTokenizer(cfg.model)
     n_docs = max(64, cfg.window * (cfg.windows + 1) // 100)
     docs = iter_documents(CorpusSpec(cfg.corpus, builtin_documents=n_docs), CorpusStats())
@@ -99,7 +107,6 @@ def _sync() -> None:
 
 class _Writer:
     """What a dump worker does for one shard, with a fresh shard name per call."""
-
     def __init__(self, vocab: int) -> None:
         self.vocab = vocab
         self.tmp = tempfile.mkdtemp(prefix="kdcache-bench-")
@@ -107,9 +114,6 @@ class _Writer:
         self._pipelines: list = []
 
     def header(self, k: int, window: int, mode: str):
-        from kdcache.formats.codecs import default_codec
-        from kdcache.formats.manifest import DatasetHeader
-        from kdcache.formats.writer import prepare_codec
 
         header = DatasetHeader(kind="topk", k=k, vocab_size=self.vocab,
                                codec=default_codec("topk"),
@@ -120,8 +124,6 @@ class _Writer:
         """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
         into shards, the engine called on ~16k-token groups on this thread while the writer's
         threads encode the previous group and finish the previous shard."""
-        from kdcache.teacher_dump.pipeline import ShardPipeline
-
         header, codec = self.header(c.k, c.window, c.mode)
         pipeline = ShardPipeline(engine)
         self._pipelines.append(pipeline)
@@ -134,8 +136,6 @@ class _Writer:
         return run
 
     def close(self) -> None:
-        import shutil
-
         for pipeline in self._pipelines:
             pipeline.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -143,9 +143,6 @@ class _Writer:
 
 def _engine(name: str, cfgs: list[BenchConfig], **overrides):
     """One engine that serves every config (largest k and window)."""
-    from kdcache.teacher_dump.engines import make_engine
-    from kdcache.teacher_dump.engines.base import EngineConfig
-
     if hasattr(os, "sched_getaffinity"):  # in-process engine: use every core we have
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                               ",".join(map(str, sorted(os.sched_getaffinity(0)))))
@@ -182,9 +179,6 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
     (path: "pooler", "prompt-logprobs" or "hf"), for agreement checks on the same device."""
     import torch
 
-    from kdcache.formats.writer import default_encode_threads
-    from kdcache.teacher_dump.engines.base import chunked_topk
-    from kdcache.teacher_dump.plan import teacher_fingerprint
 
     first = cfgs[0]
     if any((c.model, c.engine, c.dtype) != (first.model, first.engine, first.dtype)
@@ -287,7 +281,6 @@ def bench_series(base: BenchConfig, ks: list[int], windows: list[tuple[int, int]
 
 
 def _hf_prefill(engine, windows, mode: str) -> None:
-    from kdcache.teacher_dump.engines.base import segments_for_mode
 
     for w in windows:
         for s, e, p in segments_for_mode(w, mode):

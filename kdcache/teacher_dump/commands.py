@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from kdcache.formats.packing import PACKING_MODES
+
+# The handlers import what they run inside themselves: `kdcache --help` imports every commands
+# module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -47,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="with --kind sampled: temperature of the draws (default 1.0)")
     p.add_argument("--window", type=int, default=131072, help="tokens per window")
-    p.add_argument("--mode", default="document", choices=["causal", "document", "document-global"],
+    p.add_argument("--mode", default="document", choices=list(PACKING_MODES),
                    help="packing mode (document-global needs --engine hf)")
     p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     p.add_argument("--workers", type=int, default=1,
@@ -82,6 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eos-id", type=int, default=None)
     p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose actor died")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM-CPU KV cache size")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset of another configuration in --out (by default it is "
+                        "refused; the same configuration resumes)")
     p.add_argument("--json", action="store_true", help="print one JSON line (no progress bar)")
     p.set_defaults(handler=_run_dump)
 
@@ -186,7 +194,8 @@ def _run_dump(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, ray_address=args.ray_address,
         max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json,
         draws=_sampled_draws(args), temperature=args.temperature)
-    summary = run_dump(cfg, log=(lambda m: None) if args.json else print)
+    summary = run_dump(cfg, log=(lambda m: None) if args.json else print,
+                       overwrite=args.overwrite)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 

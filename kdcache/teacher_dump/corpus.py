@@ -20,7 +20,6 @@ document, so that a teacher trained on it for a minute has peaked, context-depen
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -326,11 +325,3 @@ def builtin_chat_corpus(n_conversations: int, seed: int = 0) -> Iterator[Convers
     for _ in range(n_conversations):
         yield builtin_conversation(rng)
 
-
-def write_jsonl(path: str, texts, text_field: str = "text") -> None:
-    """Write texts as JSONL (used by tests and benches to make file corpora)."""
-    buf = io.StringIO()
-    for t in texts:
-        buf.write(json.dumps({text_field: t}) + "\n")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(buf.getvalue())

@@ -32,20 +32,22 @@ import numpy as np
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.formats import storage
+from kdcache.formats.codecs import default_codec
+from kdcache.formats.manifest import DatasetHeader, ShardInfo
+from kdcache.formats.packing import MODES
+from kdcache.formats.writer import (begin_dataset, dataset_finished, finish_dataset,
+                                    read_finished_manifest, read_stored_codec_table,
+                                    remove_stale_temporaries, shard_name, shard_name_of)
 from kdcache.teacher_dump.chat import resolve_policy
 from kdcache.teacher_dump.corpus import CorpusStats, corpus_fingerprint, iter_documents
 from kdcache.teacher_dump.pack import PackedWindow, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import (PROGRESS_DIR, DumpConfig, DumpError, Plan, check_against,
-                                       completed_shards, load_plan, mark_done,
-                                       teacher_fingerprint, write_plan)
+                                       check_teacher_limits, completed_shards, discard_dataset,
+                                       load_plan, mark_done, teacher_fingerprint, write_plan)
 from kdcache.teacher_dump.workers import (SHARDS_PER_ACTOR, ActorPool, init_ray,
                                           unwrap_task_error, window_to_dict)
 
-__all__ = ["DumpError", "format_summary", "iter_shards", "make_plan", "run_dump", "shard_name"]
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
+__all__ = ["DumpError", "format_summary", "iter_shards", "make_plan", "run_dump"]
 
 
 # ---------------------------------------------------------------------------- packing passes
@@ -85,9 +87,6 @@ def make_plan(cfg: DumpConfig, tokenizer: TeacherTokenizer) -> Plan:
 
 
 def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
-    from kdcache.formats.codecs import default_codec
-    from kdcache.formats.manifest import DatasetHeader
-
     t, p = cfg.teacher, cfg.pack
     teacher = dict(plan.teacher)
     teacher.update(engine=cfg.engine, dtype=t.dtype,
@@ -96,7 +95,7 @@ def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
                "eos_id": tokenizer.eos_id, "seed": p.seed,
                "split_long_docs": p.split_long_docs, "shuffle_buffer": p.shuffle_buffer,
                "windows_per_shard": cfg.windows_per_shard, "policy": "next-fit whole documents",
-               "positions": "global" if t.mode in ("causal", "document-global") else "reset",
+               "positions": MODES[t.mode].positions,
                "targets": resolve_policy(p.targets, plan.packing_stats.get("chats", 0) > 0)}
     if t.draws:  # RS-KD: up to `draws` distinct ids per row, weights = counts / draws
         kind, k, params, temperature = "sampled", t.draws, {"draws": t.draws}, t.temperature
@@ -132,8 +131,10 @@ class _RunState:
 
 def run_dump(cfg: DumpConfig, *, actors: list | None = None,
              on_shard_done: Callable[[str, dict, ActorPool], None] | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) a dump; returns the summary dict (also stored in the manifest stats).
+
+    `overwrite`: replace a dataset of another configuration in `cfg.out` (refused otherwise).
 
     `actors`: already started DumpWorker actors to use (they are configured for this run and
     left running); by default `cfg.execution.workers` actors are started and stopped here.
@@ -141,57 +142,58 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     interrupt runs and kill actors at chosen points).
     """
     t_start = time.perf_counter()
-    state = _plan_run(cfg)
+    state = _plan_run(cfg, overwrite)
     _resume_state(cfg, state)
     if state.todo:
         _schedule(cfg, state, actors, on_shard_done, log)
     return _finish(cfg, state, time.perf_counter() - t_start)
 
 
-def _plan_run(cfg: DumpConfig) -> _RunState:
+def _plan_run(cfg: DumpConfig, overwrite: bool = False) -> _RunState:
     """Refuse what cannot run, write (or check) plan.json, build the dataset header."""
-    from kdcache.formats.manifest import MANIFEST_NAME, SHARD_DIR
-    from kdcache.formats.writer import make_codec, read_stored_codec_table
-
     if cfg.teacher.mode == "document-global" and cfg.engine == "vllm":
         raise ConfigMismatchError("packing mode 'document-global' needs positions that do not "
                                   "start at 0 per document, which vLLM cannot take: use --engine hf")
     tokenizer = TeacherTokenizer(cfg.teacher.model, cfg.pack.bos_id, cfg.pack.eos_id)
+    check_teacher_limits(cfg)
     fs, base = storage.resolve(cfg.out)
     storage.check_reachable(fs, base)  # a missing bucket or refused credentials: before any work
     existing = load_plan(cfg.out)
-    if existing is None and fs.exists(storage.join(base, MANIFEST_NAME)):
+    if existing is None and dataset_finished(cfg.out) and not overwrite:
         raise ConfigMismatchError(f"{cfg.out}: holds a dataset that was not made by this dump "
-                                  "(manifest.json but no plan.json); choose another --out")
+                                  "(manifest.json but no plan.json); choose another --out, or "
+                                  "pass --overwrite to replace it")
     plan = make_plan(cfg, tokenizer)
-    if existing is not None:
-        check_against(existing, plan, where=storage.join(base, "plan.json"))
-        if existing.shards != plan.shards:
-            raise ConfigMismatchError(f"{cfg.out}: the corpus packs into different shards than "
-                                      "the plan recorded (the corpus changed); use a new --out")
+    if existing is not None or dataset_finished(cfg.out):
+        try:
+            if existing is None:
+                raise ConfigMismatchError(f"{cfg.out}: holds a dataset not made by this dump")
+            check_against(existing, plan, where=storage.join(base, "plan.json"))
+            if existing.shards != plan.shards:
+                raise ConfigMismatchError(
+                    f"{cfg.out}: the corpus packs into different shards than the plan recorded "
+                    "(the corpus changed); use a new --out, or pass --overwrite to start over")
+        except ConfigMismatchError:
+            if not overwrite:
+                raise
+            discard_dataset(cfg.out)  # everything is validated: replace the old dataset
+            existing = None
     write_plan(cfg.out, plan)  # refresh execution settings; config is unchanged
     header = build_header(cfg, plan, tokenizer)
     # The codec's table (qrank's id ranking) is fitted on the teacher's top-k of the first window
     # once the engines are up; a resumed run reuses the table its earlier shards were coded with.
     table = read_stored_codec_table(cfg.out)
-    make_codec(header, table)  # completes header.codec_params with the codec's defaults
-    storage.remove_stale_temporaries(fs, storage.join(base, SHARD_DIR))
+    remove_stale_temporaries(cfg.out)
     return _RunState(plan=plan, header=header, table=table, tokenizer=tokenizer,
-                     already_final=existing is not None
-                     and fs.exists(storage.join(base, MANIFEST_NAME)))
+                     already_final=existing is not None and dataset_finished(cfg.out))
 
 
 def _resume_state(cfg: DumpConfig, state: _RunState) -> None:
     """Which shards are done (progress records, or a finished manifest) and which are to do."""
-    from kdcache.formats.manifest import MANIFEST_NAME, parse_manifest
-
     state.done = completed_shards(cfg.out)
-    fs, base = storage.resolve(cfg.out)
-    manifest_path = storage.join(base, MANIFEST_NAME)
     if state.already_final:  # a finished dump: nothing to redo
-        finished = parse_manifest(storage.read_bytes(fs, manifest_path), where=manifest_path)
-        state.done.update({s["name"].rsplit("/", 1)[-1].removesuffix(".arrow"): s
-                           for s in finished["shards"]})
+        finished = read_finished_manifest(cfg.out)
+        state.done.update({shard_name_of(s["name"]): s for s in finished["shards"]})
     state.todo = [s["name"] for s in state.plan.shards if s["name"] not in state.done]
     state.already_final = state.already_final and not state.todo
 
@@ -200,14 +202,11 @@ def _fit_codec_table(cfg: DumpConfig, state: _RunState, pool: ActorPool) -> None
     """Score the first window, fit the codec's table on its top-k ids, store it, hand it out."""
     import ray
 
-    from kdcache.formats.writer import prepare_codec, write_codec_table
-
     first = next(iter_shards(cfg, state.tokenizer, CorpusStats(), PackStats()), None)
     if first is None or not first[1]:
         return
     ids, _, valid = ray.get(pool.actors[0].topk.remote([window_to_dict(first[1][0])]))[0]
-    codec = prepare_codec(state.header, sample_ids=np.asarray(ids)[np.asarray(valid)])
-    write_codec_table(cfg.out, codec)  # atomic, before any shard that uses it
+    codec = begin_dataset(cfg.out, state.header, sample_ids=np.asarray(ids)[np.asarray(valid)])
     if codec.table is not None:
         pool.set_table(state.header, codec.table)
     state.table = codec.table
@@ -300,9 +299,6 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
 
 def _finish(cfg: DumpConfig, state: _RunState, seconds: float) -> dict[str, Any]:
     """Write the manifest and card (unless the dataset was already final); the summary."""
-    from kdcache.formats.manifest import ShardInfo
-    from kdcache.formats.writer import codec_table_entry, finalize_dataset
-
     plan, t = state.plan, cfg.teacher
     shards = [ShardInfo.from_dict(state.done[s["name"]]) for s in plan.shards]
     total_tokens = sum(s["tokens"] for s in plan.shards)
@@ -324,8 +320,7 @@ def _finish(cfg: DumpConfig, state: _RunState, seconds: float) -> dict[str, Any]
     if not state.already_final:
         stats = {"corpus": plan.corpus_stats, "packing": plan.packing_stats,
                  "dump": {k: summary[k] for k in ("engine", "shards", "windows", "tokens")}}
-        manifest = finalize_dataset(cfg.out, state.header, shards, stats=stats,
-                                    table=codec_table_entry(state.table))
+        manifest = finish_dataset(cfg.out, state.header, shards, table=state.table, stats=stats)
         summary["bytes"] = manifest["totals"]["bytes"]
         summary["target_bytes_per_token"] = manifest["totals"]["target_bytes_per_token"]
         fs, base = storage.resolve(cfg.out)

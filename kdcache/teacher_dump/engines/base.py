@@ -18,13 +18,13 @@ exists (never an [n, V] log-softmax).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from kdcache.errors import KdcacheError
-from kdcache.formats.window import default_valid
+from kdcache.formats.packing import default_valid, request_segments
 from kdcache.teacher_dump.pack import PackedWindow
 
 
@@ -83,8 +83,6 @@ class TeacherEngine(ABC):
 
     def reconfigure(self, *, k: int, mode: str, window: int) -> None:
         """Serve another k / packing mode without restarting (a started engine is expensive)."""
-        from dataclasses import replace
-
         if mode not in self.modes:
             raise EngineError(f"engine {self.name!r} cannot serve packing mode {mode!r}")
         if window > self.cfg.window:
@@ -101,16 +99,9 @@ class TeacherEngine(ABC):
 
 
 def segments_for_mode(win: PackedWindow, mode: str) -> list[tuple[int, int, int]]:
-    """(start, end, first_position) of each separately run request of a window.
-
-    causal: the whole window from position 0. document: each document from position 0.
-    document-global: each document from its offset in the window (a document mask with global
-    positions is exactly a per-document run whose positions start at the document's offset).
-    """
-    if mode == "causal":
-        return [(0, win.n_tokens, 0)]
-    offs = win.doc_offsets.tolist()
-    return [(s, e, s if mode == "document-global" else 0) for s, e in zip(offs[:-1], offs[1:])]
+    """(start, end, first_position) of each separately run request of a window (the mode's
+    meaning lives in `kdcache.formats.packing.request_segments`)."""
+    return request_segments(win.n_tokens, win.doc_offsets, mode)
 
 
 def needed_rows(win: PackedWindow, mode: str) -> np.ndarray:
@@ -180,8 +171,9 @@ def chunked_topk(hidden, weight, k: int, *, chunk_elements: int | None = None, o
     `hidden @ weight.T`). Returns torch (ids int32 [n, k], logprobs fp32
     [n, k]) or fills `out_ids` / `out_logprobs` (numpy views of the same shape) in place.
     chunk_elements: logits per block; default 2^23 on CPU (cache-sized), 2^28 on a GPU (about
-    1,300 rows at V=202,048: 41-row blocks ran the lm_head at ~55 TFLOP/s on an H200). On a GPU
-    the results stay on the device until the end: one copy to the host, not one per block.
+    1,300 rows at V=202,048: blocks of a few dozen rows leave the GPU's matrix units mostly idle;
+    docs/teacher_dump.md). On a GPU the results stay on the device until the end: one copy to
+    the host, not one per block.
     """
     import torch
 

@@ -37,7 +37,7 @@ from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, Teache
                                                WindowTargets, empty_targets, finish_targets,
                                                segments_for_mode)
 from kdcache.teacher_dump.pack import PackedWindow
-from kdcache.vllm_start import configure_vllm_env, start_llm
+from kdcache.vllm_start import configure_vllm_env, start_llm, stop_llm
 
 VLLM_PATHS = ("pooler", "prompt-logprobs")
 
@@ -92,14 +92,15 @@ class VLLMEngine(TeacherEngine):
 
             settings = {"max_k": cfg.k, "max_draws": cfg.draws,
                         "block_elements": cfg.chunk_elements}
-            self.llm = _make_llm(
-                **common, runner="pooling",
+            self.llm = start_llm(
+                EngineError, **common, runner="pooling",
                 pooler_config=_pooler_config(),
                 hf_overrides={"architectures": [vllm_topk.wrapped_architecture(arch)],
                               vllm_topk.CONFIG_KEY: settings},
                 model_class_overrides=vllm_topk.class_override(arch))
         else:
-            self.llm = _make_llm(**common, skip_tokenizer_init=True, max_logprobs=cfg.k)
+            self.llm = start_llm(EngineError, **common, skip_tokenizer_init=True,
+                                 max_logprobs=cfg.k)
         self.max_logprobs = cfg.k
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         if cfg.k > self.vocab_size:
@@ -197,21 +198,17 @@ class VLLMEngine(TeacherEngine):
     def close(self) -> None:
         """Stop the engine and give its memory back, so that another engine can start on the
         same device in this process (benches run engines one at a time)."""
-        llm = getattr(self, "llm", None)
-        self.llm = None
+        llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # best effort: the process may be about to exit
-            pass
+        stop_llm(llm)
         del llm
         gc.collect()
         try:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
             cleanup_dist_env_and_memory()
-        except Exception:
+        except Exception:  # best effort: nothing else in this process uses vLLM's groups
             pass
 
 
@@ -221,8 +218,3 @@ def _pooler_config():
     return PoolerConfig(task="token_embed")
 
 
-def _make_llm(**kwargs):
-    try:
-        return start_llm(**kwargs)
-    except (ValueError, RuntimeError) as exc:
-        raise EngineError(f"{kwargs['model']}: vLLM could not start: {exc}") from exc
