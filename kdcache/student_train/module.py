@@ -103,15 +103,23 @@ def distillation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], lo
 class StudentModule(pl.LightningModule):
     """Trains a `Student` from teacher targets; see the module docstring for the loss."""
 
-    def __init__(self, model_args: dict[str, Any], loss: dict[str, Any] | None = None,
+    def __init__(self, model_args: dict[str, Any] | None, loss: dict[str, Any] | None = None,
                  optim: dict[str, Any] | None = None, compile_blocks: bool = False,
-                 checkpoint_layers: int = 0, init_from: str | None = None) -> None:
+                 checkpoint_layers: int = 0, init_from: str | None = None,
+                 hf_student: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model_args = ModelArgs(**model_args)
         self.loss_cfg = LossConfig(**(loss or {}))
         self.optim_cfg = OptimConfig(**(optim or {}))
-        if init_from:
+        if hf_student is not None:
+            from kdcache.student_train.hf_student import load_hf_student
+
+            # Any transformers causal LM: its own weights (or random init), masks and head.
+            self.model_args = None
+            self.model = load_hf_student(**hf_student)
+            self.model.set_checkpoint_layers(checkpoint_layers)
+        elif init_from:
+            self.model_args = ModelArgs(**model_args)
             from kdcache.student_train.model import load_hf
 
             # A later stage: the previous stage's weights, this stage's theta and masks.
@@ -130,8 +138,10 @@ class StudentModule(pl.LightningModule):
                     f"asks for {wanted}")
             self.model_args = self.model.args
         else:
+            self.model_args = ModelArgs(**model_args)
             self.model = Student(self.model_args)
-        self.model.checkpoint_layers = checkpoint_layers
+        if hf_student is None:
+            self.model.checkpoint_layers = checkpoint_layers
         self.compile_blocks = compile_blocks
         self.loss_history: list[float] = []  # per step, rank 0's view (tests, summaries)
         self._step_started: float | None = None

@@ -46,7 +46,8 @@ class TrainConfigError(KdcacheError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    rope_theta: float = 10_000.0
+    rope_theta: float | None = None  # None: 10k for a preset, an HF student's own
+    rope: dict[str, Any] = field(default_factory=dict)  # an HF student's rope_parameters to merge
     vocab_size: int | str | None = None  # None: the preset's; "dataset": the teacher's
     attention: str | None = None  # None: match the dataset's packing mode
     positions: str | None = None
@@ -82,6 +83,8 @@ class StageConfig:
     optim: Any  # OptimConfig
     trainer: TrainerConfig
     init_from: str | None = None  # "previous", an HF directory, or None (random init)
+    student: str | None = None  # any transformers causal-LM directory (instead of a preset)
+    init: str = "pretrained"  # the student's weights as they are, or "random" from its config
 
 
 @dataclass
@@ -123,9 +126,12 @@ def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
 
     if not isinstance(raw, dict):
         raise TrainConfigError(f"{source}: a run config is a mapping with 'stages'")
-    unknown = sorted(set(raw) - {"name", "output_dir", "defaults", "stages"})
+    unknown = sorted(set(raw) - {"name", "output_dir", "defaults", "stages", "student", "init"})
     if unknown:
         raise TrainConfigError(f"{source}: unknown top-level key(s) {unknown}")
+    student = raw.get("student")
+    if student is not None and not isinstance(student, str):
+        raise TrainConfigError(f"{source}: 'student' is the path of an HF model directory")
     stages_raw = raw.get("stages")
     if not stages_raw or not isinstance(stages_raw, list):
         raise TrainConfigError(f"{source}: 'stages' must be a non-empty list")
@@ -135,7 +141,8 @@ def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
         merged = _merge(defaults, stage_raw or {})
         name = merged.pop("name", f"stage{index + 1}")
         where = f"{source}: stage {name!r}"
-        unknown = sorted(set(merged) - {"model", "data", "loss", "optim", "trainer", "init_from"})
+        unknown = sorted(set(merged) - {"model", "data", "loss", "optim", "trainer", "init_from",
+                                        "student", "init"})
         if unknown:
             raise TrainConfigError(f"{where}: unknown key(s) {unknown}")
         data_raw = merged.get("data") or {}
@@ -154,7 +161,12 @@ def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
             loss=_build(LossConfig, merged.get("loss"), f"{where}.loss"),
             optim=_build(OptimConfig, optim_raw, f"{where}.optim"),
             trainer=trainer,
-            init_from=merged.get("init_from")))
+            init_from=merged.get("init_from"),
+            student=merged.get("student", student),
+            init=merged.get("init", raw.get("init", "pretrained"))))
+        if stages[-1].init not in ("pretrained", "random"):
+            raise TrainConfigError(f"{where}: init must be 'pretrained' or 'random', got "
+                                   f"{stages[-1].init!r}")
     if stages[0].init_from == "previous":
         raise TrainConfigError(f"{source}: the first stage cannot start from 'previous'")
     return RunConfig(name=raw.get("name") or os.path.splitext(os.path.basename(source))[0],
@@ -239,7 +251,8 @@ def model_args_for(stage: StageConfig, header, where: str):
         overrides["vocab_size"] = header.vocab_size
     elif cfg.vocab_size is not None:
         overrides["vocab_size"] = int(cfg.vocab_size)
-    overrides.update(rope_theta=float(cfg.rope_theta), attention=attention, positions=positions)
+    theta = 10_000.0 if cfg.rope_theta is None else float(cfg.rope_theta)
+    overrides.update(rope_theta=theta, attention=attention, positions=positions)
     for key in ("bos_id", "eos_id"):
         value = header.packing.get(key)
         if value is not None and key not in overrides:
@@ -294,14 +307,27 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
     where = f"stage {stage.name!r} data {stage.data.paths[0] if stage.data.paths else '?'}"
     if not stage.data.paths:
         raise TrainConfigError(f"stage {stage.name!r}: data.paths is empty (give --data PATH)")
-    args, verdict = model_args_for(stage, datamodule.header, where)
-    datamodule.student_vocab_size = args.vocab_size
     import lightning.pytorch as pl
 
-    pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
     init_from = stage.init_from
     if init_from == "previous":
         init_from = previous_hf
+    hf_dir = init_from if stage.student and init_from else stage.student
+    if hf_dir:
+        from kdcache.student_train.hf_student import hf_student_spec
+
+        spec, vocab_rows, verdict = hf_student_spec(
+            stage, datamodule.header, where, hf_dir,
+            init="pretrained" if init_from else stage.init)
+        datamodule.student_vocab_size = vocab_rows
+        pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
+        module = StudentModule(None, asdict(stage.loss), asdict(stage.optim),
+                               compile_blocks=stage.model.compile,
+                               checkpoint_layers=stage.model.checkpoint_layers, hf_student=spec)
+        return datamodule, module, verdict
+    args, verdict = model_args_for(stage, datamodule.header, where)
+    datamodule.student_vocab_size = args.vocab_size
+    pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
     module = StudentModule(args.as_dict(), asdict(stage.loss), asdict(stage.optim),
                            compile_blocks=stage.model.compile,
                            checkpoint_layers=stage.model.checkpoint_layers, init_from=init_from)
@@ -330,21 +356,26 @@ def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     seconds = time.time() - started
     hf_dir = os.path.join(stage_dir, "hf")
+    trained = getattr(module.model, "args", module.model)  # ModelArgs, or the HFStudent itself
     summary = {
         "stage": stage.name, "steps": int(trainer.global_step), "seconds": round(seconds, 2),
         "resumed_from": ckpt_path, "init_from": module.hparams.get("init_from"),
-        "rope_theta": module.model.args.rope_theta, "attention": module.model.args.attention,
-        "positions": module.model.args.positions, "vocab": verdict,
+        "rope_theta": trained.rope_theta, "attention": trained.attention,
+        "positions": trained.positions, "vocab": verdict,
         "final_loss": module.loss_history[-1] if module.loss_history else None,
         "data_state": datamodule.state.as_dict(), "holdout_windows": stage.data.holdout_windows,
         "hf_dir": hf_dir,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     if trainer.is_global_zero:
-        save_hf(module.model, hf_dir, extra_config={"kdcache_training": {
+        record = {"kdcache_training": {
             "stage": stage.name, "steps": summary["steps"], "loss": asdict(stage.loss),
-            "data": list(stage.data.paths), "holdout_windows": stage.data.holdout_windows}})
-        copy_tokenizer(student_tokenizer_dir(stage, datamodule.header), hf_dir)
+            "data": list(stage.data.paths), "holdout_windows": stage.data.holdout_windows}}
+        if module.model_args is None:  # an HF student: the same architecture, its tokenizer
+            module.model.save(hf_dir, extra_config=record)
+        else:
+            save_hf(module.model, hf_dir, extra_config=record)
+            copy_tokenizer(student_tokenizer_dir(stage, datamodule.header), hf_dir)
         from kdcache.formats.storage import atomic_write_bytes, resolve
 
         fs, base = resolve(summary_path)
