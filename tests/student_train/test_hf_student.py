@@ -173,3 +173,44 @@ def test_phasewise_rope_changes_theta_and_exports_the_same_architecture(tiny_dir
     with torch.no_grad():
         z_loaded = reloaded(input_ids=tokens).logits
     assert float((z_loaded - z_after).abs().max()) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, init", [("qwen3", "pretrained"), ("gemma3", "random"),
+                                        ("llama-untied", "pretrained")])
+def test_kdcache_train_an_hf_student_phasewise(tiny_dirs, doc512_dataset, tmp_path, arch, init):
+    """`kdcache train --student DIR`: two stages (10k at 256 tokens, then 500k), the exported
+    directory is the student's own architecture with the new theta, loadable by transformers."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from kdcache.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--config", "tiny-phasewise-kd", "--student", tiny_dirs[arch],
+                 "--init", init, "--data", doc512_dataset, "--out", str(out), "--max-steps", "2",
+                 "--workers", "0", "--json"])
+    assert code == 0
+    s1, s2 = (json.loads((out / s / "summary.json").read_text()) for s in ("stage1", "stage2"))
+    assert (s1["rope_theta"], s2["rope_theta"]) == (10_000.0, 500_000.0)
+    assert (s1["attention"], s1["positions"]) == ("document", "reset")
+    assert math.isfinite(s1["final_loss"]) and math.isfinite(s2["final_loss"])
+    with open(f"{tiny_dirs[arch]}/config.json") as handle:
+        source = json.load(handle)
+    config = json.loads((out / "stage2" / "hf" / "config.json").read_text())
+    assert config["architectures"] == source["architectures"]
+    assert config["kdcache"] == {"attention": "document", "positions": "reset"}
+    model = AutoModelForCausalLM.from_pretrained(str(out / "stage2" / "hf"))
+    from kdcache.student_train.hf_student import rope_theta_of
+
+    assert rope_theta_of(model.config) == 500_000.0
+    w0 = load_file(f"{tiny_dirs[arch]}/model.safetensors")
+    w1 = load_file(str(out / "stage1" / "hf" / "model.safetensors"))
+    name = "model.norm.weight"  # the source's norms were perturbed away from a fresh init's
+    fresh = torch.ones_like(w0[name].float()) if arch != "gemma3" else torch.zeros_like(w0[name])
+    from_source = float((w1[name].float() - w0[name].float()).abs().max())
+    from_fresh = float((w1[name].float() - fresh).abs().max())
+    if init == "pretrained":  # two steps from the pretrained weights
+        assert from_source < 0.02 < from_fresh
+    else:  # a fresh random initialisation from the config
+        assert from_fresh < 0.02 < from_source
