@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "kdcache.teacher_dump.commands",
     "kdcache.formats.commands",
     "kdcache.formats.codec_commands",
+    "kdcache.formats.ops_commands",
     "kdcache.student_train.commands",
     "kdcache.evaluate.eval_commands",
     "kdcache.evaluate.analysis_commands",

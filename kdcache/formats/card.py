@@ -146,6 +146,12 @@ def render_card(manifest: dict[str, Any], figure: dict[str, Any] | None = None) 
     ]
     if stats:
         lines += ["", "Corpus and run statistics:", "", *_table(stats)]
+    lineage = manifest.get("extra", {}).get("lineage") or []
+    if lineage:
+        lines += ["", "## Lineage", "",
+                  "Made from other kdcache datasets, oldest step first (each source is named "
+                  "with the xxh3-64 of its manifest.json, which pins its exact content):", ""]
+        lines += [_lineage_line(step) for step in lineage]
     lines += ["", "## The targets", ""]
     if figure and "path" in figure:
         lines += [
@@ -175,6 +181,16 @@ def render_card(manifest: dict[str, Any], figure: dict[str, Any] | None = None) 
         "",
     ]
     return "\n".join(lines)
+
+
+def _lineage_line(step: dict[str, Any]) -> str:
+    sources = "; ".join(
+        f"`{src.get('path')}` (manifest xxh3 `{src.get('manifest_xxh3')}`, "
+        f"{src.get('windows', 0):,} windows, codec `{src.get('codec')}`, k={src.get('k')})"
+        for src in step.get("sources", []))
+    params = {k: v for k, v in (step.get("params") or {}).items() if v is not None}
+    return (f"- `{step.get('operation')}` of {sources}; parameters {_cell(params)}; targets "
+            f"{step.get('targets')} ({step.get('by')}, {step.get('at')}).")
 
 
 def write_card(root: str, manifest: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ import xxhash
 from kdcache.errors import FormatError
 from kdcache.formats import storage
 from kdcache.formats.manifest import (MANIFEST_NAME, DatasetHeader, ShardInfo, parse_manifest)
+from kdcache.formats.remote import ShardCache
 from kdcache.formats.shard import ARROW_MAGIC, COLUMNS, batch_fields, read_shard_metadata
 from kdcache.formats.window import Window
 from kdcache.formats.writer import make_codec
@@ -31,18 +32,20 @@ class ShardReader:
     """An open, checked shard: random access to its windows' raw fields."""
 
     def __init__(self, fs, path: str, info: ShardInfo, header: DatasetHeader, *,
-                 verify_hash: bool) -> None:
+                 verify_hash: bool, local_copy: str | None = None) -> None:
+        """`local_copy`: a cached download of the remote shard `path`, read in its place
+        (messages still name `path`)."""
         self.path = path
         self.info = info
         try:
-            size = fs.size(path)
+            size = os.path.getsize(local_copy) if local_copy else fs.size(path)
         except FileNotFoundError:
             raise FormatError(f"{path}: shard listed in the manifest is missing") from None
         if size != info.bytes:
             raise FormatError(f"{path}: size {size} bytes, manifest says {info.bytes} "
                               f"({'truncated' if size < info.bytes else 'extended'} shard)")
-        if storage.is_local(fs):
-            source = pa.memory_map(path, "r")
+        if local_copy or storage.is_local(fs):
+            source = pa.memory_map(local_copy or path, "r")
             buffer = source.read_buffer()
         else:
             buffer = pa.py_buffer(storage.read_bytes(fs, path))
@@ -103,9 +106,13 @@ class LogitDataset:
     """A kdcache logit dataset; `ds[i]` is window i (in manifest order) as a `Window`."""
 
     def __init__(self, root: str | os.PathLike, *, verify_hashes: bool = True,
-                 max_open_shards: int = 2) -> None:
+                 max_open_shards: int = 2, cache: ShardCache | None = None) -> None:
+        """On object storage, shards are read through `cache` (a ShardCache from the
+        KDCACHE_CACHE_DIR/KDCACHE_CACHE_BYTES environment by default); at most as many are held
+        open as fit the cache, so a remote dataset uses at most twice the cache's bytes on disk."""
         self.root = os.fspath(root)
         self.fs, self.base = storage.resolve(self.root)
+        storage.check_reachable(self.fs, self.base)
         manifest_path = storage.join(self.base, MANIFEST_NAME)
         if not self.fs.exists(manifest_path):
             raise FormatError(f"{manifest_path}: missing; {self.root} is not a finished kdcache "
@@ -117,6 +124,11 @@ class LogitDataset:
         self.codec = make_codec(self.header, self._read_table())
         self.verify_hashes = verify_hashes
         self.max_open_shards = max_open_shards
+        self.cache = None
+        if not storage.is_local(self.fs):
+            self.cache = cache or ShardCache()
+            largest = max((s.bytes for s in self.shards), default=1)
+            self.max_open_shards = max(1, min(max_open_shards, self.cache.max_bytes // largest))
         counts = np.array([s.windows for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self._open: OrderedDict[int, ShardReader] = OrderedDict()
@@ -169,15 +181,25 @@ class LogitDataset:
             self._pid = os.getpid()
         reader = self._open.get(index)
         if reader is None:
-            info = self.shards[index]
-            reader = ShardReader(self.fs, storage.join(self.base, info.name), info, self.header,
-                                 verify_hash=self.verify_hashes)
+            reader = self._open_shard(self.shards[index])
             self._open[index] = reader
             while len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
         else:
             self._open.move_to_end(index)
         return reader
+
+    def _open_shard(self, info: ShardInfo) -> ShardReader:
+        path = storage.join(self.base, info.name)
+        if self.cache is None:
+            return ShardReader(self.fs, path, info, self.header, verify_hash=self.verify_hashes)
+        local = self.cache.fetch(self.fs, path, info.xxh3, info.bytes)
+        try:  # a cached copy is always hash-checked: it came over the network
+            return ShardReader(self.fs, self.fs.url(path), info, self.header, verify_hash=True,
+                               local_copy=local)
+        except FormatError:
+            self.cache.evict(info.xxh3, info.bytes)  # never keep a corrupt download
+            raise
 
     def locate(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):

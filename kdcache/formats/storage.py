@@ -1,9 +1,14 @@
 """Where datasets live: local paths or any fsspec URL, with atomic, verified writes.
 
-Every file a dataset holds becomes visible only when complete: it is written to a temporary name
-in the same directory, flushed and fsynced, then renamed (an object store's single PUT is atomic in
-the same way). A failure midway (full disk, killed process) leaves at most a `*.tmp-*` file, which
-readers never look at and the next writer removes.
+Every file a dataset holds becomes visible only when complete. On a local disk it is written to a
+temporary name in the same directory, flushed and fsynced, then renamed; a failure midway (full
+disk, killed process) leaves at most a `*.tmp-*` file, which readers never look at and the next
+writer removes. Object stores have no atomic rename, and need none: an object appears only when
+its upload completes (one PUT, or a multipart upload's final "complete" call), so remote files are
+written straight to their final key and a failed upload is aborted, never committed. A killed
+process leaves no object at all (only unfinished multipart parts, which the store never shows and
+a bucket lifecycle rule clears). Remote filesystems are wrapped by `remote.guard`: retries with
+backoff for transient network failures, and kdcache errors for everything else.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import fsspec
 import xxhash
 
 from kdcache.errors import KdcacheError
+from kdcache.formats import remote
 
 TMP_MARKER = ".tmp-"
 
@@ -30,7 +36,16 @@ class StorageError(KdcacheError):
 def resolve(root: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for a local path or an fsspec URL such as s3://bucket/ds or memory://x."""
     fs, path = fsspec.core.url_to_fs(os.fspath(root))
+    if not is_local(fs):
+        fs = remote.guard(fs)
     return fs, path.rstrip("/") or "/"
+
+
+def check_reachable(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Fail early, before anything is written, when a remote root's bucket is missing or the
+    credentials are refused; nothing to check on a local disk."""
+    if isinstance(fs, remote.GuardedFileSystem):
+        remote.check_root(fs, path)
 
 
 def join(*parts: str) -> str:
@@ -76,7 +91,12 @@ def _describe_os_error(exc: OSError) -> str:
 
 @contextmanager
 def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[HashingWriter]:
-    """Yield a HashingWriter onto a temporary file; rename it to `path` only on success."""
+    """Yield a HashingWriter onto a temporary file; rename it to `path` only on success (on an
+    object store: onto the final key, published only when the upload completes)."""
+    if not is_local(fs):
+        with _remote_writer(fs, path) as writer:
+            yield writer
+        return
     parent = path.rsplit("/", 1)[0]
     tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex[:8]}"
     try:
@@ -96,6 +116,21 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[HashingW
                            "no partial file was left visible") from exc
     except BaseException:
         _remove_quietly(fs, tmp)
+        raise
+
+
+@contextmanager
+def _remote_writer(fs, path: str) -> Iterator[HashingWriter]:
+    raw = fs.open(path, "wb")
+    try:
+        writer = HashingWriter(raw)
+        yield writer
+        raw.close()  # the upload completes here; s3fs and botocore retry its requests
+    except BaseException as exc:
+        remote.discard_upload(raw)
+        err = remote.describe(exc, fs.url(path)) if isinstance(exc, Exception) else None
+        if err is not None:
+            raise err from exc
         raise
 
 
@@ -142,5 +177,5 @@ def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
     try:
         if fs.exists(path):
             fs.rm(path)
-    except OSError:
+    except (OSError, KdcacheError):
         pass

@@ -10,6 +10,7 @@ so one run lists everything wrong with a copy.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,8 @@ from kdcache.errors import KdcacheError
 from kdcache.formats import storage
 from kdcache.formats.manifest import SHARD_DIR
 from kdcache.formats.reader import LogitDataset
+from kdcache.formats.remote import ShardCache
 from kdcache.formats.validate import validate_window
-from kdcache.formats.window import WindowRecord
 
 
 @dataclass
@@ -46,8 +47,17 @@ def verify_dataset(root: str | os.PathLike, *, decode: bool = True,
                    progress: bool = False) -> VerifyReport:
     """Check everything about a dataset; `decode=False` skips per-window target decoding."""
     report = VerifyReport(root=os.fspath(root))
+    # A remote copy is verified as stored, never from a local cache of it: each shard is
+    # downloaded into a scratch directory that goes away with the check.
+    with tempfile.TemporaryDirectory(prefix="kdcache-verify-") as scratch:
+        return _verify(root, report, decode=decode, progress=progress,
+                       cache=ShardCache(scratch, max_bytes=1 << 62))
+
+
+def _verify(root, report: VerifyReport, *, decode: bool, progress: bool,
+            cache: ShardCache) -> VerifyReport:
     try:
-        ds = LogitDataset(root, verify_hashes=True, max_open_shards=1)
+        ds = LogitDataset(root, verify_hashes=True, max_open_shards=1, cache=cache)
     except KdcacheError as exc:
         report.problems.append(str(exc))
         return report
@@ -83,12 +93,7 @@ def verify_dataset(root: str | os.PathLike, *, decode: bool = True,
                                            f"manifest's range {info.first_window}..{info.last_window}")
                 if decode:
                     w = ds.decode_window(f, where=where)
-                    values = w.logprobs if w.logprobs is not None else w.weights
-                    rec = WindowRecord(window_index=f["window_index"], tokens=f["tokens"],
-                                       doc_offsets=f["doc_offsets"], valid=f["valid"],
-                                       ids=w.ids.numpy(), values=values.numpy(),
-                                       doc_ids=f["doc_ids"], doc_pieces=f["doc_pieces"])
-                    validate_window(rec, ds.header, where=reader.path)
+                    validate_window(w.to_record(), ds.header, where=reader.path)
                 report.windows_checked += 1
                 report.tokens_checked += n
             except KdcacheError as exc:
@@ -97,6 +102,7 @@ def verify_dataset(root: str | os.PathLike, *, decode: bool = True,
                                ("valid_rows", valid_rows, info.valid_rows)):
             if got != want:
                 report.problems.append(f"{reader.path}: {got} {key}, manifest says {want}")
+        cache.evict(info.xxh3, info.bytes)  # a remote shard's scratch copy: one at a time
 
     for key in totals:
         totals[key] = sum(getattr(info, key) for info in ds.shards)

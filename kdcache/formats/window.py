@@ -53,6 +53,16 @@ class Window:
     def n_tokens(self) -> int:
         return int(self.tokens.shape[0])
 
+    def to_record(self) -> WindowRecord:
+        """The window as writer input (numpy views), e.g. to re-check it with validate_window."""
+        values = self.logprobs if self.logprobs is not None else self.weights
+        return WindowRecord(
+            window_index=self.window_index, tokens=self.tokens.numpy(),
+            doc_offsets=self.doc_offsets.numpy(), valid=self.valid.numpy(),
+            ids=self.ids.numpy(), values=values.numpy(),
+            doc_ids=None if self.doc_ids is None else self.doc_ids.numpy(),
+            doc_pieces=None if self.doc_pieces is None else self.doc_pieces.numpy())
+
 
 def default_valid(n: int, doc_offsets: np.ndarray, mode: str) -> np.ndarray:
     """The `valid` flags FORMAT.md prescribes for a packing mode."""

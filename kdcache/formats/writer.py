@@ -138,6 +138,18 @@ def write_shard(root: str, shard_name: str, windows: Iterable[WindowRecord],
         raise ValueError(f"codec ({codec.name}, k={codec.k}, {codec.kind}) does not match the "
                          f"header ({header.codec}, k={header.k}, {header.kind})")
     threads = default_encode_threads() if encode_threads is None else max(1, int(encode_threads))
+    where = storage.join(root, shard_path(shard_name))
+    encoded = ((rec, ids.shape[0], blob)
+               for rec, ids, blob in _encoded(windows, header, codec, where, threads))
+    return write_encoded_shard(root, shard_name, encoded, header)
+
+
+def write_encoded_shard(root: str, shard_name: str,
+                        encoded: Iterable[tuple[WindowRecord, int, bytes]],
+                        header: DatasetHeader) -> ShardInfo:
+    """Write one shard atomically from windows whose targets are already encoded: (record,
+    valid rows, codec blob), the record's ids/values unused. Dataset operations copy blobs this
+    way, bit for bit, between datasets that share a codec and its table."""
     fs, base = storage.resolve(root)
     rel = shard_path(shard_name)
     path = storage.join(base, rel)
@@ -146,7 +158,7 @@ def write_shard(root: str, shard_name: str, windows: Iterable[WindowRecord],
     first = last = None
     with storage.atomic_writer(fs, path) as out:
         with ipc.new_file(out, schema, options=IPC_OPTIONS) as arrow_writer:
-            for rec, ids, blob in _encoded(windows, header, codec, path, threads):
+            for rec, rows, blob in encoded:
                 n = rec.n_tokens
                 n_docs = len(rec.doc_offsets) - 1
                 doc_ids = rec.doc_ids if rec.doc_ids is not None else np.full(n_docs, -1)
@@ -157,7 +169,7 @@ def write_shard(root: str, shard_name: str, windows: Iterable[WindowRecord],
                     doc_pieces=np.asarray(doc_pieces), valid=np.asarray(rec.valid), blob=blob))
                 n_windows += 1
                 tokens += n
-                valid_rows += ids.shape[0]
+                valid_rows += rows
                 target_bytes += len(blob) + (n + 7) // 8  # the blob plus the valid bitmap
                 first = rec.window_index if first is None else min(first, rec.window_index)
                 last = rec.window_index if last is None else max(last, rec.window_index)
@@ -221,7 +233,20 @@ class DatasetWriter:
             ids, _ = validate_window(rec, self.header, where=f"{self.root} (first window)")
             self._set_codec(prepare_codec(self.header, token_counts=self.token_counts,
                                           sample_ids=ids))
+        if self._pending and isinstance(self._pending[0], tuple):
+            self.flush()
         self._pending.append(rec)
+        if len(self._pending) >= self.windows_per_shard:
+            self.flush()
+
+    def add_encoded(self, rec: WindowRecord, valid_rows: int, blob: bytes) -> None:
+        """Add a window whose targets are already encoded with this writer's codec (and table):
+        a blob copied from a dataset that shares both. `rec.ids`/`rec.values` are unused."""
+        if self.codec is None:
+            raise FormatError(f"{self.root}: add_encoded needs the writer's codec up front")
+        if self._pending and not isinstance(self._pending[0], tuple):
+            self.flush()
+        self._pending.append((rec, int(valid_rows), blob))
         if len(self._pending) >= self.windows_per_shard:
             self.flush()
 
@@ -229,7 +254,11 @@ class DatasetWriter:
         if not self._pending:
             return
         name = f"shard-{len(self.shards):05d}"
-        self.shards.append(write_shard(self.root, name, self._pending, self.header, self.codec))
+        if isinstance(self._pending[0], tuple):
+            info = write_encoded_shard(self.root, name, self._pending, self.header)
+        else:
+            info = write_shard(self.root, name, self._pending, self.header, self.codec)
+        self.shards.append(info)
         self._pending = []
 
     def close(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:

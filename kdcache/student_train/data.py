@@ -29,6 +29,7 @@ A batch (dict of tensors; pinned when training on CUDA):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -39,6 +40,7 @@ import torch
 from kdcache.errors import ConfigMismatchError, KdcacheError, TargetValidationError
 
 IGNORE_INDEX = -100
+log = logging.getLogger("kdcache.train")
 
 
 @dataclass
@@ -89,6 +91,38 @@ def rank_step_windows(order: np.ndarray, start: int, step: int, rank: int, world
 
 def steps_in_epoch(n_windows: int, start: int, world_size: int, batch_windows: int) -> int:
     return max(0, (n_windows - start) // (batch_windows * world_size))
+
+
+def planned_windows(n_windows: int, state: DataState, steps: int | None,
+                    global_batch: int) -> np.ndarray:
+    """Sorted distinct window indices the next `steps` global steps train on (None: all)."""
+    if steps is None or steps * global_batch >= n_windows:
+        return np.arange(n_windows)
+    picked: list[np.ndarray] = []
+    epoch, start, left = state.epoch, state.consumed, steps
+    while left > 0:
+        take = min(left, steps_in_epoch(n_windows, start, 1, global_batch))
+        if take == 0:
+            break
+        order = epoch_order(n_windows, state.seed, epoch)
+        picked.append(order[start:start + take * global_batch])
+        left -= take
+        epoch, start = epoch + 1, 0
+    return np.unique(np.concatenate(picked)) if picked else np.arange(0)
+
+
+def check_student_ids(ids: np.ndarray, tokens: np.ndarray, limit: int | None, where: str,
+                      window_index: int) -> None:
+    """No silent truncation: a token or target id the student has no row for is an error."""
+    if limit is None:
+        return
+    bad = (ids.max(axis=1, initial=-1) >= limit) | (tokens >= limit)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        top = int(max(ids[row].max(initial=-1), tokens[row]))
+        raise TargetValidationError(
+            f"{where}: window {window_index} row {row} holds token/target id {top}, but the "
+            f"student's vocabulary has {limit} rows; refusing to drop or clamp it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +327,8 @@ class WindowBatches(torch.utils.data.IterableDataset):
         for index in picks.tolist():
             path, window = data.window_at(index)
             sample = window_to_sample(window, data.header.kind)
-            self.check_ids(sample, path, window.window_index)
+            check_student_ids(sample.ids, sample.tokens, self.student_vocab_size, path,
+                              window.window_index)
             if cut is None:
                 rows.append((sample, [(0, sample.tokens.shape[0])]))
             else:
@@ -305,18 +340,8 @@ class WindowBatches(torch.utils.data.IterableDataset):
         batch["n_tokens"] = int(sum(e - s for _, layout in rows for s, e in layout))
         batch["n_target_rows"] = int((batch["labels"] != IGNORE_INDEX).sum())
         batch["n_dropped"] = dropped
+        batch["windows"] = torch.as_tensor(picks, dtype=torch.int64)  # named by step errors
         return batch
-
-    def check_ids(self, sample: Sample, path: str, window_index: int) -> None:
-        """No silent truncation: a target id the student has no row for is an error."""
-        limit = self.student_vocab_size
-        if limit is None:
-            return
-        top = int(max(sample.ids.max(initial=-1), sample.tokens.max(initial=-1)))
-        if top >= limit:
-            raise TargetValidationError(
-                f"{path}: window {window_index} holds token/target id {top}, but the student's "
-                f"vocabulary has {limit} rows; refusing to drop or clamp it")
 
 
 class WindowDataModule(pl.LightningDataModule):
@@ -353,6 +378,11 @@ class WindowDataModule(pl.LightningDataModule):
             rank, world = trainer.global_rank, trainer.world_size
         self._world_size = world
         _ = self.data  # open and check in the main process, before workers start
+        # Called after a resumed run's state is restored: check what the coming steps use.
+        steps = None
+        if trainer is not None and trainer.max_steps > 0:
+            steps = max(0, trainer.max_steps - trainer.global_step)
+        self.preflight(steps, world)
         batches = WindowBatches(self.config, self.state, rank, world, self.student_vocab_size)
         pin = self.config.pin_memory
         if pin is None:
@@ -360,6 +390,28 @@ class WindowDataModule(pl.LightningDataModule):
         return torch.utils.data.DataLoader(
             batches, batch_size=None, num_workers=self.config.num_workers, pin_memory=pin,
             persistent_workers=False, prefetch_factor=2 if self.config.num_workers else None)
+
+    def preflight(self, steps: int | None = None, world_size: int = 1) -> int:
+        """Before the first step, check every window the next `steps` steps train on (all with
+        None) as the writer would (finite, normalised, in-range targets; FORMAT.md's valid rows)
+        and against the student's rows; returns the number of windows checked."""
+        import time
+
+        from kdcache.formats.validate import validate_window
+
+        data = self.data
+        started = time.perf_counter()
+        indices = planned_windows(trained_windows(len(data), self.config), self.state, steps,
+                                  self.config.batch_windows * world_size)
+        for index in indices.tolist():
+            path, window = data.window_at(index)
+            record = window.to_record()
+            validate_window(record, data.header, where=path)
+            check_student_ids(record.ids, record.tokens, self.student_vocab_size, path,
+                              record.window_index)
+        log.info("checked the targets of %d windows before training (%.1f s)", len(indices),
+                 time.perf_counter() - started)
+        return len(indices)
 
     def mark_consumed(self, batch: dict[str, Any]) -> None:
         """Called once per training step with the step's batch (before any checkpoint)."""

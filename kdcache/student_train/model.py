@@ -375,13 +375,45 @@ def save_hf(model: Student, directory: str, dtype: torch.dtype = torch.bfloat16,
     return directory
 
 
+def check_reproducible(config: dict[str, Any], where: str) -> None:
+    """Refuse an HF config whose function the Student does not compute exactly, naming the field.
+
+    The Student is a Llama with SiLU, plain RoPE and no biases; loading anything else into it
+    would train (and export) a different model under the start model's name."""
+    model_type = config.get("model_type")
+    if model_type != "llama":
+        raise ConfigMismatchError(
+            f"{where}: model_type {model_type!r} is not 'llama'; the built-in student reproduces "
+            "only Llama (LlamaForCausalLM) models, so it cannot start from this one")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigMismatchError(f"{where}: hidden_act {act!r}; the student's MLP is SwiGLU "
+                                  "(silu) and cannot reproduce it")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigMismatchError(f"{where}: {key}.rope_type {rope_type!r}; the student "
+                                      "implements only default (unscaled) RoPE")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise ConfigMismatchError(f"{where}: {key} is true; the student has no biases")
+    thetas = {float(v) for v in (config.get("rope_theta"),
+                                 (config.get("rope_parameters") or {}).get("rope_theta"))
+              if v is not None}
+    if len(thetas) > 1:
+        raise ConfigMismatchError(f"{where}: rope_theta and rope_parameters.rope_theta disagree "
+                                  f"({sorted(thetas)})")
+
+
 def args_from_hf_config(config: dict[str, Any], where: str) -> ModelArgs:
+    check_reproducible(config, where)
     try:
-        theta = config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta")
+        theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
         extra = config.get("kdcache", {})
         args = ModelArgs(
             n_layer=config["num_hidden_layers"], n_head=config["num_attention_heads"],
-            n_kv_head=config.get("num_key_value_heads", config["num_attention_heads"]),
+            n_kv_head=config.get("num_key_value_heads") or config["num_attention_heads"],
             dim=config["hidden_size"], ffn_dim=config["intermediate_size"],
             vocab_size=config["vocab_size"], rope_theta=float(theta or 10_000.0),
             norm_eps=config.get("rms_norm_eps", 1e-5),
@@ -392,20 +424,31 @@ def args_from_hf_config(config: dict[str, Any], where: str) -> ModelArgs:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise KdcacheError(f"{where}: not a Llama config this student can load ({exc})") from None
-    if config.get("head_dim", args.head_dim) != args.head_dim:
+    if (config.get("head_dim") or args.head_dim) != args.head_dim:
         raise KdcacheError(f"{where}: head_dim {config['head_dim']} != hidden/heads {args.head_dim}")
     return args
+
+
+def read_hf_args(directory: str) -> ModelArgs:
+    """The ModelArgs an HF Llama directory's config.json describes (refused if not exact)."""
+    config_path = os.path.join(directory, HF_CONFIG)
+    if not os.path.exists(config_path):
+        raise KdcacheError(f"{directory}: no {HF_CONFIG}; not an HF model directory")
+    try:
+        with open(config_path) as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise KdcacheError(f"{config_path}: unreadable config: {exc}") from None
+    if not isinstance(config, dict):
+        raise KdcacheError(f"{config_path}: not a config mapping")
+    return args_from_hf_config(config, config_path)
 
 
 def load_hf(directory: str, **overrides: Any) -> Student:
     """Load a student (or any tied-embedding Llama) saved by `save_hf`; weights in float32."""
     from safetensors.torch import load_file
 
-    config_path = os.path.join(directory, HF_CONFIG)
-    if not os.path.exists(config_path):
-        raise KdcacheError(f"{directory}: no {HF_CONFIG}; not an HF model directory")
-    with open(config_path) as handle:
-        args = args_from_hf_config(json.load(handle), config_path)
+    args = read_hf_args(directory)
     if overrides:
         args = replace(args, **overrides)
     model = Student(args)

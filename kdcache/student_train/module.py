@@ -23,8 +23,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from kdcache.errors import KdcacheError
 from kdcache.student_train.data import IGNORE_INDEX
 from kdcache.student_train.model import ModelArgs, Student
+
+
+class NonFiniteLossError(KdcacheError):
+    """Training produced a NaN or infinite loss; it stops rather than train on (or export) it."""
 
 
 @dataclass
@@ -156,6 +161,7 @@ class StudentModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = distillation_loss(self.model, batch, self.loss_cfg, self._loss_dtype())
+        self.check_finite(out, batch)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "mark_consumed"):
             datamodule.mark_consumed(batch)  # before any checkpoint of this step is written
@@ -171,6 +177,22 @@ class StudentModule(pl.LightningModule):
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=1,
                       rank_zero_only=True)
         return out["loss"]
+
+    def check_finite(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        """Stop before the optimizer step on a NaN/inf loss (on any rank): the weights are still
+        those of the last good step, and nothing is exported."""
+        finite = bool(torch.isfinite(out["loss"].detach()))
+        if self._trainer is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        values = {key: float(out[key].detach()) for key in ("loss", "kd", "ce")}
+        windows = batch.get("windows")
+        where = f" on windows {windows.tolist()}" if windows is not None else ""
+        raise NonFiniteLossError(
+            f"step {self.global_step}: the loss is not finite (loss {values['loss']}, kd "
+            f"{values['kd']}, ce {values['ce']}){where}; stopped before updating or "
+            "exporting any weights. Check the data with `kdcache verify`, or lower optim.lr.")
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)

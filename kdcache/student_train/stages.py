@@ -46,7 +46,7 @@ class TrainConfigError(KdcacheError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    rope_theta: float | None = None  # None: 10k for a preset, an HF student's own
+    rope_theta: float | None = None  # None: the start model's (init_from / HF student), else 10k
     rope: dict[str, Any] = field(default_factory=dict)  # an HF student's rope_parameters to merge
     vocab_size: int | str | None = None  # None: the preset's; "dataset": the teacher's
     attention: str | None = None  # None: match the dataset's packing mode
@@ -237,9 +237,10 @@ def copy_tokenizer(src: str | None, hf_dir: str) -> None:
             shutil.copyfile(os.path.join(src, name), os.path.join(hf_dir, name))
 
 
-def model_args_for(stage: StageConfig, header, where: str):
+def model_args_for(stage: StageConfig, header, where: str, start_theta: float | None = None):
     """ModelArgs for a stage on a dataset: preset + theta + the mask/positions the data needs,
-    after the vocabulary check."""
+    after the vocabulary check. `start_theta`: the theta of the model the stage starts from,
+    kept unless the stage sets its own (a start model is reproduced exactly)."""
     from kdcache.student_train.model import ModelArgs, mode_for_packing
     from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
 
@@ -251,8 +252,9 @@ def model_args_for(stage: StageConfig, header, where: str):
         overrides["vocab_size"] = header.vocab_size
     elif cfg.vocab_size is not None:
         overrides["vocab_size"] = int(cfg.vocab_size)
-    theta = 10_000.0 if cfg.rope_theta is None else float(cfg.rope_theta)
-    overrides.update(rope_theta=theta, attention=attention, positions=positions)
+    theta = cfg.rope_theta if cfg.rope_theta is not None else start_theta
+    overrides.update(rope_theta=float(theta if theta is not None else 10_000.0),
+                     attention=attention, positions=positions)
     for key in ("bos_id", "eos_id"):
         value = header.packing.get(key)
         if value is not None and key not in overrides:
@@ -287,12 +289,17 @@ def build_trainer(stage: StageConfig, stage_dir: str, callbacks: list | None = N
                                  auto_insert_metric_name=False)
     if logger is True:
         logger = CSVLogger(stage_dir, name="logs")  # a new version per (re)start
+    callbacks = [checkpoint, *(callbacks or [])]
+    if t.progress_bar:
+        from kdcache.student_train.progress import StepProgressBar
+
+        callbacks.append(StepProgressBar(f"train {stage.name}"))
     return pl.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=t.strategy, precision=_precision(t),
         gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps,
-        callbacks=[checkpoint, *(callbacks or [])], logger=logger,
+        callbacks=callbacks, logger=logger,
         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
         enable_progress_bar=t.progress_bar, enable_model_summary=False,
         default_root_dir=stage_dir)
@@ -309,9 +316,7 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
         raise TrainConfigError(f"stage {stage.name!r}: data.paths is empty (give --data PATH)")
     import lightning.pytorch as pl
 
-    init_from = stage.init_from
-    if init_from == "previous":
-        init_from = previous_hf
+    init_from = previous_hf if stage.init_from == "previous" else stage.init_from
     hf_dir = init_from if stage.student and init_from else stage.student
     if hf_dir:
         from kdcache.student_train.hf_student import hf_student_spec
@@ -325,13 +330,60 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
                                compile_blocks=stage.model.compile,
                                checkpoint_layers=stage.model.checkpoint_layers, hf_student=spec)
         return datamodule, module, verdict
-    args, verdict = model_args_for(stage, datamodule.header, where)
+    start_theta = None
+    if init_from:
+        from kdcache.student_train.model import read_hf_args
+
+        start_theta = read_hf_args(init_from).rope_theta  # refuses what it cannot reproduce
+    args, verdict = model_args_for(stage, datamodule.header, where, start_theta)
+    if start_theta is not None and args.rope_theta != start_theta:
+        log.info("stage %s: starts from %s (rope_theta %g) with rope_theta %g", stage.name,
+                 init_from, start_theta, args.rope_theta)
     datamodule.student_vocab_size = args.vocab_size
+
     pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
     module = StudentModule(args.as_dict(), asdict(stage.loss), asdict(stage.optim),
                            compile_blocks=stage.model.compile,
                            checkpoint_layers=stage.model.checkpoint_layers, init_from=init_from)
     return datamodule, module, verdict
+
+
+def _checkpoint_problem(path: str) -> str | None:
+    """Why a checkpoint file cannot be resumed from (None if intact). torch checkpoints are zip
+    archives: the central directory and every member's CRC are checked, nothing is unpickled."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return f"member {bad} is corrupt" if bad else None
+
+
+def resume_checkpoint(directory: str) -> str | None:
+    """The newest intact checkpoint to resume from: last.ckpt, else the newest step checkpoint
+    (with a warning); None when there is none. Unusable ones only: a clear error."""
+    import re
+
+    if not os.path.isdir(directory):
+        return None
+    steps = sorted((f for f in os.listdir(directory) if re.fullmatch(r"step\d+\.ckpt", f)),
+                   reverse=True)
+    candidates = [f for f in ["last.ckpt", *steps] if os.path.isfile(os.path.join(directory, f))]
+    problems = []
+    for name in candidates:
+        path = os.path.join(directory, name)
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning("resuming from %s instead: %s", path, "; ".join(problems))
+            return path
+        problems.append(f"{path} is unreadable ({problem})")
+    if problems:
+        raise TrainConfigError("cannot resume: " + "; ".join(problems)
+                               + ". Delete the checkpoints or pass --no-resume to start over.")
+    return None
 
 
 def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None, *,
@@ -350,8 +402,7 @@ def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None
     os.makedirs(stage_dir, exist_ok=True)
     datamodule, module, verdict = prepare_stage(stage, stage_dir, previous_hf)
     trainer = build_trainer(stage, stage_dir, callbacks)
-    last = os.path.join(stage_dir, "checkpoints", "last.ckpt")
-    ckpt_path = last if (resume and os.path.exists(last)) else None
+    ckpt_path = resume_checkpoint(os.path.join(stage_dir, "checkpoints")) if resume else None
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     seconds = time.time() - started

@@ -41,6 +41,7 @@ class BenchConfig:
     baseline: bool = True
     mode: str = "causal"
     dtype: str = "float32"  # the engine's weights and activations (bfloat16 on a GPU)
+    windows_per_shard: int = 4  # the timed windows are written as shards of this many
 
 
 def bench_windows(cfg: BenchConfig):
@@ -57,12 +58,6 @@ def bench_windows(cfg: BenchConfig):
         if len(wins) == cfg.windows:
             break
     return wins
-
-
-def _write(records, header, codec, root: str, name: str) -> None:
-    from kdcache.formats.writer import write_shard
-
-    write_shard(root, name, records, header, codec)
 
 
 class DumpBench:
@@ -113,16 +108,19 @@ class DumpBench:
                                packing={"window": window, "mode": self.mode})
         return header, prepare_codec(header)
 
-    def dump_fn(self, eng, windows, k: int, window: int):
-        """What a dump worker does for one shard: the engine called on ~16k-token groups while
-        the writer's threads encode the previous group (workers.engine_records + write_shard)."""
-        from kdcache.teacher_dump.workers import engine_records
+    def dump_fn(self, eng, windows, k: int, window: int, windows_per_shard: int = 4):
+        """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
+        into shards, the engine called on ~16k-token groups on this thread while the writer's
+        threads encode the previous group and finish the previous shard."""
+        from kdcache.teacher_dump.pipeline import ShardPipeline
 
         header, codec = self._header(k, window)
+        pipeline = ShardPipeline(eng)
 
         def run() -> None:
-            _write(engine_records(eng, windows), header, codec, self.tmp,
-                   f"shard-{next(self._names):05d}")
+            shards = [(f"shard-{next(self._names):05d}", windows[i:i + windows_per_shard])
+                      for i in range(0, len(windows), windows_per_shard)]
+            pipeline.write_all(self.tmp, shards, header, codec)
         return run
 
     def measure(self, cfg: BenchConfig) -> dict:
@@ -144,9 +142,11 @@ class DumpBench:
             chunked_topk(hidden, self.weight, cfg.k)
 
         timers = {"prefill": _prefill_fn(cfg, self.engine, self.base, windows), "extra": extra,
-                  "dump": self.dump_fn(self.engine, windows, cfg.k, cfg.window)}
+                  "dump": self.dump_fn(self.engine, windows, cfg.k, cfg.window,
+                                       cfg.windows_per_shard)}
         if self.baseline and cfg.baseline:
-            timers["baseline"] = self.dump_fn(self.base, windows, cfg.k, cfg.window)
+            timers["baseline"] = self.dump_fn(self.base, windows, cfg.k, cfg.window,
+                                              cfg.windows_per_shard)
         for fn in timers.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {name: [] for name in timers}

@@ -42,8 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="document", choices=["causal", "document", "document-global"],
                    help="packing mode (document-global needs --engine hf)")
     p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
-    p.add_argument("--workers", type=int, default=1, help="Ray actors, one engine each")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per engine (vLLM)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="engines (Ray actors), each on its own GPUs; spread over the cluster")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="GPUs per engine, tensor parallel (vLLM; one node per engine)")
+    p.add_argument("--pipeline-parallel", type=int, default=1,
+                   help="pipeline stages per engine (vLLM); an engine uses tensor x pipeline "
+                        "GPUs of one node")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's share of each of its GPUs' memory (default: vLLM's, 0.9)")
     p.add_argument("--ray-address", default=None, help="join a Ray cluster (default: local)")
     p.add_argument("--seed", type=int, default=0, help="packing seed")
     p.add_argument("--drop-long-docs", action="store_true",
@@ -163,7 +170,8 @@ def _run_dump(args: argparse.Namespace) -> int:
         text_field=args.text_field, targets=args.targets, builtin_documents=args.builtin_documents,
         windows_per_shard=args.windows_per_shard, codec=args.codec, dtype=args.dtype,
         vllm_path=args.vllm_path, bos_id=args.bos_id, eos_id=args.eos_id, workers=args.workers,
-        tensor_parallel=args.tensor_parallel, ray_address=args.ray_address,
+        tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
+        gpu_memory_utilization=args.gpu_memory_utilization, ray_address=args.ray_address,
         max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json)
     summary = run_dump(cfg, log=(lambda m: None) if args.json else print)
     print(json.dumps(summary) if args.json else format_summary(summary))

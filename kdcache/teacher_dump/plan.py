@@ -23,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kdcache.errors import ConfigMismatchError, FormatError
+from kdcache.errors import ConfigMismatchError, FormatError, KdcacheError
 from kdcache.formats import storage
 from kdcache.teacher_dump.corpus import BUILTINS, CorpusSpec
 from kdcache.teacher_dump.engines.base import EngineConfig
@@ -33,6 +33,10 @@ PLAN_NAME = "plan.json"
 PROGRESS_DIR = "progress"
 PLAN_FORMAT = "kdcache-dump-plan"
 PLAN_VERSION = 1
+
+
+class DumpError(KdcacheError):
+    """The dump cannot run or could not complete (bad options, an actor kept dying, no Ray)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,19 @@ class DumpConfig:
     codec: str | None = None  # None: the formats default for top-k
     execution: ExecutionConfig = ExecutionConfig()
 
+    def __post_init__(self) -> None:
+        t = self.teacher
+        for option, value in (("--workers", self.execution.workers),
+                              ("--tensor-parallel", t.tensor_parallel),
+                              ("--pipeline-parallel", t.pipeline_parallel),
+                              ("--windows-per-shard", self.windows_per_shard),
+                              ("--k", t.k)):
+            if value < 1:
+                raise DumpError(f"{option} must be at least 1, got {value}")
+        if t.gpu_memory_utilization is not None and not 0 < t.gpu_memory_utilization <= 1:
+            raise DumpError("--gpu-memory-utilization is a fraction of each GPU's memory in "
+                            f"(0, 1], got {t.gpu_memory_utilization}")
+
     @classmethod
     def from_options(cls, *, model: str, corpus: str, out: str, k: int = 64,
                      window: int = 131072, mode: str = "document", engine: str = "vllm",
@@ -72,8 +89,10 @@ class DumpConfig:
                      windows_per_shard: int = 16, codec: str | None = None,
                      dtype: str = "float32", vllm_path: str = "hidden",
                      bos_id: int | None = None, eos_id: int | None = None, workers: int = 1,
-                     tensor_parallel: int = 1, ray_address: str | None = None,
-                     max_retries: int = 3, kv_cache_gib: float = 1.0, device: str = "auto",
+                     tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                     gpu_memory_utilization: float | None = None,
+                     ray_address: str | None = None, max_retries: int = 3,
+                     kv_cache_gib: float = 1.0, device: str = "auto",
                      progress: bool = True) -> "DumpConfig":
         """The config of the CLI's options (same names as the `kdcache dump` flags)."""
         return cls(
@@ -83,7 +102,9 @@ class DumpConfig:
                             shuffle_buffer=shuffle_buffer, bos_id=bos_id, eos_id=eos_id,
                             targets=targets),
             teacher=EngineConfig(model=model, k=k, window=window, mode=mode, dtype=dtype,
-                                 tensor_parallel=tensor_parallel, seed=seed,
+                                 tensor_parallel=tensor_parallel,
+                                 pipeline_parallel=pipeline_parallel,
+                                 gpu_memory_utilization=gpu_memory_utilization, seed=seed,
                                  vllm_path=vllm_path, device=device, kv_cache_gib=kv_cache_gib),
             out=out, engine=engine, windows_per_shard=windows_per_shard, codec=codec,
             execution=ExecutionConfig(workers=workers, ray_address=ray_address,
@@ -100,12 +121,15 @@ class DumpConfig:
                     windows_per_shard=self.windows_per_shard, codec=self.codec, dtype=t.dtype,
                     vllm_path=t.vllm_path, bos_id=p.bos_id, eos_id=p.eos_id,
                     workers=x.workers, tensor_parallel=t.tensor_parallel,
+                    pipeline_parallel=t.pipeline_parallel,
+                    gpu_memory_utilization=t.gpu_memory_utilization,
                     ray_address=x.ray_address, max_retries=x.max_retries,
                     kv_cache_gib=t.kv_cache_gib, device=t.device, progress=x.progress)
 
     # settings that do not change the targets (recorded in plan.json, not compared)
-    EXECUTION_OPTIONS = ("out", "workers", "tensor_parallel", "ray_address", "max_retries",
-                         "kv_cache_gib", "device", "progress")
+    EXECUTION_OPTIONS = ("out", "workers", "tensor_parallel", "pipeline_parallel",
+                         "gpu_memory_utilization", "ray_address", "max_retries", "kv_cache_gib",
+                         "device", "progress")
 
     def identity(self) -> dict[str, Any]:
         d = self.options()

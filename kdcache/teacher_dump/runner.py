@@ -35,11 +35,11 @@ from kdcache.formats import storage
 from kdcache.teacher_dump.chat import resolve_policy
 from kdcache.teacher_dump.corpus import CorpusStats, corpus_fingerprint, iter_documents
 from kdcache.teacher_dump.pack import PackedWindow, PackStats, TeacherTokenizer, pack_documents
-from kdcache.teacher_dump.plan import (PROGRESS_DIR, DumpConfig, Plan, check_against,
+from kdcache.teacher_dump.plan import (PROGRESS_DIR, DumpConfig, DumpError, Plan, check_against,
                                        completed_shards, load_plan, mark_done,
                                        teacher_fingerprint, write_plan)
-from kdcache.teacher_dump.workers import (ActorPool, DumpError, init_ray, unwrap_task_error,
-                                          window_to_dict)
+from kdcache.teacher_dump.workers import (SHARDS_PER_ACTOR, ActorPool, init_ray,
+                                          unwrap_task_error, window_to_dict)
 
 __all__ = ["DumpError", "format_summary", "iter_shards", "make_plan", "run_dump", "shard_name"]
 
@@ -121,6 +121,7 @@ class _RunState:
     written: list[str] = field(default_factory=list)
     retries: int = 0
     actor_failures: int = 0
+    engines: list[dict] = field(default_factory=list)  # where each engine ran (node, GPUs)
 
 
 def run_dump(cfg: DumpConfig, *, actors: list | None = None,
@@ -151,6 +152,7 @@ def _plan_run(cfg: DumpConfig) -> _RunState:
                                   "start at 0 per document, which vLLM cannot take: use --engine hf")
     tokenizer = TeacherTokenizer(cfg.teacher.model, cfg.pack.bos_id, cfg.pack.eos_id)
     fs, base = storage.resolve(cfg.out)
+    storage.check_reachable(fs, base)  # a missing bucket or refused credentials: before any work
     existing = load_plan(cfg.out)
     if existing is None and fs.exists(storage.join(base, MANIFEST_NAME)):
         raise ConfigMismatchError(f"{cfg.out}: holds a dataset that was not made by this dump "
@@ -216,6 +218,7 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
     init_ray(x.ray_address)
     pool = ActorPool(cfg.engine, cfg.teacher, x.workers, x.ray_address, cfg.out, state.header,
                      state.table, actors)  # waits for the engines to start
+    state.engines = pool.placements
     if state.table is None:
         _fit_codec_table(cfg, state, pool)
     total_tokens = sum(s["tokens"] for s in state.plan.shards)
@@ -225,7 +228,10 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
     shard_iter = ((n, w) for n, w in iter_shards(cfg, state.tokenizer, CorpusStats(),
                                                  PackStats()) if n not in done)
     retry_queue: deque[tuple[str, list[dict], int]] = deque()
-    idle = deque(pool.actors)
+    # each actor takes SHARDS_PER_ACTOR shards at once: its engine computes the next shard
+    # while the previous one is encoded and written
+    idle = deque(a for _ in range(SHARDS_PER_ACTOR) for a in pool.actors)
+    replaced: set = set()  # dead actors already replaced (their other shards just go back)
     pending: dict[Any, tuple[str, list[dict], int, Any]] = {}
     tokens_of = {s["name"]: s["tokens"] for s in state.plan.shards}
     exhausted = False
@@ -254,10 +260,16 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
                     raise DumpError(f"{name}: failed {attempt + 1} times (actor died: "
                                     f"{str(exc).splitlines()[0]}); giving up") from None
                 state.retries += 1
+                retry_queue.append((name, wins, attempt + 1))
+                if actor in replaced:
+                    log(f"kdcache dump: actor died while writing {name}; retrying it "
+                        f"(attempt {attempt + 2})")
+                    continue
                 log(f"kdcache dump: actor died while writing {name}; retrying it "
                     f"(attempt {attempt + 2}) and starting a replacement actor")
-                retry_queue.append((name, wins, attempt + 1))
-                idle.append(pool.replace(actor))
+                replaced.add(actor)
+                idle = deque(a for a in idle if a is not actor)
+                idle.extend([pool.replace(actor)] * SHARDS_PER_ACTOR)
                 continue
             except RayTaskError as exc:
                 raise unwrap_task_error(exc) from None
@@ -300,6 +312,8 @@ def _finish(cfg: DumpConfig, state: _RunState, seconds: float) -> dict[str, Any]
         "actor_failures": state.actor_failures, "retries": state.retries,
         "corpus": plan.corpus_stats, "packing": plan.packing_stats,
         "already_complete": state.already_final,
+        "engines": state.engines, "tensor_parallel": t.tensor_parallel,
+        "pipeline_parallel": t.pipeline_parallel,
     }
     if not state.already_final:
         stats = {"corpus": plan.corpus_stats, "packing": plan.packing_stats,
@@ -311,7 +325,7 @@ def _finish(cfg: DumpConfig, state: _RunState, seconds: float) -> dict[str, Any]
         fs, base = storage.resolve(cfg.out)
         try:
             fs.rm(storage.join(base, PROGRESS_DIR), recursive=True)
-        except (OSError, FileNotFoundError):
+        except (OSError, KdcacheError):  # leftover records are harmless beside a manifest
             pass
     return summary
 
@@ -368,6 +382,12 @@ def format_summary(s: dict[str, Any]) -> str:
           if p.get("chats") or c.get("bad_chat") or p.get("rejected_chats") else []),
         f"  faults: {s['actor_failures']} actor failures, {s['retries']} shard retries",
     ]
+    if s.get("engines"):
+        nodes = {e["node_id"] for e in s["engines"]}
+        gpus = sum(len(e["gpu_ids"]) for e in s["engines"])
+        lines.insert(2, f"  engines {len(s['engines'])} on {len(nodes)} node(s), {gpus} GPUs "
+                        f"(tensor parallel {s['tensor_parallel']}, pipeline parallel "
+                        f"{s['pipeline_parallel']})")
     if "target_bytes_per_token" in s:
         lines.append(f"  size: {s['bytes']:,} bytes, {s['target_bytes_per_token']:.1f} target "
                      "bytes per token")

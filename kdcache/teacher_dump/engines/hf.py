@@ -32,6 +32,9 @@ class HFEngine(TeacherEngine):
                  "float16": torch.float16}.get(cfg.dtype)
         if dtype is None:
             raise EngineError(f"unsupported dtype {cfg.dtype!r}")
+        if self.device != "cpu" and cfg.tensor_parallel * cfg.pipeline_parallel > 1:
+            raise EngineError("the hf engine runs on one GPU; tensor or pipeline parallel "
+                              "teachers need --engine vllm")
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
         except (OSError, ValueError) as exc:

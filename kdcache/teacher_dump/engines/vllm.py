@@ -79,11 +79,17 @@ class VLLMEngine(TeacherEngine):
                               "use --engine hf on machines without it") from None
         with open(os.path.join(cfg.model, "config.json")) as fh:
             max_pos = json.load(fh).get("max_position_embeddings") or cfg.window + 1
+        world = cfg.tensor_parallel * cfg.pipeline_parallel
         common = dict(model=cfg.model, dtype=cfg.dtype, seed=cfg.seed,
                       max_model_len=int(min(cfg.window + 1, max_pos)),
                       enable_prefix_caching=False, enforce_eager=True,
-                      tensor_parallel_size=cfg.tensor_parallel, disable_log_stats=True,
-                      distributed_executor_backend="uni" if cfg.tensor_parallel == 1 else "mp")
+                      tensor_parallel_size=cfg.tensor_parallel,
+                      pipeline_parallel_size=cfg.pipeline_parallel, disable_log_stats=True,
+                      # mp: the ranks stay on this node, on the GPUs Ray gave this actor (in a
+                      # placement group vLLM would otherwise pick its ray executor)
+                      distributed_executor_backend="uni" if world == 1 else "mp")
+        if cfg.gpu_memory_utilization is not None:
+            common["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.vllm_path == "hidden":
             self.weight = load_lm_head(cfg.model).float()
             self.llm = _make_llm(**common, runner="pooling", convert="embed",

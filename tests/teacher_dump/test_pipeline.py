@@ -1,0 +1,136 @@
+"""ShardPipeline and EngineThread (no Ray): shards written behind a real HF engine.
+
+Pipelined shards must be byte-identical to shards written one after the other; a writer error
+reaches the caller with its own message, and an engine that fails mid-shard leaves no shard and
+no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from kdcache.errors import TargetValidationError
+from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
+from kdcache.teacher_dump.engines.base import EngineConfig
+from kdcache.teacher_dump.engines.hf import HFEngine
+from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
+from kdcache.teacher_dump.pipeline import EngineThread, ShardPipeline, engine_groups
+
+K = 8
+WINDOW = 256
+
+
+@pytest.fixture(scope="module")
+def windows(teacher_dir):
+    tok = TeacherTokenizer(teacher_dir)
+    docs = iter_documents(CorpusSpec("builtin", builtin_documents=24), CorpusStats())
+    return list(pack_documents(docs, tok, PackConfig(window=WINDOW), PackStats()))[:6]
+
+
+@pytest.fixture(scope="module")
+def engine(teacher_dir):
+    return HFEngine(EngineConfig(model=teacher_dir, k=K, window=WINDOW, mode="document",
+                                 device="cpu"))
+
+
+def _header(vocab_size: int = 1024):
+    from kdcache.formats.manifest import DatasetHeader
+    from kdcache.formats.writer import prepare_codec
+
+    header = DatasetHeader(kind="topk", k=K, vocab_size=vocab_size, codec="qrank",
+                           packing={"window": WINDOW, "mode": "document"})
+    return header, prepare_codec(header)
+
+
+def _files(root) -> dict[str, bytes]:
+    return {name: (root / "shards" / name).read_bytes()
+            for name in sorted(os.listdir(root / "shards"))}
+
+
+class _Recording:
+    """The HF engine, noting the thread of each call and failing on call `fail_at` (if set)."""
+
+    def __init__(self, engine, fail_at: int | None = None) -> None:
+        self.engine, self.fail_at, self.threads, self.calls = engine, fail_at, [], 0
+
+    def topk(self, group):
+        self.calls += 1
+        self.threads.append(threading.get_ident())
+        if self.calls == self.fail_at:
+            raise RuntimeError("teacher fell over")
+        return self.engine.topk(group)
+
+    def close(self) -> None:
+        pass
+
+
+def test_engine_groups_cover_windows_in_order(windows):
+    groups = list(engine_groups(windows, call_tokens=300))
+    assert [w for g in groups for w in g] == windows
+    assert all(sum(w.n_tokens for w in g) >= 300 for g in groups[:-1])
+    assert list(engine_groups(windows, call_tokens=1)) == [[w] for w in windows]
+
+
+def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path):
+    from kdcache.formats.writer import write_shard
+    from kdcache.teacher_dump.pipeline import group_records
+
+    header, codec = _header()
+    serial, piped = tmp_path / "serial", tmp_path / "piped"
+    shards = [("shard-00000", windows[:3]), ("shard-00001", windows[3:])]
+    for name, wins in shards:
+        write_shard(str(serial), name, group_records(engine, wins), header, codec)
+    pipeline = ShardPipeline(engine, call_tokens=200)  # several engine calls per shard
+    try:
+        infos = pipeline.write_all(str(piped), shards, header, codec)
+    finally:
+        pipeline.close()
+    assert [i.windows for i in infos] == [3, len(windows) - 3]
+    assert _files(piped) == _files(serial)
+
+
+def test_writer_error_reaches_the_caller(engine, windows, tmp_path):
+    header, codec = _header(vocab_size=16)  # the teacher's ids exceed this vocabulary
+    pipeline = ShardPipeline(engine)
+    try:
+        with pytest.raises(TargetValidationError):
+            pipeline.write(str(tmp_path), "shard-00000", windows, header, codec)
+    finally:
+        pipeline.close()
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]  # no shard, no temporary
+
+
+def test_engine_failure_mid_shard_leaves_nothing(engine, windows, tmp_path):
+    header, codec = _header()
+    failing = _Recording(engine, fail_at=2)
+    pipeline = ShardPipeline(failing, call_tokens=1)
+    try:
+        with pytest.raises(RuntimeError, match="teacher fell over"):
+            pipeline.start(str(tmp_path), "shard-00000", windows, header, codec)
+        # the pipeline still works for the next shard (its writer slot was given back)
+        info = pipeline.write(str(tmp_path), "shard-00001", windows[:1],
+                              header, codec)
+    finally:
+        pipeline.close()
+    assert info.windows == 1
+    assert sorted(os.listdir(tmp_path / "shards")) == ["shard-00001.arrow"]
+
+
+def test_engine_thread_builds_and_calls_on_one_thread(engine, windows):
+    built_on = []
+
+    def build():
+        built_on.append(threading.get_ident())
+        return _Recording(engine)
+
+    thread = EngineThread(build)
+    try:
+        for w in windows[:2]:
+            thread.call(thread.engine.topk, [w])
+    finally:
+        thread.close()
+    assert built_on[0] != threading.get_ident()
+    assert thread.engine.threads == [built_on[0]] * 2
