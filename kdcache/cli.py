@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from kdcache import __version__
 from kdcache.errors import KdcacheError
 
 # Order here is the order in `kdcache --help`.
@@ -19,6 +20,7 @@ _COMMAND_MODULES = (
     "kdcache.formats.commands",
     "kdcache.formats.codec_commands",
     "kdcache.formats.ops_commands",
+    "kdcache.formats.convert_commands",
     "kdcache.student_train.commands",
     "kdcache.evaluate.eval_commands",
     "kdcache.evaluate.analysis_commands",
@@ -48,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from kdcache import __version__
-
     return f"kdcache {__version__}"
 
 

@@ -19,6 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+# The handlers import what they run inside themselves: `kdcache --help` imports every commands
+# module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
+# (demo also calls the CLI itself, and cli.py imports demo: importing cli here would be a cycle.)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(

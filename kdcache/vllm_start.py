@@ -47,11 +47,25 @@ def llvmlite_hidden() -> Iterator[None]:
             namespace[attr] = value
 
 
-def start_llm(**kwargs: Any):
-    """`vllm.LLM(**kwargs)` with llvmlite hidden while it starts. Call `configure_vllm_env`
-    first; vLLM's own start-up errors (ValueError, RuntimeError) propagate for the caller to
-    word."""
+def start_llm(error: type[Exception], **kwargs: Any):
+    """`vllm.LLM(**kwargs)` with llvmlite hidden while it starts (call `configure_vllm_env`
+    first). vLLM's own start-up errors are raised as `error` (the caller's kdcache error),
+    naming the model."""
     from vllm import LLM
 
-    with llvmlite_hidden():
-        return LLM(**kwargs)
+    try:
+        with llvmlite_hidden():
+            return LLM(**kwargs)
+    except (ValueError, RuntimeError) as exc:
+        raise error(f"{kwargs.get('model')}: vLLM could not start: {exc}") from exc
+
+
+def stop_llm(llm: Any) -> None:
+    """Shut an offline engine's core down, best effort: the engine is being dropped either way
+    (and the process is often about to exit)."""
+    if llm is None:
+        return
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass

@@ -1,9 +1,14 @@
-"""`kdcache probe`, `kdcache diff`, `kdcache rope-plan` (argparse only at import time)."""
+"""`kdcache probe`, `kdcache diff`, `kdcache rope-plan` (argparse and light kdcache modules only at import time)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+
+from kdcache.evaluate.probe import PROBE_MODES
+
+# The handlers import what they run inside themselves: `kdcache --help` imports every commands
+# module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
 
 
 def register(subparsers) -> None:
@@ -62,8 +67,8 @@ def _register_probe(subparsers) -> None:
     p.add_argument("model", help="Hugging Face causal LM directory")
     p.add_argument("--out", required=True, help="output directory")
     _add_probe_input(p)
-    p.add_argument("--modes", type=_str_list, default=["document-global", "document", "causal"],
-                   help="packing modes, comma-separated (default document-global,document,causal)")
+    p.add_argument("--modes", type=_str_list, default=list(PROBE_MODES),
+                   help=f"packing modes, comma-separated (default {','.join(PROBE_MODES)})")
     p.add_argument("--dtypes", type=_str_list, default=["float32", "bfloat16"],
                    help="dtypes, comma-separated: float32,bfloat16,float16 (default float32,bfloat16)")
     p.add_argument("--layer", type=int, default=0, help="layer for the query plots (default 0)")

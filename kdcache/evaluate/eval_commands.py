@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+# The handlers import what they run inside themselves: `kdcache --help` imports every commands
+# module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -75,7 +78,7 @@ def _register_needle(sub) -> None:
 
 def _run_needle(args) -> int:
     from kdcache.evaluate.needle import (NeedleConfig, bin_label, plot_needle,
-                                                   run_needle)
+                                         run_needle)
     from kdcache.evaluate.report import one_line, table, write_json
 
     cfg = NeedleConfig(tasks=tuple(args.task), value_type=args.values,

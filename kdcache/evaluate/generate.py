@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 from kdcache.evaluate.models import EvalError, load_model
-from kdcache.vllm_start import configure_vllm_env, start_llm
+from kdcache.vllm_start import configure_vllm_env, start_llm, stop_llm
 
 ENGINES = ("auto", "vllm", "hf")
 
@@ -94,12 +94,10 @@ class VLLMGenerator:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        try:
-            self.llm = start_llm(model=model_path, dtype=dtype, seed=seed, max_model_len=max_len,
-                                 enable_prefix_caching=False, enforce_eager=True,
-                                 disable_log_stats=True, distributed_executor_backend="uni")
-        except (ValueError, RuntimeError) as exc:
-            raise EvalError(f"{model_path}: vLLM could not start: {exc}") from exc
+        self.llm = start_llm(EvalError, model=model_path, dtype=dtype, seed=seed,
+                             max_model_len=max_len, enable_prefix_caching=False,
+                             enforce_eager=True, disable_log_stats=True,
+                             distributed_executor_backend="uni")
 
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int,
                  progress: Callable[[int], None] | None = None) -> list[str]:
@@ -121,11 +119,7 @@ class VLLMGenerator:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # best effort: freeing the engine is all we want here
-                pass
+        stop_llm(llm)
 
 
 def make_generator(engine: str, model_path: str, *, dtype: str = "float32", device: str = "cpu",

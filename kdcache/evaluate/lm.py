@@ -20,20 +20,19 @@ merging every token outside the teacher's top-k into one "tail" outcome. It is a
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
+from kdcache.errors import KdcacheError
+from kdcache.evaluate.capture import find_decoder
 from kdcache.evaluate.models import EvalError, load_model
+from kdcache.evaluate.probe import logprobs_from_hidden
+from kdcache.formats.packing import request_segments
+from kdcache.formats.reader import open_dataset
 
 POSITION_BUCKETS = 8
 _ROW_CHUNK = 1024
-
-
-def _segments(mode: str, n: int, offsets: list[int]) -> list[tuple[int, int, int]]:
-    """(start, end, first position id) per forward call."""
-    if mode == "causal":
-        return [(0, n, 0)]
-    return [(s, e, s if mode == "document-global" else 0) for s, e in zip(offsets, offsets[1:])]
 
 
 def window_metrics(model: Any, window: Any, mode: str, kind: str, device: str = "cpu",
@@ -41,16 +40,13 @@ def window_metrics(model: Any, window: Any, mode: str, kind: str, device: str = 
     """(row index, CE, KL) float64 tensors over the window's valid rows that have a next token."""
     import torch
 
-    from kdcache.evaluate.capture import find_decoder
-    from kdcache.evaluate.probe import logprobs_from_hidden
-
     decoder = find_decoder(model)
     tokens = window.tokens.long().to(device)
     n = tokens.shape[0]
     valid = window.valid.clone()
     valid[n - 1] = False
     rows_all, ce_all, kl_all = [], [], []
-    for start, end, pos0 in _segments(mode, n, window.doc_offsets.tolist()):
+    for start, end, pos0 in request_segments(n, window.doc_offsets.tolist(), mode):
         seg_rows = torch.nonzero(valid[start:end]).flatten() + start
         if seg_rows.numel() == 0:
             continue
@@ -91,9 +87,6 @@ def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None =
     """Perplexity and KL to the teacher of each model over the first `max_windows` windows, or
     over the last `last_windows` (the ones `kdcache train --holdout-windows` kept out)."""
     import numpy as np
-
-    from kdcache.errors import KdcacheError
-    from kdcache.formats.reader import open_dataset
 
     try:
         ds = open_dataset(data)
@@ -155,8 +148,6 @@ def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None =
 
 
 def plot_lm(result: dict, path: str) -> str:
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")

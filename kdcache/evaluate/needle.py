@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from kdcache.evaluate.generate import make_generator, resolve_engine
 from kdcache.evaluate.models import EvalError, check_model_dir, model_label
 from kdcache.evaluate.needle_tasks import TASKS, VALUE_TYPES, build_samples, score
 
@@ -115,8 +116,6 @@ def aggregate(records: list[dict], lengths: Sequence[int], depths: Sequence[floa
 def run_needle(model_paths: Sequence[str], cfg: NeedleConfig, haystack: str | None = None,
                show_progress: bool = False) -> dict:
     from tqdm.auto import tqdm
-
-    from kdcache.evaluate.generate import make_generator, resolve_engine
 
     for path in model_paths:
         check_model_dir(path)

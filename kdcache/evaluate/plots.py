@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from kdcache.evaluate.rope_plan import men_decay, pair_frequencies
+
 KL_FLOOR = 1e-12  # KL values of exactly 0 are drawn at this floor on log axes
 COS_FLOOR = 1e-9  # 1 - cosine below this (float32 rounding) is drawn at the floor
 
@@ -169,8 +171,6 @@ def plot_rope_plan(result: dict, path: str) -> str:
     """Per stage: Men et al.'s B(m) for the given theta and for the lowest valid theta (left);
     wavelength of each dimension pair against the context (right)."""
     import numpy as np
-
-    from kdcache.evaluate.rope_plan import men_decay, pair_frequencies
 
     plt = _plt()
     d = result["head_dim"]

@@ -37,10 +37,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kdcache.evaluate.models import (EvalError, LoadedModel, head_dim, rope_theta,
-                                               special_ids)
+from kdcache.evaluate.capture import ActivationRecorder, find_decoder
+from kdcache.evaluate.models import (EvalError, LoadedModel, head_dim, load_model, rope_theta,
+                                     special_ids, torch_dtype)
+from kdcache.formats.packing import PACKING_MODES
 
-PROBE_MODES = ("document-global", "document", "causal")
+PROBE_MODES = tuple(reversed(PACKING_MODES))  # the paper's document-global first
 
 # Built-in block text (our own words), in the spirit of the paper's appendix example.
 EXAMPLE_TEXT = (
@@ -152,8 +154,6 @@ def run_mode(loaded: LoadedModel, block: list[int], cfg: ProbeConfig, mode: str,
     """Forward the repeated block in one packing mode; record and compare against repeat 0."""
     import torch
 
-    from kdcache.evaluate.capture import ActivationRecorder, find_decoder
-
     model, n, repeats = loaded.model, cfg.block_tokens, cfg.repeats
     decoder = find_decoder(model)
     block_ids = torch.tensor(block, dtype=torch.long, device=cfg.device)
@@ -234,8 +234,6 @@ def _causal_forward(model: Any, recorder: Any, block_ids, cfg: ProbeConfig, cons
     Calls `consume` with each completed block's final hidden states; returns records [R, w]."""
     import torch
 
-    from kdcache.evaluate.capture import find_decoder
-
     n, repeats, window = cfg.block_tokens, cfg.repeats, cfg.window
     decoder = find_decoder(model)
     ids = block_ids.repeat(repeats)[None]
@@ -299,8 +297,6 @@ def run_probe(model_path: str, cfg: ProbeConfig, text: str | None = None,
               show_progress: bool = False) -> tuple[dict, dict]:
     """All modes x dtypes. Returns (JSON-ready summary, data for the plots)."""
     from tqdm.auto import tqdm
-
-    from kdcache.evaluate.models import load_model, torch_dtype
 
     runs: list[RunResult] = []
     primary = None

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Sequence
+
+from kdcache.formats import storage
 
 
 def write_json(path: str, data: Any) -> str:
-    """Write JSON atomically (temp file + fsync + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (formats.storage: temp file + fsync + rename)."""
+    fs, target = storage.resolve(path)
+    storage.atomic_write_bytes(fs, target, json.dumps(data, indent=1, default=_jsonable).encode())
     return path
 
 

@@ -17,19 +17,11 @@ import yaml
 
 from kdcache.formats import storage
 from kdcache.formats.manifest import CARD_NAME
+from kdcache.formats.packing import MODES
 
 log = logging.getLogger("kdcache.formats")
 
 FIGURE_PATH = "card/targets.png"
-
-_MODE_TEXT = {
-    "causal": "windows were run as one sequence: attention crosses document boundaries and "
-              "positions count over the whole window",
-    "document": "each document was run on its own: no cross-document attention, positions start "
-                "at 0 in every document",
-    "document-global": "document-masked attention with positions counted over the whole window "
-                       "(the seed paper's setting)",
-}
 
 # The Hub's size categories, by number of examples (here: windows).
 _SIZE_CATEGORIES = [(10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"),
@@ -134,7 +126,7 @@ def render_card(manifest: dict[str, Any], figure: dict[str, Any] | None = None) 
         f"(config hash `{teacher.get('config_hash', '?')}`, tokenizer hash "
         f"`{teacher.get('tokenizer_hash', '?')}`).",
         f"- Packing: `{p['mode']}` mode, {p.get('window', '?')}-token windows: "
-        f"{_MODE_TEXT.get(p['mode'], '')}. Train students with the matching mask and positions.",
+        f"{_mode_text(p['mode'])}. Train students with the matching mask and positions.",
         "",
         "Packing settings:",
         "",
@@ -215,3 +207,7 @@ def write_card(root: str, manifest: dict[str, Any]) -> None:
         figure = {"missing": f"drawing it failed ({type(exc).__name__})"}
     storage.atomic_write_bytes(fs, storage.join(base, CARD_NAME),
                                render_card(manifest, figure).encode())
+
+
+def _mode_text(mode: str) -> str:
+    return MODES[mode].card_text if mode in MODES else ""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+# The handlers import what they run inside themselves: `kdcache --help` imports every commands
+# module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,8 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    import json
-
     from kdcache.formats.codec_eval import TopkFileError, evaluate, format_table, load_topk_npz
     from kdcache.formats.codecs import default_codec
 

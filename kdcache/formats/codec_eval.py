@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.codecs import get_codec
 from kdcache.formats.validate import check_topk_rows
 
 AMORTISE_TOKENS = 10_000_000  # a realistic dataset, for the table's share
@@ -114,8 +115,6 @@ def evaluate(topk: TopkFile, codec_name: str, *, window: int = 8192, table_token
              repeats: int = 5, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Encode, decode and time one codec on a top-k file; the result dict is the JSON line."""
     import zstandard
-
-    from kdcache.formats.codecs import get_codec
 
     _single_thread()
     ids, logprobs, vocab = topk.ids, topk.logprobs, topk.vocab_size

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+# The handlers import what they run inside themselves: `kdcache --help` imports every commands
+# module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(

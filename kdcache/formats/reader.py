@@ -17,11 +17,14 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import xxhash
 
-from kdcache.errors import FormatError
+from kdcache.errors import FormatError, KdcacheError, TargetValidationError
 from kdcache.formats import storage
-from kdcache.formats.manifest import (MANIFEST_NAME, DatasetHeader, ShardInfo, parse_manifest)
+from kdcache.formats.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, DatasetHeader, ShardInfo,
+                                      check_relative_path, parse_manifest)
+from kdcache.formats.packing import default_valid
 from kdcache.formats.remote import ShardCache
-from kdcache.formats.shard import ARROW_MAGIC, COLUMNS, batch_fields, read_shard_metadata
+from kdcache.formats.shard import (ARROW_MAGIC, COLUMNS, batch_fields, read_shard_metadata,
+                                   shard_metadata, shard_schema)
 from kdcache.formats.window import Window
 from kdcache.formats.writer import make_codec
 
@@ -41,14 +44,18 @@ class ShardReader:
             size = os.path.getsize(local_copy) if local_copy else fs.size(path)
         except FileNotFoundError:
             raise FormatError(f"{path}: shard listed in the manifest is missing") from None
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot be read: {exc}") from None
         if size != info.bytes:
             raise FormatError(f"{path}: size {size} bytes, manifest says {info.bytes} "
                               f"({'truncated' if size < info.bytes else 'extended'} shard)")
-        if local_copy or storage.is_local(fs):
-            source = pa.memory_map(local_copy or path, "r")
-            buffer = source.read_buffer()
-        else:
-            buffer = pa.py_buffer(storage.read_bytes(fs, path))
+        try:
+            if local_copy or storage.is_local(fs):
+                buffer = pa.memory_map(local_copy or path, "r").read_buffer()
+            else:
+                buffer = pa.py_buffer(storage.read_bytes(fs, path))
+        except (OSError, pa.ArrowException) as exc:
+            raise FormatError(f"{path}: cannot be read: {exc}") from None
         view = memoryview(buffer)
         if size < 12 or bytes(view[:6]) != ARROW_MAGIC or bytes(view[-6:]) != ARROW_MAGIC:
             raise FormatError(f"{path}: not an Arrow IPC file (magic bytes missing or damaged)")
@@ -60,39 +67,92 @@ class ShardReader:
         try:
             self._file = ipc.open_file(buffer)
             schema = self._file.schema
+            n_batches = self._file.num_record_batches
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise FormatError(f"{path}: cannot open as Arrow IPC file: {exc}") from None
-        missing = [c for c in COLUMNS if c not in schema.names]
-        if missing:
-            raise FormatError(f"{path}: missing columns {missing}")
-        meta = read_shard_metadata(schema)
-        expected = {"kind": header.kind, "k": str(header.k),
-                    "vocab_size": str(header.vocab_size), "codec": header.codec}
-        for key, want in expected.items():
-            if meta.get(key) != want:
-                raise FormatError(f"{path}: shard says {key}={meta.get(key)!r} but the manifest "
-                                  f"says {key}={want!r} (shard from another dataset?)")
-        if self._file.num_record_batches != info.windows:
-            raise FormatError(f"{path}: holds {self._file.num_record_batches} windows, manifest "
-                              f"says {info.windows}")
+        _check_schema(path, schema, header)
+        if n_batches != info.windows:
+            raise FormatError(f"{path}: holds {n_batches} windows, manifest says {info.windows}")
 
     def __len__(self) -> int:
         return self.info.windows
 
-    def fields(self, j: int) -> dict[str, Any]:
+    def _batch(self, j: int) -> pa.RecordBatch:
+        """Record batch j, fully validated (offsets and lengths in bounds, no nulls) before numpy
+        sees it."""
         try:
             batch = self._file.get_batch(j)
-            batch.validate(full=True)  # offsets and lengths in bounds before numpy sees them
-            return batch_fields(batch)
+            batch.validate(full=True)
         except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
             raise FormatError(f"{self.path}: window {j} cannot be read: {exc}") from None
+        if batch.num_rows != 1:
+            raise FormatError(f"{self.path}: window {j}: a window's record batch must have 1 row, "
+                              f"has {batch.num_rows}")
+        for name in COLUMNS:
+            col = batch.column(name)
+            if col.null_count or (isinstance(col, pa.ListArray) and col.flatten().null_count):
+                raise FormatError(f"{self.path}: window {j}: column {name!r} holds nulls")
+        return batch
+
+    def fields(self, j: int) -> dict[str, Any]:
+        batch = self._batch(j)
+        try:
+            f = batch_fields(batch)
+        except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
+            raise FormatError(f"{self.path}: window {j} cannot be read: {exc}") from None
+        self._check_index(j, f["window_index"])
+        return f
+
+    def _check_index(self, j: int, index: int) -> None:
+        if not self.info.first_window <= index <= self.info.last_window:
+            raise FormatError(f"{self.path}: window {j} has window_index {index}, outside the "
+                              f"manifest's {self.info.first_window}..{self.info.last_window}")
+
+    def window_index(self, j: int) -> int:
+        """Window j's window_index, checked against the manifest's range for this shard."""
+        index = int(self._batch(j).column("window_index")[0].as_py())
+        self._check_index(j, index)
+        return index
 
     def token_counts(self) -> np.ndarray:
         out = np.empty(len(self), dtype=np.int64)
         for j in range(len(self)):
-            batch = self._file.get_batch(j)
-            out[j] = len(batch.column("tokens").flatten())
+            out[j] = len(self._batch(j).column("tokens").flatten())
         return out
+
+
+def _check_schema(path: str, schema: pa.Schema, header: DatasetHeader) -> None:
+    """The shard's columns and types, and its own metadata (kind, k, vocabulary, codec, packing
+    mode, format major version), must be the manifest's: a shard from another dataset, or a
+    manifest relabelled without its shards, is refused."""
+    expected = shard_schema(header)
+    try:
+        names = schema.names
+        missing = [c for c in COLUMNS if c not in names]
+        if missing:
+            raise FormatError(f"{path}: missing columns {missing}")
+        if len(set(names)) != len(names):
+            raise FormatError(f"{path}: column names repeat: {names}")
+        types = {name: schema.field(name).type for name in COLUMNS}
+    except (UnicodeDecodeError, pa.ArrowException, KeyError) as exc:
+        raise FormatError(f"{path}: unreadable schema: {exc}") from None
+    for name in COLUMNS:
+        got, want = types[name], expected.field(name).type
+        if got != want:
+            raise FormatError(f"{path}: column {name!r} has type {got}, expected {want}")
+    try:
+        meta = read_shard_metadata(schema)
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}") from None
+    want_meta = {k.decode().split(".", 1)[1]: v.decode() for k, v in shard_metadata(header).items()}
+    for key, want in want_meta.items():
+        got = meta.get(key)
+        if key == "format_version":
+            got, want = (got or "").split(".")[0], want.split(".")[0]
+        if got != want:
+            raise FormatError(f"{path}: shard says {key}={meta.get(key)!r} but the manifest "
+                              f"says {key}={want_meta[key]!r} (shard from another dataset, or a "
+                              "relabelled manifest?)")
 
 
 def _xxh3(view: memoryview) -> str:
@@ -117,11 +177,18 @@ class LogitDataset:
         if not self.fs.exists(manifest_path):
             raise FormatError(f"{manifest_path}: missing; {self.root} is not a finished kdcache "
                               "dataset (an interrupted dump writes the manifest last)")
+        _check_size(self.fs, manifest_path, MAX_MANIFEST_BYTES)
         self.manifest = parse_manifest(storage.read_bytes(self.fs, manifest_path),
                                        where=manifest_path)
         self.header = DatasetHeader.from_manifest(self.manifest)
+        self.header.teacher = self._confine_teacher_paths(self.header.teacher)
         self.shards = [ShardInfo.from_dict(d) for d in self.manifest["shards"]]
-        self.codec = make_codec(self.header, self._read_table())
+        table = self._read_table()
+        try:
+            self.codec = make_codec(self.header, table)
+        except (KeyError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+            raise FormatError(f"{manifest_path}: codec {self.header.codec!r} with these "
+                              f"parameters and table cannot be set up: {exc}") from None
         self.verify_hashes = verify_hashes
         self.max_open_shards = max_open_shards
         self.cache = None
@@ -168,11 +235,42 @@ class LogitDataset:
         entry = self.manifest["codec"].get("table")
         if not entry:
             return None
-        path = storage.join(self.base, entry["path"])
+        path = self.path_of(entry["path"])
+        _check_size(self.fs, path, entry["bytes"])
         data = storage.read_bytes(self.fs, path)
         if len(data) != entry["bytes"] or xxhash.xxh3_64(data).hexdigest() != entry["xxh3"]:
             raise FormatError(f"{path}: codec table does not match the manifest (size or xxh3)")
         return data
+
+    def _confine_teacher_paths(self, teacher: dict[str, Any]) -> dict[str, Any]:
+        """The header's teacher, with `path` / `tokenizer_path` kept only where they lie inside
+        this (local) dataset: a trainer reads tokenizer files from there and copies them into the
+        student it exports, so a shared manifest must not point it at files elsewhere on the
+        machine. A path the dump recorded outside the dataset is dropped (the manifest keeps it
+        for display); give the student's tokenizer in the run config instead."""
+        teacher = dict(teacher)
+        for key in ("path", "tokenizer_path"):
+            value = teacher.pop(key, None)
+            if not isinstance(value, str) or not value or not storage.is_local(self.fs) \
+                    or "\x00" in value:
+                continue
+            root = os.path.realpath(self.base)
+            resolved = os.path.realpath(os.path.join(root, value))  # relative: to the root
+            if os.path.commonpath([root, resolved]) == root:
+                teacher[key] = resolved
+        return teacher
+
+    def path_of(self, relative: str) -> str:
+        """The full path of a file the manifest names, confined to the dataset: the name must be
+        a plain relative path, and on a local disk it must not resolve (through symlinks) to a
+        file outside the dataset root."""
+        path = storage.join(self.base, check_relative_path(relative, what="path"))
+        if storage.is_local(self.fs):
+            root = os.path.realpath(self.base)
+            if os.path.commonpath([root, os.path.realpath(path)]) != root:
+                raise FormatError(f"{path}: resolves to {os.path.realpath(path)}, outside the "
+                                  f"dataset {root} (a symlink out of the dataset is refused)")
+        return path
 
     # -- access ------------------------------------------------------------------------------
     def shard(self, index: int) -> ShardReader:
@@ -189,10 +287,14 @@ class LogitDataset:
             self._open.move_to_end(index)
         return reader
 
-    def _open_shard(self, info: ShardInfo) -> ShardReader:
-        path = storage.join(self.base, info.name)
+    def _open_shard(self, info: ShardInfo, verify_hash: bool | None = None) -> ShardReader:
+        """A checked reader of one shard (not kept open); `verify_hash` overrides the dataset's
+        setting for a local shard (a downloaded copy is always hash-checked)."""
+        path = self.path_of(info.name)
         if self.cache is None:
-            return ShardReader(self.fs, path, info, self.header, verify_hash=self.verify_hashes)
+            return ShardReader(self.fs, path, info, self.header,
+                               verify_hash=self.verify_hashes if verify_hash is None
+                               else verify_hash)
         local = self.cache.fetch(self.fs, path, info.xxh3, info.bytes)
         try:  # a cached copy is always hash-checked: it came over the network
             return ShardReader(self.fs, self.fs.url(path), info, self.header, verify_hash=True,
@@ -210,7 +312,8 @@ class LogitDataset:
     def __getitem__(self, i: int) -> Window:
         s, j = self.locate(i)
         reader = self.shard(s)
-        return self.decode_window(reader.fields(j), where=f"{reader.path}: window {j}")
+        f = reader.fields(j)
+        return self.decode_window(f, where=f"{reader.path}: window {f['window_index']}")
 
     def iter_windows(self) -> Iterator[Window]:
         for i in range(len(self)):
@@ -220,21 +323,29 @@ class LogitDataset:
         import torch
 
         tokens, offsets, valid = f["tokens"], f["doc_offsets"], f["valid"]
+        _check_structure(f, self.header, where)
         n = tokens.shape[0]
-        if valid.shape != (n,) or offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != n:
-            raise FormatError(f"{where}: inconsistent window (tokens {n}, valid {valid.shape}, "
-                              f"doc_offsets ends {offsets[-1] if offsets.size else None})")
         m = int(valid.sum())
         try:
             ids_v, values_v = self.codec.decode(f["targets"], m)
-        except FormatError:
+        except KdcacheError:
             raise
         except Exception as exc:  # a codec on corrupted bytes: name the place, never crash on
-            raise FormatError(f"{where}: targets cannot be decoded: {exc}") from None
+            raise FormatError(f"{where}: targets cannot be decoded: {type(exc).__name__}: "
+                              f"{exc}") from None
         k = self.header.k
         if ids_v.shape != (m, k) or values_v.shape != (m, k):
             raise FormatError(f"{where}: decoded targets have shape {ids_v.shape}, expected "
                               f"({m}, {k})")
+        # Ids index the student's logits downstream (a gather, a Triton kernel): out of range,
+        # they would read out of bounds, so they are checked here whatever the codec.
+        lowest = 0 if self.kind == "topk" else -1  # sampled rows pad with -1
+        if ids_v.size and (int(ids_v.min()) < lowest or int(ids_v.max()) >= self.vocab_size):
+            bad = (ids_v < lowest) | (ids_v >= self.vocab_size)
+            r = int(np.flatnonzero(bad.any(axis=1))[0])
+            raise TargetValidationError(
+                f"{where}: row {int(np.flatnonzero(valid)[r])}: id out of range "
+                f"[{lowest}, {self.vocab_size}): {int(ids_v[r][bad[r]][0])}")
         ids = np.full((n, k), -1, dtype=np.int32)
         ids[valid] = ids_v
         fill = -np.inf if self.kind == "topk" else 0.0
@@ -252,6 +363,49 @@ class LogitDataset:
             doc_ids=torch.from_numpy(f["doc_ids"].astype(np.int64)),
             doc_pieces=torch.from_numpy(f["doc_pieces"].astype(np.int32)),
         )
+
+
+def _check_size(fs, path: str, limit: int) -> None:
+    """Refuse a file larger than the manifest allows before reading it into memory."""
+    try:
+        size = fs.size(path)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot be read: {exc}") from None
+    if size is not None and size > limit:
+        raise FormatError(f"{path}: {size:,} bytes, more than the {limit:,} expected")
+
+
+def _check_structure(f: dict[str, Any], header: DatasetHeader, where: str) -> None:
+    """What every consumer of a window relies on, checked in O(n) before it is handed out:
+    tokens in the vocabulary and within the window, document offsets rising from 0 to n, one
+    doc id and piece per document, and `valid` off where the packing mode has no target."""
+    tokens, offsets, valid = f["tokens"], f["doc_offsets"], f["valid"]
+    n = tokens.shape[0]
+    window = header.packing["window"]
+    if not 0 < n <= window:
+        raise FormatError(f"{where}: {n} tokens, outside 1..{window} (the dataset's window)")
+    if int(tokens.max()) >= header.vocab_size:
+        raise FormatError(f"{where}: token id {int(tokens.max())} is not below the vocabulary "
+                          f"size {header.vocab_size}")
+    if offsets.shape[0] < 2 or offsets[0] != 0 or offsets[-1] != n \
+            or bool(np.any(np.diff(offsets) <= 0)):
+        raise FormatError(f"{where}: doc_offsets must rise strictly from 0 to {n} (tokens), got "
+                          f"{offsets[:8].tolist()}{'...' if offsets.shape[0] > 8 else ''}")
+    docs = offsets.shape[0] - 1
+    for name in ("doc_ids", "doc_pieces"):
+        if f[name].shape != (docs,):
+            raise FormatError(f"{where}: {name} has {f[name].shape[0]} entries for {docs} "
+                              "documents")
+    if valid.shape != (n,):
+        raise FormatError(f"{where}: valid has {valid.shape[0]} flags for {n} tokens")
+    mode = header.packing["mode"]
+    wrong = valid & ~default_valid(n, offsets, mode)
+    if wrong.any():
+        raise FormatError(f"{where}: row {int(np.flatnonzero(wrong)[0])} is marked valid but has "
+                          f"no target in {mode!r} packing (the last token of the window or of a "
+                          "document)")
 
 
 def open_dataset(root: str | os.PathLike, **kwargs: Any) -> LogitDataset:

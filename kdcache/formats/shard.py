@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kdcache.errors import FormatError
 from kdcache.formats.codecs.base import id_dtype
 from kdcache.formats.manifest import FORMAT_VERSION, DatasetHeader
 
@@ -50,9 +51,16 @@ def shard_metadata(header: DatasetHeader) -> dict[bytes, bytes]:
 
 
 def read_shard_metadata(schema: pa.Schema) -> dict[str, str]:
-    raw = schema.metadata or {}
-    return {k.decode()[len(META_PREFIX):]: v.decode() for k, v in raw.items()
-            if k.decode(errors="replace").startswith(META_PREFIX)}
+    """The kdcache.* schema metadata as text; FormatError if a key or value is not UTF-8."""
+    out = {}
+    for k, v in (schema.metadata or {}).items():
+        if not k.startswith(META_PREFIX.encode()):
+            continue
+        try:
+            out[k.decode()[len(META_PREFIX):]] = v.decode()
+        except UnicodeDecodeError:
+            raise FormatError(f"shard metadata {k[:40]!r} is not valid UTF-8") from None
+    return out
 
 
 def _list_column(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from typing import Iterator
@@ -139,6 +141,24 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     with atomic_writer(fs, path) as out:
         out.write(data)
     return out.hasher.hexdigest()
+
+
+@contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yield a temporary local directory beside `path`; once the block succeeds it replaces
+    whatever `path` held, in one rename, so `path` is never seen half-written."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(path)}{TMP_MARKER}", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

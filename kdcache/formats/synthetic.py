@@ -12,8 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from kdcache.formats.codecs import default_codec
 from kdcache.formats.manifest import DatasetHeader
-from kdcache.formats.window import WindowRecord, default_valid
+from kdcache.formats.packing import default_valid
+from kdcache.formats.reader import open_dataset
+from kdcache.formats.window import WindowRecord
+from kdcache.formats.writer import DatasetWriter
 
 
 def synthetic_targets(rng: np.random.Generator, n: int, vocab_size: int, k: int, *,
@@ -85,9 +89,6 @@ def write_synthetic_dataset(root: str | os.PathLike, *, windows: int, window: in
                             doc_len: tuple[int, int] = (16, 512),
                             codec_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a whole synthetic dataset; returns its manifest."""
-    from kdcache.formats.codecs import default_codec
-    from kdcache.formats.writer import DatasetWriter
-
     rng = np.random.default_rng(seed)
     header = DatasetHeader(
         kind=kind, k=k, vocab_size=vocab_size, codec=codec or default_codec(kind),
@@ -98,5 +99,4 @@ def write_synthetic_dataset(root: str | os.PathLike, *, windows: int, window: in
         for i in range(windows):
             writer.add(synthetic_window(rng, i, window, vocab_size, k, mode=mode, kind=kind,
                                         doc_len=doc_len))
-    from kdcache.formats.reader import open_dataset
     return open_dataset(root).manifest

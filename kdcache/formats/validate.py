@@ -10,7 +10,8 @@ import numpy as np
 
 from kdcache.errors import TargetValidationError
 from kdcache.formats.manifest import DatasetHeader
-from kdcache.formats.window import WindowRecord, default_valid
+from kdcache.formats.packing import default_valid
+from kdcache.formats.window import WindowRecord
 
 # vLLM and HF compute log-softmax in fp32; allow rounding above 0 and in the descending order.
 _LOGPROB_MAX = 1e-4

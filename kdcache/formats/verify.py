@@ -1,10 +1,13 @@
 """`verify`: prove a dataset copy is complete and intact before anyone trains on it.
 
-Checks, in order: the manifest (format, major version, fields); the codec table (size, xxh3);
-every shard (present, size, Arrow magic, xxh3, schema metadata, window count); every window
-(token range, document offsets, `valid` flags required by the packing mode, decoded targets
-with the same checks the writer applies); and the totals. Problems are collected, not raised,
-so one run lists everything wrong with a copy.
+Checks, in order: the manifest (format, major version, every field's type, paths confined to
+the dataset, no shard listed twice, window ranges disjoint, totals; manifest.py); the codec table
+(size, xxh3); every shard (present, inside the dataset, size, Arrow magic, xxh3, column types,
+schema metadata, window count); every window (window_index in its shard's range, token range,
+document offsets, `valid` flags required by the packing mode, decoded targets with the same
+checks the writer applies); window indices 0..W-1 once each. Problems are collected, not raised,
+so one run lists everything wrong with a copy. `preflight` is the cheap subset a trainer runs
+before its first step.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import FormatError, KdcacheError
 from kdcache.formats import storage
 from kdcache.formats.manifest import SHARD_DIR
 from kdcache.formats.reader import LogitDataset
@@ -61,12 +64,8 @@ def _verify(root, report: VerifyReport, *, decode: bool, progress: bool,
     except KdcacheError as exc:
         report.problems.append(str(exc))
         return report
-    except Exception as exc:  # anything else unreadable is still a finding, not a crash
-        report.problems.append(f"{root}: cannot open dataset: {type(exc).__name__}: {exc}")
-        return report
 
     seen_windows: list[int] = []
-    totals = {"windows": 0, "tokens": 0, "valid_rows": 0}
     shard_iter = range(len(ds.shards))
     if progress:
         from tqdm import tqdm
@@ -81,16 +80,13 @@ def _verify(root, report: VerifyReport, *, decode: bool, progress: bool,
         report.shards_checked += 1
         tokens = valid_rows = 0
         for j in range(len(reader)):
-            where = f"{reader.path}: window {j}"
             try:
                 f = reader.fields(j)
+                where = f"{reader.path}: window {f['window_index']}"
                 seen_windows.append(f["window_index"])
                 n = f["tokens"].shape[0]
                 tokens += n
                 valid_rows += int(f["valid"].sum())
-                if not info.first_window <= f["window_index"] <= info.last_window:
-                    report.problems.append(f"{where}: window_index {f['window_index']} outside the "
-                                           f"manifest's range {info.first_window}..{info.last_window}")
                 if decode:
                     w = ds.decode_window(f, where=where)
                     validate_window(w.to_record(), ds.header, where=reader.path)
@@ -104,12 +100,6 @@ def _verify(root, report: VerifyReport, *, decode: bool, progress: bool,
                 report.problems.append(f"{reader.path}: {got} {key}, manifest says {want}")
         cache.evict(info.xxh3, info.bytes)  # a remote shard's scratch copy: one at a time
 
-    for key in totals:
-        totals[key] = sum(getattr(info, key) for info in ds.shards)
-    for key, got in totals.items():
-        want = ds.manifest["totals"].get(key)
-        if got != want:
-            report.problems.append(f"manifest totals: {key} is {want}, shards add up to {got}")
     if report.shards_checked == len(ds.shards):  # indices are only meaningful over every shard
         _check_window_indices(seen_windows, report)
     _check_stray_files(ds, report)
@@ -141,3 +131,27 @@ def _check_stray_files(ds: LogitDataset, report: VerifyReport) -> None:
     for name in sorted(present - listed):
         kind = "leftover temporary file" if storage.TMP_MARKER in name else "file not in manifest"
         report.warnings.append(f"{storage.join(shard_dir, name)}: {kind}")
+
+
+def preflight(ds: LogitDataset, *, hashes: bool = False) -> None:
+    """Cheap dataset-level checks for a trainer to run before its first step, so that a dataset
+    that cannot be trained on fails in seconds, not when a shard is first read an epoch later.
+
+    The manifest was checked when `ds` was opened (fields, paths confined to the dataset, no
+    shard listed twice, window ranges disjoint, totals adding up); this opens every shard's Arrow
+    footer (size, magic, column types, the shard's own kind/k/vocabulary/codec/mode against the
+    manifest, window count) and reads its first and last window_index against the manifest's
+    range, without decoding targets. `hashes=True` also checks every shard's xxh3 (reads all
+    bytes). Raises FormatError listing every problem found."""
+    problems = []
+    for info in ds.shards:
+        try:
+            reader = ds._open_shard(info, verify_hash=hashes)
+            for j in sorted({0, len(reader) - 1}):
+                reader.window_index(j)
+        except KdcacheError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise FormatError(f"{ds.root}: dataset fails the pre-training check "
+                          f"({len(problems)} problems; `kdcache verify` checks every window):\n  "
+                          + "\n  ".join(problems[:20]))

@@ -2,18 +2,15 @@
 
 Row semantics (FORMAT.md): a window of n tokens carries n target rows; row i is the teacher's
 distribution for token i+1 given tokens up to i. `valid[i]` is False for rows with no target: the
-window's last token always, and in document-masked modes each document's last token (its EOS).
-Invalid rows hold ids -1 and log-probs -inf (weights 0 for sampled targets).
+window's last token always, and in document-masked modes each document's last token (its EOS):
+`kdcache.formats.packing.default_valid`. Invalid rows hold ids -1 and log-probs -inf (weights 0 for sampled targets).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-
-PACKING_MODES = ("causal", "document", "document-global")
-
 
 @dataclass
 class WindowRecord:
@@ -47,7 +44,6 @@ class Window:
     weights: "torch.Tensor | None" = None  # float32 [n, k] for sampled targets, 0 where invalid
     doc_ids: "torch.Tensor | None" = None  # int64 [d]
     doc_pieces: "torch.Tensor | None" = None  # int32 [d]
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -63,15 +59,3 @@ class Window:
             doc_ids=None if self.doc_ids is None else self.doc_ids.numpy(),
             doc_pieces=None if self.doc_pieces is None else self.doc_pieces.numpy())
 
-
-def default_valid(n: int, doc_offsets: np.ndarray, mode: str) -> np.ndarray:
-    """The `valid` flags FORMAT.md prescribes for a packing mode."""
-    if mode not in PACKING_MODES:
-        raise ValueError(f"unknown packing mode {mode!r}; expected one of {PACKING_MODES}")
-    valid = np.ones(n, dtype=bool)
-    if n:
-        valid[-1] = False
-    if mode != "causal":
-        ends = np.asarray(doc_offsets[1:], dtype=np.int64) - 1
-        valid[ends[(ends >= 0) & (ends < n)]] = False
-    return valid

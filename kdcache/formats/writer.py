@@ -1,9 +1,16 @@
 """Writing datasets: validated targets -> codec -> Arrow IPC shards, atomically; manifest last.
 
-Two entry points:
-- `write_shard` + `finalize_dataset`: for distributed writers (the dump's Ray actors each write
-  whole shards and return ShardInfo; the driver finalises once every shard is in place).
-- `DatasetWriter`: a single-process writer that rolls shards as windows arrive.
+Every writer follows one protocol, whether it runs in one process (`DatasetWriter`) or spreads
+shards over Ray actors (the teacher dump):
+
+1. `begin_dataset`: fit the codec's dataset-level table (qrank's id ranking, from the first
+   window's ids or corpus token counts) and store it as codec/table.bin, atomically, before any
+   shard uses it. An interrupted writer resumes with `read_stored_codec_table` instead;
+   `remove_stale_temporaries` clears what a killed writer left half-written.
+2. `write_shard(root, shard_name(i), windows, header, codec)` for each shard, anywhere (a worker
+   rebuilds the codec with `make_codec(header, table)`); it returns the shard's manifest entry.
+3. `finish_dataset`: the dataset card, then manifest.json, whose presence marks the dataset
+   complete (`dataset_finished`, `read_finished_manifest`).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -22,13 +30,23 @@ from kdcache.errors import FormatError
 from kdcache.formats import storage
 from kdcache.formats.card import write_card
 from kdcache.formats.codecs import TargetCodec, get_codec
-from kdcache.formats.manifest import (MANIFEST_NAME, SHARD_DIR, TABLE_PATH,
-                                      DatasetHeader, ShardInfo, build_manifest, dump_manifest)
+from kdcache.formats.manifest import (MANIFEST_NAME, SHARD_DIR, TABLE_PATH, DatasetHeader,
+                                      ShardInfo, build_manifest, dump_manifest, parse_manifest)
 from kdcache.formats.shard import shard_schema, window_batch
 from kdcache.formats.validate import validate_window
 from kdcache.formats.window import WindowRecord
 
 IPC_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+
+
+def shard_name(index: int) -> str:
+    """The name of a dataset's index-th shard (its file: `shard_path(shard_name(i))`)."""
+    return f"shard-{index:05d}"
+
+
+def shard_name_of(path: str) -> str:
+    """The shard name of a manifest entry's path: "shards/shard-00003.arrow" -> "shard-00003"."""
+    return path.rsplit("/", 1)[-1].removesuffix(".arrow")
 
 
 def shard_path(shard_name: str) -> str:
@@ -39,15 +57,11 @@ def shard_path(shard_name: str) -> str:
 
 
 def make_codec(header: DatasetHeader, table: bytes | None = None) -> TargetCodec:
-    """The codec instance a dataset's header describes (with its dataset-level table, if any).
-
-    The header's codec_params are completed with the codec's defaults, so that a manifest
-    records every parameter and a later kdcache with other defaults still decodes it."""
+    """The codec instance a dataset's header describes (with its dataset-level table, if any);
+    parameters the header leaves out take the codec's defaults."""
     cls = get_codec(header.codec)
-    codec = cls(kind=header.kind, k=header.k, vocab_size=header.vocab_size, table=table,
-                **header.codec_params)
-    header.codec_params = codec.config()
-    return codec
+    return cls(kind=header.kind, k=header.k, vocab_size=header.vocab_size, table=table,
+               **header.codec_params)
 
 
 def prepare_codec(header: DatasetHeader, *, token_counts: np.ndarray | None = None,
@@ -59,20 +73,24 @@ def prepare_codec(header: DatasetHeader, *, token_counts: np.ndarray | None = No
     return make_codec(header, table)
 
 
-def codec_table_entry(table: bytes | None) -> dict[str, Any] | None:
+def begin_dataset(root: str, header: DatasetHeader, codec: TargetCodec | None = None, *,
+                  token_counts: np.ndarray | None = None,
+                  sample_ids: np.ndarray | None = None) -> TargetCodec:
+    """Step 1 of writing a dataset: fit the codec's table (unless `codec` is given, already
+    fitted) and store it as codec/table.bin, atomically, before any shard is coded with it."""
+    if codec is None:
+        codec = prepare_codec(header, token_counts=token_counts, sample_ids=sample_ids)
+    if codec.table is not None:
+        fs, base = storage.resolve(root)
+        storage.atomic_write_bytes(fs, storage.join(base, TABLE_PATH), codec.table)
+    return codec
+
+
+def _table_entry(table: bytes | None) -> dict[str, Any] | None:
     """The manifest's entry for a codec table stored as codec/table.bin (None without one)."""
     if table is None:
         return None
     return {"path": TABLE_PATH, "bytes": len(table), "xxh3": xxhash.xxh3_64(table).hexdigest()}
-
-
-def write_codec_table(root: str, codec: TargetCodec) -> dict[str, Any] | None:
-    """Store the codec's table as codec/table.bin; returns its manifest entry."""
-    if codec.table is None:
-        return None
-    fs, base = storage.resolve(root)
-    storage.atomic_write_bytes(fs, storage.join(base, TABLE_PATH), codec.table)
-    return codec_table_entry(codec.table)
 
 
 def read_stored_codec_table(root: str) -> bytes | None:
@@ -88,8 +106,8 @@ ENCODE_THREADS_ENV = "KDCACHE_ENCODE_THREADS"
 def default_encode_threads() -> int:
     """Threads that validate and encode windows while the caller produces the next ones: the
     codec's numpy, numba (nogil) and zstd work releases the GIL. KDCACHE_ENCODE_THREADS, else
-    up to 8 of this process's CPUs (16-core H200 host: 1 thread 72k tokens/s at k=64, 4 threads
-    3.0x, 8 threads 4.8x, 12 threads 5.4x; bench/bench_encode.py)."""
+    up to 8 of this process's CPUs: beyond 8 the gain flattens (BENCHMARKS.md, encode threads;
+    bench/bench_encode.py)."""
     env = os.environ.get(ENCODE_THREADS_ENV)
     if env:
         try:
@@ -180,20 +198,44 @@ def write_encoded_shard(root: str, shard_name: str,
                      first_window=int(first), last_window=int(last))
 
 
-def finalize_dataset(root: str, header: DatasetHeader, shards: list[ShardInfo], *,
-                     stats: dict[str, Any] | None = None,
-                     table: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish_dataset(root: str, header: DatasetHeader, shards: list[ShardInfo], *,
+                   table: bytes | None = None,
+                   stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the dataset card (README.md and its figure), then manifest.json (last: its presence
-    marks a complete dataset)."""
+    marks a complete dataset). `table` is the codec table the shards were coded with
+    (begin_dataset stored it).
+
+    The manifest records every codec parameter, the codec's defaults included, so that a later
+    kdcache with other defaults still decodes it."""
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         raise FormatError(f"{root}: duplicate shard names in the manifest")
     fs, base = storage.resolve(root)
-    manifest = build_manifest(header, shards, table=table, stats=stats,
+    header = replace(header, codec_params=make_codec(header, table).config())
+    manifest = build_manifest(header, shards, table=_table_entry(table), stats=stats,
                               created_by=f"kdcache {__version__}")
     write_card(root, manifest)
     storage.atomic_write_bytes(fs, storage.join(base, MANIFEST_NAME), dump_manifest(manifest))
     return manifest
+
+
+def dataset_finished(root: str) -> bool:
+    """Whether `root` holds a finished dataset (its manifest.json)."""
+    fs, base = storage.resolve(root)
+    return fs.exists(storage.join(base, MANIFEST_NAME))
+
+
+def read_finished_manifest(root: str) -> dict[str, Any]:
+    """The parsed manifest.json of the finished dataset in `root`."""
+    fs, base = storage.resolve(root)
+    path = storage.join(base, MANIFEST_NAME)
+    return parse_manifest(storage.read_bytes(fs, path), where=path)
+
+
+def remove_stale_temporaries(root: str) -> int:
+    """Remove the half-written shard files an interrupted writer left; returns how many."""
+    fs, base = storage.resolve(root)
+    return storage.remove_stale_temporaries(fs, storage.join(base, SHARD_DIR))
 
 
 class DatasetWriter:
@@ -210,29 +252,23 @@ class DatasetWriter:
         self.header = header
         self.windows_per_shard = windows_per_shard
         self.token_counts = token_counts
-        fs, base = storage.resolve(self.root)
-        if fs.exists(storage.join(base, MANIFEST_NAME)) and not overwrite:
+        if dataset_finished(self.root) and not overwrite:
             raise FormatError(f"{self.root}: already holds a finished dataset (manifest.json); "
                               "choose another directory or pass overwrite=True")
-        storage.remove_stale_temporaries(fs, storage.join(base, SHARD_DIR))
+        remove_stale_temporaries(self.root)
         # Without a codec, it is built at the first window: a codec's dataset-level table (the
         # id frequency ranking) is best fitted on the teacher's own first targets.
         self.codec: TargetCodec | None = None
-        self.table_info: dict[str, Any] | None = None
         if codec is not None:
-            self._set_codec(codec)
+            self.codec = begin_dataset(self.root, header, codec)
         self.shards: list[ShardInfo] = []
         self._pending: list[WindowRecord] = []
-
-    def _set_codec(self, codec: TargetCodec) -> None:
-        self.codec = codec
-        self.table_info = write_codec_table(self.root, codec)
 
     def add(self, rec: WindowRecord) -> None:
         if self.codec is None:
             ids, _ = validate_window(rec, self.header, where=f"{self.root} (first window)")
-            self._set_codec(prepare_codec(self.header, token_counts=self.token_counts,
-                                          sample_ids=ids))
+            self.codec = begin_dataset(self.root, self.header, token_counts=self.token_counts,
+                                       sample_ids=ids)
         if self._pending and isinstance(self._pending[0], tuple):
             self.flush()
         self._pending.append(rec)
@@ -253,7 +289,7 @@ class DatasetWriter:
     def flush(self) -> None:
         if not self._pending:
             return
-        name = f"shard-{len(self.shards):05d}"
+        name = shard_name(len(self.shards))
         if isinstance(self._pending[0], tuple):
             info = write_encoded_shard(self.root, name, self._pending, self.header)
         else:
@@ -265,8 +301,8 @@ class DatasetWriter:
         if self.codec is None:
             raise FormatError(f"{self.root}: no windows were added; an empty dataset is not written")
         self.flush()
-        return finalize_dataset(self.root, self.header, self.shards, stats=stats,
-                                table=self.table_info)
+        return finish_dataset(self.root, self.header, self.shards, table=self.codec.table,
+                              stats=stats)
 
     def __enter__(self) -> "DatasetWriter":
         return self

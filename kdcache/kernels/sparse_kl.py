@@ -45,6 +45,7 @@ def _pick_impl(impl: str | None, device: torch.device) -> str:
 
 def _core(impl: str):
     if impl == "triton":
+        # Triton only for the Triton path: CPU machines may lack it and it is slow to import.
         from kdcache.kernels import sparse_kl_triton
 
         return sparse_kl_triton.loss_and_grads

@@ -30,14 +30,14 @@ import triton.language as tl
 from kdcache.kernels.sparse_kl_reference import TAIL_EPS
 
 # Memory budget for what the loss holds beyond h, W and their model-dtype gradients: the fp32 dW
-# accumulator plus the logits buffer (the issue's 2 GiB counts the fp32 dW whole). Chunks are whole
-# multiples of CHUNK_ROW_MULTIPLE rows: at d=1280, V=202,048 that is 2,048 rows (0.96 GiB dW +
-# 0.77 GiB logits = 1.73 GiB). Measured on the H200 (2026-11-29, docs/kernels.md): 2,560-row chunks
-# (1.93 GiB) ran the headline step 2-5% *slower* than 2,048 (cuBLAS picks worse kernels for M=2560:
-# the products alone 330-339 vs 323-327 ms); 4,096 rows were 3-5% faster but need 2.5 GiB.
-# Users with memory to spare can raise the budget with KDCACHE_SPARSE_KL_MEMORY_GIB. Never below
+# accumulator plus the logits buffer, kept under 2 GiB so the loss fits beside a large student.
+# Chunks are whole multiples of CHUNK_ROW_MULTIPLE rows: at d=1280, V=202,048 that is 2,048 rows
+# (0.96 GiB dW + 0.77 GiB logits = 1.73 GiB); larger chunks were not faster within 2 GiB
+# (docs/kernels.md has the measurements). Users with memory to spare raise the budget with
+# KDCACHE_SPARSE_KL_MEMORY_GIB (read at each call, `memory_budget_bytes`). Never below
 # MIN_LOGITS_BUFFER_BYTES of logits (at d=4096 the fp32 dW alone is 3.1 GiB).
-MEMORY_BUDGET_BYTES = int(float(os.environ.get("KDCACHE_SPARSE_KL_MEMORY_GIB", "1.95")) * 2**30)
+MEMORY_BUDGET_ENV = "KDCACHE_SPARSE_KL_MEMORY_GIB"
+MEMORY_BUDGET_BYTES = int(1.95 * 2**30)
 MIN_LOGITS_BUFFER_BYTES = 800 * 2**20
 CHUNK_ROW_MULTIPLE = 1024
 # Rows per chunk when the caller gives none (None: from the budget, default_chunk_rows).
@@ -46,10 +46,11 @@ CHUNK_ROWS: int | None = None
 # left unwritten shows up as NaN instead of as a plausible stale value.
 POISON_OUTPUTS = False
 # Phase A keeps one running (max, sum) per group of LSE_GROUP adjacent elements (see the kernel):
-# 8 (1.125 exps per element, one 16-byte load per group) ran the headline step 1-2% faster than 1
-# (two exps per element) on the H200 (2026-11-29), close to the noise: the pass is bound by memory,
-# not by the exps. The older one-max-per-tile flavour (block-wide reductions) was 4% slower.
-LSE_GROUP = int(os.environ.get("KDCACHE_LSE_GROUP", "8"))
+# 8 costs 1.125 exps per element and one 16-byte load per group instead of two exps per element;
+# the pass is bound by memory, so the gain is small (docs/kernels.md). KDCACHE_LSE_GROUP overrides
+# it, read at each call.
+LSE_GROUP_ENV = "KDCACHE_LSE_GROUP"
+LSE_GROUP = 8
 # Kernel launch shape: vocabulary tile and warps per program (one program per row). 8,192-wide
 # tiles, 8 or 32 warps: all within noise of these.
 KERNEL_BLOCK_V = 4096
@@ -75,8 +76,8 @@ def _sparse_kl_rows_kernel(
     BUCKET: tl.constexpr, HAS_CE: tl.constexpr, SEPARATE_CE_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, GROUP: tl.constexpr,
 ):
-    # A grid-stride loop over rows. On the H200 one program per row was as fast as any persistent
-    # grid tried (1-4 programs per SM; 1 per SM, whose rows would fit in L2, was 1.6x slower).
+    # A grid-stride loop over rows: one program per row on CUDA (no persistent grid tried was
+    # faster, docs/kernels.md), two programs under the CPU interpreter.
     for row_i in tl.range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row = tl.cast(row_i, tl.int64)  # 64-bit offsets: C * V can pass 2^31
         _sparse_kl_one_row(
@@ -197,12 +198,24 @@ def _sparse_kl_one_row(
         tl.store(row_ptr + tl.where(valid, ids, 0), g_ids.to(row_ptr.dtype.element_ty), mask=valid)
 
 
+def memory_budget_bytes() -> int:
+    """MEMORY_BUDGET_BYTES, or KDCACHE_SPARSE_KL_MEMORY_GIB GiB when that is set."""
+    env = os.environ.get(MEMORY_BUDGET_ENV)
+    return int(float(env) * 2**30) if env else MEMORY_BUDGET_BYTES
+
+
+def lse_group() -> int:
+    """LSE_GROUP, or KDCACHE_LSE_GROUP when that is set."""
+    env = os.environ.get(LSE_GROUP_ENV)
+    return int(env) if env else LSE_GROUP
+
+
 def default_chunk_rows(n_rows: int, vocab: int, itemsize: int, dim: int = 0, want_grads: bool = True) -> int:
     """Rows per chunk so that fp32 dW (when gradients are wanted) plus the logits buffer fit
     MEMORY_BUDGET_BYTES, at least MIN_LOGITS_BUFFER_BYTES of logits, a multiple of
     CHUNK_ROW_MULTIPLE rows where possible."""
     dw_bytes = vocab * dim * 4 if want_grads else 0
-    buffer_bytes = max(MIN_LOGITS_BUFFER_BYTES, MEMORY_BUDGET_BYTES - dw_bytes)
+    buffer_bytes = max(MIN_LOGITS_BUFFER_BYTES, memory_budget_bytes() - dw_bytes)
     rows = max(16, buffer_bytes // (vocab * itemsize))
     if rows >= CHUNK_ROW_MULTIPLE:
         rows = rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
@@ -264,7 +277,7 @@ def loss_and_grads(
     BLOCK_V = block_v or max(16, min(KERNEL_BLOCK_V, triton.next_power_of_2(V)))
     num_warps = num_warps or KERNEL_NUM_WARPS
     BLOCK_K = max(2, triton.next_power_of_2(K))
-    group = max(1, min(LSE_GROUP, BLOCK_V // 2))  # at least two groups per tile
+    group = max(1, min(lse_group(), BLOCK_V // 2))  # at least two groups per tile
     if programs is None:  # one program per row on CUDA (measured best); the CPU tests use the loop
         programs = C if dev.type == "cuda" else 2
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+
+# The handlers import what they run inside themselves: `kdcache --help` imports every commands
+# module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
 
 _DESCRIPTION = """\
 Train a student from one or more kdcache logit datasets with Lightning: the built-in
@@ -57,10 +63,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import json
-    import logging
-    import os
-
     from kdcache.student_train import stages
 
     if args.list_configs:

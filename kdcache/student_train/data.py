@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import ConfigMismatchError, KdcacheError, TargetValidationError
+from kdcache.formats.reader import open_dataset
 
 IGNORE_INDEX = -100
 log = logging.getLogger("kdcache.train")
@@ -226,8 +227,6 @@ class DatasetSet:
     """Several logit datasets seen as one list of windows; checks that they agree."""
 
     def __init__(self, paths: list[str], verify_hashes: bool = True) -> None:
-        from kdcache.formats.reader import open_dataset
-
         if not paths:
             raise KdcacheError("data.paths is empty: give at least one dataset")
         self.paths = list(paths)
@@ -353,7 +352,6 @@ class WindowDataModule(pl.LightningDataModule):
         self.student_vocab_size = student_vocab_size
         self.state = DataState(seed=config.seed)
         self._data: DatasetSet | None = None
-        self._world_size = 1
 
     @property
     def data(self) -> DatasetSet:
@@ -376,7 +374,6 @@ class WindowDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             rank, world = trainer.global_rank, trainer.world_size
-        self._world_size = world
         _ = self.data  # open and check in the main process, before workers start
         # Called after a resumed run's state is restored: check what the coming steps use.
         steps = None

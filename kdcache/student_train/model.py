@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -30,17 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
+from kdcache.formats import storage
+from kdcache.formats.packing import MODES, PACKING_MODES
 from kdcache.student_train.rope import apply_rope, positions_for, rope_cos_sin
 
 ATTENTION_MODES = ("causal", "document")
 POSITION_MODES = ("global", "reset")
-
-# Dataset packing mode -> (attention, positions) the student must use to see what the teacher saw.
-PACKING_TO_MODEL_MODE = {
-    "causal": ("causal", "global"),
-    "document": ("document", "reset"),
-    "document-global": ("document", "global"),
-}
 
 
 @dataclass
@@ -114,9 +109,9 @@ def mode_for_packing(packing_mode: str, attention: str | None = None,
     None means "match the data". A requested mode that differs from the data's is refused unless
     `force`: the student would be taught targets the teacher produced under another context.
     """
-    if packing_mode not in PACKING_TO_MODEL_MODE:
+    if packing_mode not in PACKING_MODES:
         raise KdcacheError(f"{where}: unknown packing mode {packing_mode!r}")
-    want_attention, want_positions = PACKING_TO_MODEL_MODE[packing_mode]
+    want_attention, want_positions = MODES[packing_mode].attention, MODES[packing_mode].positions
     attention = attention or want_attention
     positions = positions or want_positions
     if (attention, positions) != (want_attention, want_positions) and not force:
@@ -348,15 +343,9 @@ def save_hf(model: Student, directory: str, dtype: torch.dtype = torch.bfloat16,
 
     The tied lm_head is not stored (HF re-ties it from `model.embed_tokens.weight`).
     """
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    parent = os.path.dirname(os.path.abspath(directory)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
-    try:
+    with storage.atomic_directory(directory) as tmp:
         tensors = {f"model.{name}": p.detach().to("cpu", dtype).contiguous()
                    for name, p in model.state_dict().items()}
         save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
@@ -366,12 +355,6 @@ def save_hf(model: Student, directory: str, dtype: torch.dtype = torch.bfloat16,
             json.dump(config, handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -464,7 +447,3 @@ def load_hf(directory: str, **overrides: Any) -> Student:
                            f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
     return model
 
-
-def describe(args: ModelArgs) -> dict[str, Any]:
-    return {**asdict(args), "params": args.n_params(), "params_non_embedding":
-            args.n_params(embedding=False)}

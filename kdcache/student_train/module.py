@@ -23,9 +23,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import ConfigMismatchError, KdcacheError
+from kdcache.kernels import fused_sparse_kl
 from kdcache.student_train.data import IGNORE_INDEX
-from kdcache.student_train.model import ModelArgs, Student
+from kdcache.student_train.model import ModelArgs, Student, load_hf
 
 
 class NonFiniteLossError(KdcacheError):
@@ -78,8 +79,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 def distillation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
                       loss_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Forward the student on a batch and return {'loss', 'kd', 'ce', 'rows'}."""
-    from kdcache.kernels import fused_sparse_kl
-
     hidden = model(batch["tokens"], batch["seg_ids"])  # (R, L, d)
     labels = batch["labels"]
     rows = labels != IGNORE_INDEX  # rows with a teacher target and a next token
@@ -108,25 +107,27 @@ def distillation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], lo
 class StudentModule(pl.LightningModule):
     """Trains a `Student` from teacher targets; see the module docstring for the loss."""
 
-    def __init__(self, model_args: dict[str, Any] | None, loss: dict[str, Any] | None = None,
-                 optim: dict[str, Any] | None = None, compile_blocks: bool = False,
+    def __init__(self, model_args: ModelArgs | None, loss: LossConfig | None = None,
+                 optim: OptimConfig | None = None, compile_blocks: bool = False,
                  checkpoint_layers: int = 0, init_from: str | None = None,
                  hf_student: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.loss_cfg = LossConfig(**(loss or {}))
-        self.optim_cfg = OptimConfig(**(optim or {}))
+        self.model_args = model_args
+        self.loss_cfg = loss or LossConfig()
+        self.optim_cfg = optim or OptimConfig()
+        # Checkpoints record plain values, not kdcache classes, so any kdcache can read them.
+        self.save_hyperparameters({
+            "model_args": model_args.as_dict() if model_args else None,
+            "loss": asdict(self.loss_cfg), "optim": asdict(self.optim_cfg),
+            "compile_blocks": compile_blocks, "checkpoint_layers": checkpoint_layers,
+            "init_from": init_from or (hf_student or {}).get("path"), "hf_student": hf_student})
         if hf_student is not None:
             from kdcache.student_train.hf_student import load_hf_student
 
             # Any transformers causal LM: its own weights (or random init), masks and head.
-            self.model_args = None
             self.model = load_hf_student(**hf_student)
             self.model.set_checkpoint_layers(checkpoint_layers)
         elif init_from:
-            self.model_args = ModelArgs(**model_args)
-            from kdcache.student_train.model import load_hf
-
             # A later stage: the previous stage's weights, this stage's theta and masks.
             self.model = load_hf(init_from, rope_theta=self.model_args.rope_theta,
                                  attention=self.model_args.attention,
@@ -136,14 +137,11 @@ class StudentModule(pl.LightningModule):
             loaded = {f: getattr(self.model.args, f) for f in shape}
             wanted = {f: getattr(self.model_args, f) for f in shape}
             if loaded != wanted:
-                from kdcache.errors import ConfigMismatchError
-
                 raise ConfigMismatchError(
                     f"{init_from}: the model to start from has {loaded}, this stage's config "
                     f"asks for {wanted}")
             self.model_args = self.model.args
         else:
-            self.model_args = ModelArgs(**model_args)
             self.model = Student(self.model_args)
         if hf_student is None:
             self.model.checkpoint_layers = checkpoint_layers
@@ -202,7 +200,3 @@ class StudentModule(pl.LightningModule):
                                               cfg.min_lr_ratio))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-
-def module_config(model_args: ModelArgs, loss: LossConfig, optim: OptimConfig) -> dict[str, Any]:
-    return {"model_args": model_args.as_dict(), "loss": asdict(loss), "optim": asdict(optim)}

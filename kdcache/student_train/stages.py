@@ -31,10 +31,19 @@ import copy
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+import shutil
+import time
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.storage import atomic_write_bytes, resolve
+from kdcache.student_train.data import DataConfig, WindowDataModule
+from kdcache.student_train.model import ModelArgs, mode_for_packing, read_hf_args, save_hf
+from kdcache.student_train.module import LossConfig, OptimConfig, StudentModule
+from kdcache.student_train.progress import StepProgressBar
+from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
 
 log = logging.getLogger("kdcache.train")
 
@@ -43,6 +52,11 @@ class TrainConfigError(KdcacheError):
     """A training config file is malformed (unknown key, wrong type, missing field)."""
 
 
+# One config story: a run file is read into these typed dataclasses (and DataConfig, LossConfig,
+# OptimConfig beside the code they configure) by `_build`, field by field from their type hints;
+# nothing downstream sees a dict. `ModelConfig` is the stage's choice of student (a preset and
+# what to change in it, or "match the data"); `ModelArgs` (model.py), built from it once the
+# dataset is known, is the one type that describes the student's architecture.
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
@@ -57,6 +71,13 @@ class ModelConfig:
     compile: bool = False  # torch.compile each block (CUDA)
     init_seed: int = 0  # random initialisation (stages without init_from)
     overrides: dict[str, Any] = field(default_factory=dict)  # any other ModelArgs field
+
+    def __post_init__(self) -> None:
+        settable = {f.name for f in fields(ModelArgs) if f.init}
+        unknown = sorted(set(self.overrides) - settable)
+        if unknown:
+            raise ValueError(f"overrides {unknown} are not ModelArgs fields; known: "
+                             f"{sorted(settable)}")
 
 
 @dataclass
@@ -77,11 +98,11 @@ class TrainerConfig:
 @dataclass
 class StageConfig:
     name: str
-    model: ModelConfig
-    data: Any  # DataConfig
-    loss: Any  # LossConfig
-    optim: Any  # OptimConfig
-    trainer: TrainerConfig
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     init_from: str | None = None  # "previous", an HF directory, or None (random init)
     student: str | None = None  # any transformers causal-LM directory (instead of a preset)
     init: str = "pretrained"  # the student's weights as they are, or "random" from its config
@@ -106,6 +127,8 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _build(cls, values: Any, where: str):
+    """A `cls` dataclass from a YAML mapping: unknown keys refused, nested dataclasses built from
+    their sections, YAML lists turned into the tuples a field's type asks for."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -114,16 +137,26 @@ def _build(cls, values: Any, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise TrainConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _value(hints[key], value, f"{where}.{key}") for key, value in values.items()}
     try:
-        return cls(**values)
+        return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise TrainConfigError(f"{where}: {exc}") from None
 
 
-def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
-    from kdcache.student_train.data import DataConfig
-    from kdcache.student_train.module import LossConfig, OptimConfig
+def _value(hint: Any, value: Any, where: str) -> Any:
+    if is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if origin is list and isinstance(value, str):  # `paths: ds` for `paths: [ds]`
+        return [value]
+    return value
 
+
+def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     if not isinstance(raw, dict):
         raise TrainConfigError(f"{source}: a run config is a mapping with 'stages'")
     unknown = sorted(set(raw) - {"name", "output_dir", "defaults", "stages", "student", "init"})
@@ -139,34 +172,19 @@ def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     stages = []
     for index, stage_raw in enumerate(stages_raw):
         merged = _merge(defaults, stage_raw or {})
-        name = merged.pop("name", f"stage{index + 1}")
-        where = f"{source}: stage {name!r}"
-        unknown = sorted(set(merged) - {"model", "data", "loss", "optim", "trainer", "init_from",
-                                        "student", "init"})
-        if unknown:
-            raise TrainConfigError(f"{where}: unknown key(s) {unknown}")
-        data_raw = merged.get("data") or {}
-        if isinstance(data_raw.get("paths"), str):
-            data_raw["paths"] = [data_raw["paths"]]
-        data_raw.setdefault("paths", [])
-        trainer = _build(TrainerConfig, merged.get("trainer"), f"{where}.trainer")
-        optim_raw = dict(merged.get("optim") or {})
-        optim_raw.setdefault("total_steps", trainer.max_steps)
-        if "betas" in optim_raw:
-            optim_raw["betas"] = tuple(optim_raw["betas"])
-        stages.append(StageConfig(
-            name=name,
-            model=_build(ModelConfig, merged.get("model"), f"{where}.model"),
-            data=_build(DataConfig, data_raw, f"{where}.data"),
-            loss=_build(LossConfig, merged.get("loss"), f"{where}.loss"),
-            optim=_build(OptimConfig, optim_raw, f"{where}.optim"),
-            trainer=trainer,
-            init_from=merged.get("init_from"),
-            student=merged.get("student", student),
-            init=merged.get("init", raw.get("init", "pretrained"))))
-        if stages[-1].init not in ("pretrained", "random"):
+        merged.setdefault("name", f"stage{index + 1}")
+        merged.setdefault("student", student)  # the run's HF student, for every stage
+        merged.setdefault("init", raw.get("init", "pretrained"))
+        where = f"{source}: stage {merged['name']!r}"
+        if isinstance(merged.get("data") or {}, dict):  # paths may come from --data later
+            merged["data"] = {"paths": [], **(merged.get("data") or {})}
+        stage = _build(StageConfig, merged, where)
+        if "total_steps" not in (merged.get("optim") or {}):  # the cosine ends with training
+            stage.optim.total_steps = stage.trainer.max_steps
+        if stage.init not in ("pretrained", "random"):
             raise TrainConfigError(f"{where}: init must be 'pretrained' or 'random', got "
-                                   f"{stages[-1].init!r}")
+                                   f"{stage.init!r}")
+        stages.append(stage)
     if stages[0].init_from == "previous":
         raise TrainConfigError(f"{source}: the first stage cannot start from 'previous'")
     return RunConfig(name=raw.get("name") or os.path.splitext(os.path.basename(source))[0],
@@ -228,8 +246,6 @@ def student_tokenizer_dir(stage: StageConfig, header) -> str | None:
 def copy_tokenizer(src: str | None, hf_dir: str) -> None:
     """Put the tokenizer beside the exported weights, so transformers and vLLM load the student
     (and `kdcache eval needle` can build prompts) with no other directory."""
-    import shutil
-
     if not src:
         return
     for name in _TOKENIZER_FILES:
@@ -241,9 +257,6 @@ def model_args_for(stage: StageConfig, header, where: str, start_theta: float | 
     """ModelArgs for a stage on a dataset: preset + theta + the mask/positions the data needs,
     after the vocabulary check. `start_theta`: the theta of the model the stage starts from,
     kept unless the stage sets its own (a start model is reproduced exactly)."""
-    from kdcache.student_train.model import ModelArgs, mode_for_packing
-    from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
-
     cfg = stage.model
     attention, positions = mode_for_packing(header.packing["mode"], cfg.attention, cfg.positions,
                                             force=cfg.force_mode, where=where)
@@ -291,8 +304,6 @@ def build_trainer(stage: StageConfig, stage_dir: str, callbacks: list | None = N
         logger = CSVLogger(stage_dir, name="logs")  # a new version per (re)start
     callbacks = [checkpoint, *(callbacks or [])]
     if t.progress_bar:
-        from kdcache.student_train.progress import StepProgressBar
-
         callbacks.append(StepProgressBar(f"train {stage.name}"))
     return pl.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
@@ -307,9 +318,6 @@ def build_trainer(stage: StageConfig, stage_dir: str, callbacks: list | None = N
 
 def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
     """The data module and the LightningModule for one stage (nothing is trained yet)."""
-    from kdcache.student_train.data import WindowDataModule
-    from kdcache.student_train.module import StudentModule
-
     datamodule = WindowDataModule(stage.data)
     where = f"stage {stage.name!r} data {stage.data.paths[0] if stage.data.paths else '?'}"
     if not stage.data.paths:
@@ -326,24 +334,19 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
             init="pretrained" if init_from else stage.init)
         datamodule.student_vocab_size = vocab_rows
         pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
-        module = StudentModule(None, asdict(stage.loss), asdict(stage.optim),
-                               compile_blocks=stage.model.compile,
+        module = StudentModule(None, stage.loss, stage.optim, compile_blocks=stage.model.compile,
                                checkpoint_layers=stage.model.checkpoint_layers, hf_student=spec)
         return datamodule, module, verdict
     start_theta = None
     if init_from:
-        from kdcache.student_train.model import read_hf_args
-
         start_theta = read_hf_args(init_from).rope_theta  # refuses what it cannot reproduce
     args, verdict = model_args_for(stage, datamodule.header, where, start_theta)
     if start_theta is not None and args.rope_theta != start_theta:
         log.info("stage %s: starts from %s (rope_theta %g) with rope_theta %g", stage.name,
                  init_from, start_theta, args.rope_theta)
     datamodule.student_vocab_size = args.vocab_size
-
     pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
-    module = StudentModule(args.as_dict(), asdict(stage.loss), asdict(stage.optim),
-                           compile_blocks=stage.model.compile,
+    module = StudentModule(args, stage.loss, stage.optim, compile_blocks=stage.model.compile,
                            checkpoint_layers=stage.model.checkpoint_layers, init_from=init_from)
     return datamodule, module, verdict
 
@@ -389,10 +392,6 @@ def resume_checkpoint(directory: str) -> str | None:
 def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None, *,
               resume: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train one stage to `trainer.max_steps`, export it, return its summary."""
-    import time
-
-    from kdcache.student_train.model import save_hf
-
     summary_path = os.path.join(stage_dir, "summary.json")
     if resume and os.path.exists(summary_path):
         with open(summary_path) as handle:
@@ -427,8 +426,6 @@ def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None
         else:
             save_hf(module.model, hf_dir, extra_config=record)
             copy_tokenizer(student_tokenizer_dir(stage, datamodule.header), hf_dir)
-        from kdcache.formats.storage import atomic_write_bytes, resolve
-
         fs, base = resolve(summary_path)
         atomic_write_bytes(fs, base, (json.dumps(summary, indent=2) + "\n").encode())
     return summary

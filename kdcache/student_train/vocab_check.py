@@ -12,7 +12,6 @@ silently (the data module also refuses, per window, any target id the student ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,11 +44,6 @@ def tokenizer_map(path: str) -> dict[str, int]:
     if not os.path.exists(file):
         raise ConfigMismatchError(f"{path}: no tokenizer.json to compare vocabularies with")
     return Tokenizer.from_file(file).get_vocab(with_added_tokens=True)
-
-
-def map_hash(token_to_id: dict[str, int]) -> str:
-    items = sorted(token_to_id.items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def check_vocab(student: Vocab, teacher: Vocab) -> str:

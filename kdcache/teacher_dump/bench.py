@@ -21,12 +21,23 @@ be shared. Engine start-up and the first (warm-up) call are excluded.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from kdcache.formats.codecs import default_codec
+from kdcache.formats.manifest import DatasetHeader
+from kdcache.formats.writer import default_encode_threads, prepare_codec, shard_name
+from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
+from kdcache.teacher_dump.engines import make_engine
+from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk, segments_for_mode
+from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
+from kdcache.teacher_dump.plan import teacher_fingerprint
+from kdcache.teacher_dump.pipeline import ShardPipeline
 
 
 @dataclass
@@ -46,9 +57,6 @@ class BenchConfig:
 
 def bench_windows(cfg: BenchConfig):
     """`cfg.windows` packed windows (the built-in corpus is made as large as needed)."""
-    from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
-    from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
-
     tok = TeacherTokenizer(cfg.model)
     n_docs = max(64, cfg.window * (cfg.windows + 1) // 100)
     docs = iter_documents(CorpusSpec(cfg.corpus, builtin_documents=n_docs), CorpusStats())
@@ -67,10 +75,6 @@ class DumpBench:
     def __init__(self, model: str, engine: str = "vllm", *, max_k: int = 256,
                  max_window: int = 8192, mode: str = "causal", baseline: bool = True,
                  dtype: str = "float32") -> None:
-        from kdcache.teacher_dump.engines import make_engine
-        from kdcache.teacher_dump.engines.base import EngineConfig
-        from kdcache.teacher_dump.plan import teacher_fingerprint
-
         if hasattr(os, "sched_getaffinity"):  # in-process engine: use every core we have
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                                   ",".join(map(str, sorted(os.sched_getaffinity(0)))))
@@ -79,7 +83,7 @@ class DumpBench:
         ecfg = EngineConfig(model=model, k=max_k, window=max_window, mode=mode, device="auto",
                             dtype=dtype)
         t0 = time.perf_counter()
-        self.engine = make_engine(engine, ecfg)  # before the codecs import numba (see vllm.py)
+        self.engine = make_engine(engine, ecfg)
         self.start_s = time.perf_counter() - t0
         self.base = None
         if engine == "vllm":
@@ -91,18 +95,12 @@ class DumpBench:
         self._names = iter(range(10**9))
 
     def close(self) -> None:
-        import shutil
-
         shutil.rmtree(self.tmp, ignore_errors=True)
         for eng in (self.engine, self.base):
             if eng is not None:
                 eng.close()
 
     def _header(self, k: int, window: int):
-        from kdcache.formats.codecs import default_codec
-        from kdcache.formats.manifest import DatasetHeader
-        from kdcache.formats.writer import prepare_codec
-
         header = DatasetHeader(kind="topk", k=k, vocab_size=self.vocab,
                                codec=default_codec("topk"),
                                packing={"window": window, "mode": self.mode})
@@ -112,22 +110,17 @@ class DumpBench:
         """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
         into shards, the engine called on ~16k-token groups on this thread while the writer's
         threads encode the previous group and finish the previous shard."""
-        from kdcache.teacher_dump.pipeline import ShardPipeline
-
         header, codec = self._header(k, window)
         pipeline = ShardPipeline(eng)
 
         def run() -> None:
-            shards = [(f"shard-{next(self._names):05d}", windows[i:i + windows_per_shard])
+            shards = [(shard_name(next(self._names)), windows[i:i + windows_per_shard])
                       for i in range(0, len(windows), windows_per_shard)]
             pipeline.write_all(self.tmp, shards, header, codec)
         return run
 
     def measure(self, cfg: BenchConfig) -> dict:
         import torch
-
-        from kdcache.formats.writer import default_encode_threads
-        from kdcache.teacher_dump.engines.base import chunked_topk
 
         windows = bench_windows(cfg)
         tokens = int(sum(w.n_tokens for w in windows))
@@ -194,8 +187,6 @@ def _prefill_fn(cfg: BenchConfig, engine, base, windows):
     if base is not None:
         from vllm import SamplingParams
 
-        from kdcache.teacher_dump.engines.base import segments_for_mode
-
         prompts = [{"prompt_token_ids": w.tokens[s:e].tolist()}
                    for w in windows for s, e, _ in segments_for_mode(w, cfg.mode)]
         params = SamplingParams(max_tokens=1, detokenize=False)
@@ -203,8 +194,6 @@ def _prefill_fn(cfg: BenchConfig, engine, base, windows):
         def run() -> None:
             base.llm.generate(prompts, params, use_tqdm=False)
         return run
-
-    from kdcache.teacher_dump.engines.base import segments_for_mode
 
     def run_hf() -> None:
         for w in windows:

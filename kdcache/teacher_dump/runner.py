@@ -32,6 +32,12 @@ import numpy as np
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.formats import storage
+from kdcache.formats.codecs import default_codec
+from kdcache.formats.manifest import DatasetHeader, ShardInfo
+from kdcache.formats.packing import MODES
+from kdcache.formats.writer import (begin_dataset, dataset_finished, finish_dataset,
+                                    read_finished_manifest, read_stored_codec_table,
+                                    remove_stale_temporaries, shard_name, shard_name_of)
 from kdcache.teacher_dump.chat import resolve_policy
 from kdcache.teacher_dump.corpus import CorpusStats, corpus_fingerprint, iter_documents
 from kdcache.teacher_dump.pack import PackedWindow, PackStats, TeacherTokenizer, pack_documents
@@ -41,11 +47,7 @@ from kdcache.teacher_dump.plan import (PROGRESS_DIR, DumpConfig, DumpError, Plan
 from kdcache.teacher_dump.workers import (SHARDS_PER_ACTOR, ActorPool, init_ray,
                                           unwrap_task_error, window_to_dict)
 
-__all__ = ["DumpError", "format_summary", "iter_shards", "make_plan", "run_dump", "shard_name"]
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
+__all__ = ["DumpError", "format_summary", "iter_shards", "make_plan", "run_dump"]
 
 
 # ---------------------------------------------------------------------------- packing passes
@@ -85,9 +87,6 @@ def make_plan(cfg: DumpConfig, tokenizer: TeacherTokenizer) -> Plan:
 
 
 def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
-    from kdcache.formats.codecs import default_codec
-    from kdcache.formats.manifest import DatasetHeader
-
     t, p = cfg.teacher, cfg.pack
     teacher = dict(plan.teacher)
     teacher.update(engine=cfg.engine, dtype=t.dtype,
@@ -96,7 +95,7 @@ def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
                "eos_id": tokenizer.eos_id, "seed": p.seed,
                "split_long_docs": p.split_long_docs, "shuffle_buffer": p.shuffle_buffer,
                "windows_per_shard": cfg.windows_per_shard, "policy": "next-fit whole documents",
-               "positions": "global" if t.mode in ("causal", "document-global") else "reset",
+               "positions": MODES[t.mode].positions,
                "targets": resolve_policy(p.targets, plan.packing_stats.get("chats", 0) > 0)}
     return DatasetHeader(kind="topk", k=t.k, vocab_size=int(teacher["vocab_size"]),
                          packing=packing, codec=cfg.codec or default_codec("topk"),
@@ -144,9 +143,6 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
 
 def _plan_run(cfg: DumpConfig) -> _RunState:
     """Refuse what cannot run, write (or check) plan.json, build the dataset header."""
-    from kdcache.formats.manifest import MANIFEST_NAME, SHARD_DIR
-    from kdcache.formats.writer import make_codec, read_stored_codec_table
-
     if cfg.teacher.mode == "document-global" and cfg.engine == "vllm":
         raise ConfigMismatchError("packing mode 'document-global' needs positions that do not "
                                   "start at 0 per document, which vLLM cannot take: use --engine hf")
@@ -154,7 +150,7 @@ def _plan_run(cfg: DumpConfig) -> _RunState:
     fs, base = storage.resolve(cfg.out)
     storage.check_reachable(fs, base)  # a missing bucket or refused credentials: before any work
     existing = load_plan(cfg.out)
-    if existing is None and fs.exists(storage.join(base, MANIFEST_NAME)):
+    if existing is None and dataset_finished(cfg.out):
         raise ConfigMismatchError(f"{cfg.out}: holds a dataset that was not made by this dump "
                                   "(manifest.json but no plan.json); choose another --out")
     plan = make_plan(cfg, tokenizer)
@@ -168,24 +164,17 @@ def _plan_run(cfg: DumpConfig) -> _RunState:
     # The codec's table (qrank's id ranking) is fitted on the teacher's top-k of the first window
     # once the engines are up; a resumed run reuses the table its earlier shards were coded with.
     table = read_stored_codec_table(cfg.out)
-    make_codec(header, table)  # completes header.codec_params with the codec's defaults
-    storage.remove_stale_temporaries(fs, storage.join(base, SHARD_DIR))
+    remove_stale_temporaries(cfg.out)
     return _RunState(plan=plan, header=header, table=table, tokenizer=tokenizer,
-                     already_final=existing is not None
-                     and fs.exists(storage.join(base, MANIFEST_NAME)))
+                     already_final=existing is not None and dataset_finished(cfg.out))
 
 
 def _resume_state(cfg: DumpConfig, state: _RunState) -> None:
     """Which shards are done (progress records, or a finished manifest) and which are to do."""
-    from kdcache.formats.manifest import MANIFEST_NAME, parse_manifest
-
     state.done = completed_shards(cfg.out)
-    fs, base = storage.resolve(cfg.out)
-    manifest_path = storage.join(base, MANIFEST_NAME)
     if state.already_final:  # a finished dump: nothing to redo
-        finished = parse_manifest(storage.read_bytes(fs, manifest_path), where=manifest_path)
-        state.done.update({s["name"].rsplit("/", 1)[-1].removesuffix(".arrow"): s
-                           for s in finished["shards"]})
+        finished = read_finished_manifest(cfg.out)
+        state.done.update({shard_name_of(s["name"]): s for s in finished["shards"]})
     state.todo = [s["name"] for s in state.plan.shards if s["name"] not in state.done]
     state.already_final = state.already_final and not state.todo
 
@@ -194,14 +183,11 @@ def _fit_codec_table(cfg: DumpConfig, state: _RunState, pool: ActorPool) -> None
     """Score the first window, fit the codec's table on its top-k ids, store it, hand it out."""
     import ray
 
-    from kdcache.formats.writer import prepare_codec, write_codec_table
-
     first = next(iter_shards(cfg, state.tokenizer, CorpusStats(), PackStats()), None)
     if first is None or not first[1]:
         return
     ids, _, valid = ray.get(pool.actors[0].topk.remote([window_to_dict(first[1][0])]))[0]
-    codec = prepare_codec(state.header, sample_ids=np.asarray(ids)[np.asarray(valid)])
-    write_codec_table(cfg.out, codec)  # atomic, before any shard that uses it
+    codec = begin_dataset(cfg.out, state.header, sample_ids=np.asarray(ids)[np.asarray(valid)])
     if codec.table is not None:
         pool.set_table(state.header, codec.table)
     state.table = codec.table
@@ -294,9 +280,6 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
 
 def _finish(cfg: DumpConfig, state: _RunState, seconds: float) -> dict[str, Any]:
     """Write the manifest and card (unless the dataset was already final); the summary."""
-    from kdcache.formats.manifest import ShardInfo
-    from kdcache.formats.writer import codec_table_entry, finalize_dataset
-
     plan, t = state.plan, cfg.teacher
     shards = [ShardInfo.from_dict(state.done[s["name"]]) for s in plan.shards]
     total_tokens = sum(s["tokens"] for s in plan.shards)
@@ -318,8 +301,7 @@ def _finish(cfg: DumpConfig, state: _RunState, seconds: float) -> dict[str, Any]
     if not state.already_final:
         stats = {"corpus": plan.corpus_stats, "packing": plan.packing_stats,
                  "dump": {k: summary[k] for k in ("engine", "shards", "windows", "tokens")}}
-        manifest = finalize_dataset(cfg.out, state.header, shards, stats=stats,
-                                    table=codec_table_entry(state.table))
+        manifest = finish_dataset(cfg.out, state.header, shards, table=state.table, stats=stats)
         summary["bytes"] = manifest["totals"]["bytes"]
         summary["target_bytes_per_token"] = manifest["totals"]["target_bytes_per_token"]
         fs, base = storage.resolve(cfg.out)

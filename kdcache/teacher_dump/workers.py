@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.manifest import DatasetHeader
+from kdcache.formats.writer import make_codec
+from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig
 from kdcache.teacher_dump.pack import PackedWindow
 from kdcache.teacher_dump.pipeline import EngineThread, ShardPipeline
@@ -44,8 +47,6 @@ class DumpWorker:
     """
 
     def __init__(self, engine_name: str, engine_cfg: dict) -> None:
-        from kdcache.teacher_dump.engines import make_engine
-
         cfg = EngineConfig(**engine_cfg)
         self._thread = EngineThread(lambda: make_engine(engine_name, cfg))
         self.engine = self._thread.engine
@@ -53,9 +54,6 @@ class DumpWorker:
         self.out = self.header = self.codec = None
 
     def configure(self, out: str, header: dict, table: bytes | None) -> int:
-        from kdcache.formats.manifest import DatasetHeader
-        from kdcache.formats.writer import make_codec
-
         self.out = out
         self.header = DatasetHeader(**header)
         self.codec = make_codec(self.header, table)

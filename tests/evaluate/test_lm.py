@@ -10,7 +10,8 @@ import torch
 
 from kdcache.cli import main
 from kdcache.formats.manifest import DatasetHeader
-from kdcache.formats.window import WindowRecord, default_valid
+from kdcache.formats.packing import default_valid
+from kdcache.formats.window import WindowRecord
 from kdcache.formats.writer import DatasetWriter
 from kdcache.evaluate.models import load_model
 

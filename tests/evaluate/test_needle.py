@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from kdcache.cli import main
 from kdcache.evaluate.needle import aggregate, distance_bin
 from kdcache.evaluate.needle_tasks import (TASKS, Haystack, build_sample, build_samples,
-                                                     score)
+                                           score)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from kdcache.cli import main
 from kdcache.evaluate.rope_plan import (critical_dimension, men_decay,
-                                                      satisfies_men_bound, theta_lower_bound)
+                                        satisfies_men_bound, theta_lower_bound)
 
 # Men et al. 2024, head dim 128. 128k: the paper says 7.8e6, a later reproduction 4.9e6.
 # Tolerance: within a factor 1.6 of the published value (the spread between the two sources).

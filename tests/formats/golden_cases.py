@@ -54,8 +54,8 @@ CASES: list[dict[str, Any]] = [
 # ---- inputs --------------------------------------------------------------------------------
 def _window(rng: np.random.Generator, index: int, n: int, case: dict[str, Any], *,
             doc_len: tuple[int, int] = (3, 30), no_valid: bool = False) -> dict[str, np.ndarray]:
+    from kdcache.formats.packing import default_valid
     from kdcache.formats.synthetic import synthetic_targets
-    from kdcache.formats.window import default_valid
 
     vocab, k = case["vocab_size"], case["k"]
     lengths: list[int] = []

@@ -308,9 +308,10 @@ def test_qrank_dataset_through_writer_reader_and_verify(tmp_path):
     """A table built from the first window's ids, shards written, read back and verified: the
     decoded targets pass the writer's own checks (sorted, mass <= 1) and keep every id."""
     from kdcache.formats.manifest import DatasetHeader
+    from kdcache.formats.packing import default_valid
     from kdcache.formats.reader import open_dataset
     from kdcache.formats.verify import verify_dataset
-    from kdcache.formats.window import WindowRecord, default_valid
+    from kdcache.formats.window import WindowRecord
     from kdcache.formats.writer import DatasetWriter, prepare_codec
 
     vocab, k, n = 70_000, 16, 200

@@ -11,8 +11,8 @@ from kdcache.errors import FormatError
 from kdcache.formats.manifest import FORMAT_VERSION, DatasetHeader
 from kdcache.formats.reader import open_dataset
 from kdcache.formats.synthetic import synthetic_window
+from kdcache.formats.packing import default_valid
 from kdcache.formats.verify import verify_dataset
-from kdcache.formats.window import default_valid
 from kdcache.formats.writer import DatasetWriter
 
 

@@ -102,8 +102,8 @@ def test_padded_target_ids_beyond_a_smaller_student_are_refused_before_training(
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
-    teacher_dir = tmp_path / "teacher"
-    teacher_dir.mkdir()
+    teacher_dir = tmp_path / "ds" / "teacher"  # a manifest's teacher path counts only inside
+    teacher_dir.mkdir(parents=True)
     vocab = {f"t{i}": i for i in range(2000)}
     Tokenizer(WordLevel(vocab, unk_token="t0")).save(str(teacher_dir / "tokenizer.json"))
     bad = last_visited()

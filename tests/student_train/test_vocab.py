@@ -77,14 +77,15 @@ def test_student_on_the_dataset_vocabulary_inherits_the_teacher_tokenizer(doc_da
     from kdcache.student_train.stages import parse_run, run
     from tests.student_train.conftest import VOCAB
 
-    teacher = tmp_path / "teacher"
+    data = tmp_path / "ds"
+    shutil.copytree(doc_dataset, data)
+    # The teacher's directory inside the dataset: a manifest's paths are followed only there.
+    teacher = data / "teacher"
     teacher.mkdir()
     Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0")).save(
         str(teacher / "tokenizer.json"))
-    data = tmp_path / "ds"
-    shutil.copytree(doc_dataset, data)
     manifest = json.loads((data / "manifest.json").read_text())
-    manifest["teacher"]["path"] = str(teacher)
+    manifest["teacher"]["path"] = "teacher"
     (data / "manifest.json").write_text(json.dumps(manifest))
     summary = run(parse_run(tiny_run([str(data)], tmp_path / "run", steps=1)))[0]
     assert "vocabularies identical" in summary["vocab"]

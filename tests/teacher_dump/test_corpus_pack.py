@@ -63,6 +63,19 @@ def test_fingerprint_changes_with_content(tmp_path):
     assert list(builtin_corpus(5, 1)) == list(builtin_corpus(5, 1)) != list(builtin_corpus(5, 2))
 
 
+@pytest.mark.parametrize("size_kib, at_kib", [(100, 70), (128, 127), (600, 300)])
+def test_fingerprint_covers_every_byte(tmp_path, size_kib, at_kib):
+    """An edit anywhere (the tail of a 64-128 KiB file, the middle of a large one) that keeps the
+    size is a different corpus: a resume must not mix old and new text."""
+    p = tmp_path / "c.txt"
+    data = bytearray(b"x" * (size_kib << 10))
+    p.write_bytes(bytes(data))
+    before = corpus_fingerprint(CorpusSpec(str(p)))
+    data[at_kib << 10] = ord("y")
+    p.write_bytes(bytes(data))
+    assert corpus_fingerprint(CorpusSpec(str(p))) != before
+
+
 def _docs(lengths):
     return [(i, list(range(10, 10 + n))) for i, n in enumerate(lengths)]
 

@@ -174,9 +174,13 @@ def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, n_words
         e_pos[col + 1] = e_pos[col] + ne
     if f_pos[k] != n_f or g_pos[k] != n_g or e_pos[k] != n_e:
         return ERR_LEFTOVER
+    # Every column's bit range inside the stream, before any read: column 0 starts at bit 0,
+    # starts never fall (so none is negative) and none passes the end.
+    if col_bits[0] != 0:
+        return ERR_BITS
     for col in range(k + 1):
         b_pos[col] = col_bits[col]
-        if b_pos[col] > total_bits or (col > 0 and b_pos[col] < b_pos[col - 1]):
+        if b_pos[col] < 0 or b_pos[col] > total_bits or (col > 0 and b_pos[col] < b_pos[col - 1]):
             return ERR_BITS
     f_end = f_pos.copy()
     g_end = g_pos.copy()

@@ -6,9 +6,10 @@ with their log-probabilities normalised over the full vocabulary at temperature 
 descending; rows without a target (`default_valid` False) hold -1 / -inf.
 
 `chunked_topk` is the unavoidable work on top of the backbone: for rows h_i of the final hidden
-states (after the last norm) and the lm_head weight W [V, d],
+states (after the last norm) and the teacher's `LogitHead` (lm_head weight W [V, d], plus the
+bias, logit scale or soft-cap its architecture applies),
 
-    z_i = W h_i,   lse_i = log sum_v exp(z_iv),   top-k of z_i,   logprob_iv = z_iv - lse_i,
+    z_i = head(h_i) (= W h_i for a Llama),   lse_i = log sum_v exp(z_iv),   top-k of z_i,   logprob_iv = z_iv - lse_i,
 
 computed `chunk_rows` rows at a time so that only a [chunk_rows, V] block of fp32 logits ever
 exists (never an [n, V] log-softmax).
@@ -17,12 +18,13 @@ exists (never an [n, V] log-softmax).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from kdcache.errors import KdcacheError
-from kdcache.formats.window import default_valid
+from kdcache.formats.packing import default_valid, request_segments
 from kdcache.teacher_dump.pack import PackedWindow
 
 
@@ -70,8 +72,6 @@ class TeacherEngine(ABC):
 
     def reconfigure(self, *, k: int, mode: str, window: int) -> None:
         """Serve another k / packing mode without restarting (a started engine is expensive)."""
-        from dataclasses import replace
-
         if mode not in self.modes:
             raise EngineError(f"engine {self.name!r} cannot serve packing mode {mode!r}")
         if window > self.cfg.window:
@@ -88,16 +88,9 @@ class TeacherEngine(ABC):
 
 
 def segments_for_mode(win: PackedWindow, mode: str) -> list[tuple[int, int, int]]:
-    """(start, end, first_position) of each separately run request of a window.
-
-    causal: the whole window from position 0. document: each document from position 0.
-    document-global: each document from its offset in the window (a document mask with global
-    positions is exactly a per-document run whose positions start at the document's offset).
-    """
-    if mode == "causal":
-        return [(0, win.n_tokens, 0)]
-    offs = win.doc_offsets.tolist()
-    return [(s, e, s if mode == "document-global" else 0) for s, e in zip(offs[:-1], offs[1:])]
+    """(start, end, first_position) of each separately run request of a window (the mode's
+    meaning lives in `kdcache.formats.packing.request_segments`)."""
+    return request_segments(win.n_tokens, win.doc_offsets, mode)
 
 
 def needed_rows(win: PackedWindow, mode: str) -> np.ndarray:
@@ -122,20 +115,60 @@ def finish_targets(win: PackedWindow, mode: str, ids: np.ndarray,
     return WindowTargets(ids=ids, logprobs=logprobs, valid=valid)
 
 
+@dataclass
+class LogitHead:
+    """A teacher's hidden -> logits map: z = cap * tanh(((W h + b) * scale) / cap).
+
+    Llama-style models have only W; Phi-2 style an lm_head bias b; Cohere a `logit_scale` and
+    Granite a `logits_scaling` divisor (scale); Gemma 2/3 soft-cap with
+    `final_logit_softcapping` (cap). Leaving any of them out stores another distribution.
+    """
+
+    weight: Any  # torch [V, d]
+    bias: Any = None  # torch [V] or None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def from_config(cls, weight, bias, config) -> "LogitHead":
+        """The head of a transformers model config (its text config for multimodal ones)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        get = (lambda key: text.get(key)) if isinstance(text, dict) else \
+            (lambda key: getattr(text, key, None))
+        scale = float(get("logit_scale") or 1.0) / float(get("logits_scaling") or 1.0)
+        return cls(weight=weight, bias=bias, scale=scale,
+                   softcap=float(get("final_logit_softcapping") or 0.0) or None)
+
+    def __call__(self, hidden):
+        """fp32 logits [rows, V] of hidden [rows, d]; the only dense block."""
+        z = hidden @ self.weight.T
+        if self.bias is not None:
+            z = z + self.bias
+        z = z.float()
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = self.softcap * (z / self.softcap).tanh()
+        return z
+
+
 def chunked_topk(hidden, weight, k: int, *, chunk_elements: int | None = None, out_ids=None,
                  out_logprobs=None):
-    """Top-k full-vocabulary log-probs of `hidden @ weight.T`, a block of rows at a time.
+    """Top-k full-vocabulary log-probs of the logits `weight(hidden)`, a block of rows at a time.
 
-    hidden: [n, d] torch tensor; weight: [V, d]. Returns torch (ids int32 [n, k], logprobs fp32
+    hidden: [n, d] torch tensor; weight: a LogitHead, or a [V, d] tensor (a plain lm_head, logits
+    `hidden @ weight.T`). Returns torch (ids int32 [n, k], logprobs fp32
     [n, k]) or fills `out_ids` / `out_logprobs` (numpy views of the same shape) in place.
     chunk_elements: logits per block; default 2^23 on CPU (cache-sized), 2^28 on a GPU (about
-    1,300 rows at V=202,048: 41-row blocks ran the lm_head at ~55 TFLOP/s on an H200). On a GPU
-    the results stay on the device until the end: one copy to the host, not one per block.
+    1,300 rows at V=202,048: blocks of a few dozen rows leave the GPU's matrix units mostly idle;
+    docs/teacher_dump.md). On a GPU the results stay on the device until the end: one copy to
+    the host, not one per block.
     """
     import torch
 
+    head = weight if isinstance(weight, LogitHead) else LogitHead(weight)
     n = hidden.shape[0]
-    vocab = weight.shape[0]
+    vocab = head.weight.shape[0]
     on_gpu = hidden.device.type == "cuda"
     if chunk_elements is None:
         chunk_elements = 1 << 28 if on_gpu else 1 << 23
@@ -152,7 +185,7 @@ def chunked_topk(hidden, weight, k: int, *, chunk_elements: int | None = None, o
     with torch.inference_mode():
         for start in range(0, n, rows):
             h = hidden[start:start + rows]
-            logits = (h @ weight.T).float()  # [rows, V]; the only dense block
+            logits = head(h)  # [rows, V] fp32
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             vals, idx = torch.topk(logits, k, dim=-1, sorted=True)
             dev_lp[start:start + rows] = vals - lse

@@ -5,15 +5,19 @@ explicit position ids: causal = the whole window from 0; document = each documen
 document-global = each document from its offset in the window. The last is exactly the paper's
 setting (document mask, positions counted over the window) without building an n x n mask.
 Tests use it to check the vLLM engine; it is also the engine for GPU machines without vLLM.
+
+The logits are the model's own: its lm_head (bias included) and the logit scale / soft-cap its
+config names (`LogitHead`). At start-up the engine compares that with the model's full forward
+on a probe sequence and refuses a model whose forward does something else to its logits.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, TeacherEngine,
-                                               WindowTargets, chunked_topk, empty_targets,
-                                               finish_targets, segments_for_mode)
+from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, LogitHead,
+                                               TeacherEngine, WindowTargets, chunked_topk,
+                                               empty_targets, finish_targets, segments_for_mode)
 from kdcache.teacher_dump.pack import PackedWindow
 
 
@@ -42,10 +46,38 @@ class HFEngine(TeacherEngine):
                 from None
         self.model = model.to(self.device).eval()
         self.backbone = self.model.get_decoder()
-        self.weight = self.model.get_output_embeddings().weight
-        self.vocab_size = int(self.weight.shape[0])
+        output = self.model.get_output_embeddings()
+        if output is None or getattr(output, "weight", None) is None:
+            raise EngineError(f"{cfg.model}: {type(model).__name__} has no output embedding "
+                              "(lm_head) for the hf engine; use --engine vllm "
+                              "--vllm-path prompt-logprobs")
+        self.weight = output.weight
+        self.head = LogitHead.from_config(output.weight, getattr(output, "bias", None),
+                                          self.model.config)
+        self.vocab_size = int(output.weight.shape[0])
         if cfg.k > self.vocab_size:
             raise EngineError(f"k={cfg.k} exceeds the teacher's vocabulary ({self.vocab_size})")
+        self.check_head()
+
+    def check_head(self, tokens: int = 24) -> None:
+        """Refuse a model whose own forward computes other logits than backbone + LogitHead
+        (a post-processing kdcache does not know): its targets would not be its distribution."""
+        import torch
+
+        ids = torch.as_tensor(np.random.default_rng(0).integers(0, self.vocab_size, tokens),
+                              device=self.device)
+        with torch.inference_mode():
+            want = self.model(input_ids=ids[None], use_cache=False).logits[0].float()
+            got = self.head(self.hidden_states(ids.cpu().numpy(), 0))
+            error = float((want.log_softmax(-1) - got.log_softmax(-1)).abs().max())
+        tolerance = 1e-3 if self.cfg.dtype == "float32" else 0.1
+        if not error <= tolerance:
+            raise EngineError(
+                f"{self.cfg.model}: {type(self.model).__name__}'s own logits differ from the hf "
+                f"engine's lm_head top-k by up to {error:.3g} nats (tolerance {tolerance}): it "
+                "post-processes its logits in a way kdcache does not reproduce, so the stored "
+                "targets would not be its next-token distribution. Use --engine vllm "
+                "--vllm-path prompt-logprobs (vLLM's own log-probs of the model).")
 
     def hidden_states(self, tokens: np.ndarray, first_position: int):
         """Final-norm hidden states [m, d] of one request."""
@@ -65,10 +97,10 @@ class HFEngine(TeacherEngine):
             ids, logprobs = empty_targets(win.n_tokens, k)
             for start, end, first_pos in segments_for_mode(win, mode):
                 h = self.hidden_states(win.tokens[start:end], first_pos)
-                chunked_topk(h, self.weight, k, chunk_elements=self.cfg.chunk_elements,
+                chunked_topk(h, self.head, k, chunk_elements=self.cfg.chunk_elements,
                              out_ids=ids[start:end], out_logprobs=logprobs[start:end])
             results.append(finish_targets(win, mode, ids, logprobs))
         return results
 
     def close(self) -> None:
-        del self.model, self.backbone, self.weight
+        del self.model, self.backbone, self.weight, self.head

@@ -34,7 +34,7 @@ from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, Teache
                                                WindowTargets, chunked_topk, empty_targets,
                                                finish_targets, segments_for_mode)
 from kdcache.teacher_dump.pack import PackedWindow
-from kdcache.vllm_start import configure_vllm_env, start_llm
+from kdcache.vllm_start import configure_vllm_env, start_llm, stop_llm
 
 _LOGIT_SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                        "output_multiplier_scale")
@@ -92,11 +92,11 @@ class VLLMEngine(TeacherEngine):
             common["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         if cfg.vllm_path == "hidden":
             self.weight = load_lm_head(cfg.model).float()
-            self.llm = _make_llm(**common, runner="pooling", convert="embed",
+            self.llm = start_llm(EngineError, **common, runner="pooling", convert="embed",
                                  pooler_config=_pooler_config())
         else:
             self.weight = None
-            self.llm = _make_llm(**common, skip_tokenizer_init=True, max_logprobs=cfg.k)
+            self.llm = start_llm(EngineError, **common, skip_tokenizer_init=True, max_logprobs=cfg.k)
         self.max_logprobs = cfg.k
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         if cfg.k > self.vocab_size:
@@ -166,13 +166,8 @@ class VLLMEngine(TeacherEngine):
             lps[start:end - 1] = lp.reshape(rows, k + 1)[:, 1:]
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        self.llm = None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # best effort: the process is usually about to exit
-                pass
+        llm, self.llm = getattr(self, "llm", None), None
+        stop_llm(llm)
 
 
 def _pooler_config():
@@ -181,8 +176,3 @@ def _pooler_config():
     return PoolerConfig(task="token_embed", use_activation=False)
 
 
-def _make_llm(**kwargs):
-    try:
-        return start_llm(**kwargs)
-    except (ValueError, RuntimeError) as exc:
-        raise EngineError(f"{kwargs['model']}: vLLM could not start: {exc}") from exc
