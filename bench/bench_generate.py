@@ -4,8 +4,9 @@ One vLLM engine in this process (no Ray: the path GPU figures are measured on). 
 alternating order:
 - kdcache: `GenerateWorker.run_part` on every prompt (per-prompt seeded sampling, the response
   records built and the part's JSONL written atomically), with prompt rendering timed too;
-- vLLM: `LLM.generate` on the same prompt token ids with one `SamplingParams` (the same
-  temperature, top-p and max tokens), outputs discarded.
+- vLLM: `LLM.generate` on the same prompt token ids with the same per-prompt `SamplingParams`
+  (temperature, top-p, max tokens, seed), outputs discarded: the same tokens are sampled, so
+  the difference is kdcache's own work (rendering, records, the atomic write).
 Prints one JSON line with response tokens/s of each (medians over rounds) and their ratio.
 
     python bench/bench_generate.py [--model DIR] [--prompts 64] [--max-tokens 64] [--rounds 3]
@@ -52,10 +53,11 @@ def main() -> None:
               "seed": cfg.seed}
     from vllm import SamplingParams
 
-    plain = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                           max_tokens=cfg.max_tokens, seed=cfg.seed)
+    plain = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_tokens=cfg.max_tokens, seed=cfg.seed + p["index"])
+             for p in prompts]
     token_prompts = [{"prompt_token_ids": p["prompt_ids"]} for p in prompts]
-    worker.llm.generate(token_prompts[:4], plain, use_tqdm=False)  # warm-up
+    worker.llm.generate(token_prompts[:4], plain[:4], use_tqdm=False)  # warm-up
     ours, theirs = [], []
     for r in range(args.rounds):
         for which in (("ours", "vllm") if r % 2 == 0 else ("vllm", "ours")):

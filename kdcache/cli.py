@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "kdcache.student_train.commands",
     "kdcache.evaluate.eval_commands",
     "kdcache.evaluate.analysis_commands",
+    "kdcache.replicate.commands",
     "kdcache.demo",
 )
 

@@ -11,7 +11,9 @@ import kdcache
 ROOT = Path(kdcache.__file__).parent
 COMPONENTS = ("formats", "kernels", "teacher_dump", "student_train", "evaluate")
 GROUND = ("errors", "vllm_start", "__init__")  # shared by every component, importing none
-TOP = ("cli", "demo", "__main__")  # the command line: imports the components, imported by none
+# the command line and the applications built on every component (`replicate`): they import
+# the components, and no component imports them
+TOP = ("cli", "demo", "__main__", "replicate")
 
 
 def _unit(module: str) -> str | None:

@@ -6,6 +6,7 @@ import math
 import os
 from typing import Any
 
+from kdcache.errors import KdcacheError
 from kdcache.formats.reader import LogitDataset
 
 
@@ -40,6 +41,9 @@ def summarize(ds: LogitDataset) -> dict[str, Any]:
 
 def window_preview(ds: LogitDataset, index: int, rows: int = 4, top: int = 5) -> dict[str, Any]:
     """The first `rows` valid rows of window `index`: input token, then the top targets."""
+    if not 0 <= index < len(ds):
+        raise KdcacheError(f"{ds.root}: --window {index} is out of range: the dataset holds "
+                           f"windows 0..{len(ds) - 1}")
     w = ds[index]
     values = w.logprobs if w.logprobs is not None else w.weights
     valid_rows = w.valid.nonzero().flatten()[:rows].tolist()

@@ -289,10 +289,14 @@ def _check_fields(manifest: dict[str, Any]) -> None:
             raise FormatError(f"manifest: codec.table must be {{path, bytes, xxh3}}, got "
                               f"{_short(table)}")
         check_relative_path(table.get("path"), what="codec table path")
-    for key in ("shards", "windows", "tokens", "valid_rows", "bytes"):
+    for key in ("shards", "windows", "tokens", "valid_rows", "bytes", "target_bytes"):
         if not _is_count(manifest["totals"].get(key)):
             raise FormatError(f"manifest: totals.{key} must be a non-negative integer, got "
                               f"{_short(manifest['totals'].get(key))}")
+    per_token = manifest["totals"].get("target_bytes_per_token")
+    if isinstance(per_token, bool) or not isinstance(per_token, (int, float)) or per_token < 0:
+        raise FormatError(f"manifest: totals.target_bytes_per_token must be a non-negative number, "
+                          f"got {_short(per_token)}")
 
 
 _MIN_WINDOW_BYTES = 64  # an Arrow record batch takes more than this: bounds a shard's count

@@ -1,9 +1,12 @@
 """Reading datasets: manifest -> shard -> window, as torch tensors.
 
-`open_dataset(path_or_url)` checks the manifest (format, major version, fields); each shard is
-checked when first opened (size against the manifest, Arrow magic, xxh3-64, schema metadata
-against the manifest), so a truncated or corrupted copy fails with a message naming the file
-instead of feeding garbage to a student. Works on local paths (memory-mapped) and fsspec URLs.
+A dataset is hostile input (docs/tamper.md). `open_dataset(path_or_url)` checks the manifest
+(manifest.parse_manifest: every field, paths confined to the dataset, shard list consistent);
+each shard is checked when first opened (inside the dataset, size, Arrow magic, xxh3-64, column
+types, its own metadata against the manifest) and each window before it is handed out (Arrow
+validation, structure, decoded ids in range), so a truncated, corrupted or forged copy fails with
+a kdcache error naming the file instead of feeding garbage to a student, or crashing it. Works
+on local paths (memory-mapped) and fsspec URLs.
 """
 
 from __future__ import annotations

@@ -152,12 +152,18 @@ def guard(fs: fsspec.AbstractFileSystem) -> GuardedFileSystem:
 
 def check_root(fs: GuardedFileSystem, path: str) -> None:
     """Before anything is written to a remote root: its bucket exists and answers with these
-    credentials (a listing is the cheapest request that proves both)."""
+    credentials. The root itself is listed (not the bucket: a user may hold rights on a prefix
+    only); a root that does not exist yet is fine, a missing bucket is not."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if not BUCKET_PROTOCOLS.intersection(protocols):
         return  # memory://, http:// ...: no bucket to check
-    bucket = path.split("/", 1)[0]
-    with_retries(fs.wrapped.ls, fs.url(bucket), bucket, detail=False)
+    try:
+        with_retries(fs.wrapped.ls, fs.url(path), path, detail=False)
+    except RemoteStorageError as err:
+        cause = err.__cause__
+        if isinstance(cause, FileNotFoundError) and "bucket" not in str(cause).lower():
+            return  # an empty prefix: the dataset is yet to be written
+        raise
 
 
 def discard_upload(raw: Any) -> None:

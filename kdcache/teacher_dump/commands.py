@@ -79,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eos-id", type=int, default=None)
     p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose actor died")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM-CPU KV cache size")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset of another configuration in --out (by default it is "
+                        "refused; the same configuration resumes)")
     p.add_argument("--json", action="store_true", help="print one JSON line (no progress bar)")
     p.set_defaults(handler=_run_dump)
 
@@ -178,7 +181,8 @@ def _run_dump(args: argparse.Namespace) -> int:
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
         gpu_memory_utilization=args.gpu_memory_utilization, ray_address=args.ray_address,
         max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json)
-    summary = run_dump(cfg, log=(lambda m: None) if args.json else print)
+    summary = run_dump(cfg, log=(lambda m: None) if args.json else print,
+                       overwrite=args.overwrite)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 

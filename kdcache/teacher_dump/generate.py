@@ -151,10 +151,16 @@ class GenerateWorker:
     def __init__(self, model: str, dtype: str, max_model_len: int, seed: int,
                  kv_cache_gib: float) -> None:
         configure_vllm_env(kv_cache_gib)
+        from vllm.platforms import current_platform
+
+        # vLLM-CPU rewinds a seeded request's generator when it splits a prompt across steps
+        # (chunked prefill), which CPU generators cannot do ("CPU Generator does not use
+        # offset"): schedule whole prompts there. CUDA generators rewind fine.
+        whole_prompts = {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
         self.llm = start_llm(GenerateError, model=model, dtype=dtype, seed=seed,
                              max_model_len=max_model_len, enable_prefix_caching=False,
                              enforce_eager=True, disable_log_stats=True,
-                             distributed_executor_backend="uni")
+                             distributed_executor_backend="uni", **whole_prompts)
         self.tokenizer = self.llm.get_tokenizer()
 
     def sample(self, prompts: list[dict[str, Any]], params: dict[str, Any]) -> list[dict]:

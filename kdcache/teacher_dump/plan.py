@@ -174,6 +174,50 @@ class Plan:
             raise FormatError(f"{where}: invalid plan: {exc}") from None
 
 
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+def check_teacher_limits(cfg: "DumpConfig") -> None:
+    """Refuse a k beyond the teacher's vocabulary or a window beyond its positions, for every
+    engine, before anything is written (engines only found out after plan.json: a raw IndexError
+    on GPT-2, a vLLM traceback, or RoPE models run silently past their context)."""
+    model_dir = cfg.teacher.model
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FormatError(f"{model_dir}: not a model directory (no config.json)")
+    try:
+        with open(cfg_path, "rb") as fh:
+            config = json.loads(fh.read())
+        text_cfg = config.get("text_config") or config
+        vocab = int(text_cfg["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FormatError(f"{cfg_path}: cannot read the teacher's vocab_size: {exc}") from None
+    if cfg.teacher.k > vocab:
+        raise DumpError(f"--k {cfg.teacher.k} exceeds the teacher's vocabulary ({vocab} ids, "
+                        f"{cfg_path})")
+    key = next((k for k in _POSITION_KEYS if isinstance(text_cfg.get(k), int)), None)
+    if key is not None and cfg.pack.window > text_cfg[key]:
+        raise DumpError(f"--window {cfg.pack.window} exceeds the teacher's {text_cfg[key]} "
+                        f"positions ({key} in {cfg_path}); pass --window {text_cfg[key]} or less")
+
+
+def discard_dataset(root: str) -> None:
+    """Remove what a dump writes in `root` (for --overwrite); other files are left alone."""
+    from kdcache.formats.card import FIGURE_PATH
+    from kdcache.formats.manifest import CARD_NAME, MANIFEST_NAME, SHARD_DIR, TABLE_PATH
+
+    fs, base = storage.resolve(root)
+    # manifest first: a half-discarded directory must not read as a finished dataset
+    for name in (MANIFEST_NAME, PLAN_NAME, CARD_NAME, TABLE_PATH, FIGURE_PATH):
+        path = storage.join(base, name)
+        if fs.exists(path):
+            fs.rm(path)
+    for name in (SHARD_DIR, PROGRESS_DIR):
+        path = storage.join(base, name)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
 def teacher_fingerprint(model_dir: str) -> dict[str, Any]:
     """Config hash, tokenizer hash and a cheap weights hash (names, sizes, 1 MiB head/tail)."""
     import xxhash
@@ -230,7 +274,7 @@ def check_against(existing: Plan, new: Plan, where: str) -> None:
         raise ConfigMismatchError(
             f"{where}: this output directory holds a dump with a different configuration; "
             "refusing to mix targets. Differences:\n  " + "\n  ".join(problems)
-            + "\nUse a new --out directory (or delete this one) to start over.")
+            + "\nUse a new --out directory, or pass --overwrite to replace this one.")
 
 
 def load_plan(root: str) -> Plan | None:

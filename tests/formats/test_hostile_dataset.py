@@ -118,6 +118,7 @@ def test_nan_in_manifest_is_refused(copy):
     (("targets", "k"), 8.5, "targets.k must be"),
     (("shards",), {"a": 1}, "'shards' must be a list"),
     (("totals", "windows"), None, "totals.windows must be"),
+    (("totals", "target_bytes_per_token"), "20", "totals.target_bytes_per_token must be"),
 ])
 def test_manifest_field_of_the_wrong_type_is_a_format_error(copy, path, value, match):
     root = copy()
@@ -360,3 +361,12 @@ def test_only_kdcache_errors_escape_a_truncated_manifest(copy):
         with pytest.raises(KdcacheError):
             open_dataset(root)
         assert not verify_dataset(root).ok
+
+
+def test_inspect_of_a_window_out_of_range_is_a_clear_error(clean):
+    from kdcache.formats.inspect import window_preview
+
+    ds = open_dataset(clean / "qrank-topk")
+    with pytest.raises(KdcacheError, match=r"--window 4 is out of range: the dataset holds windows "
+                                           r"0\.\.3"):
+        window_preview(ds, 4)

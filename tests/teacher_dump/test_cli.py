@@ -32,3 +32,21 @@ def test_dump_bad_inputs_are_named(tmp_path, teacher_dir, capsys):
                str(tmp_path / "o2"), "--engine", "hf", "--json"])
     err = capsys.readouterr().err
     assert rc == 2 and "yielded no documents" in err and "1 empty" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k", "0"], "--k must be at least 1"),
+    (["--k", "-3"], "--k must be at least 1"),
+    (["--k", "5000"], "--k 5000 exceeds the teacher's vocabulary (1024 ids"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--window", "2"], "window must be at least 4"),
+    (["--window", "131073"], "--window 131073 exceeds the teacher's 131072 positions "
+                             "(max_position_embeddings"),
+])
+def test_dump_arguments_are_refused_before_anything_is_written(tmp_path, teacher_dir, capsys,
+                                                               extra, message):
+    out = tmp_path / "o"
+    rc = main(["dump", "--model", teacher_dir, "--corpus", "builtin", "--out", str(out),
+               "--engine", "hf", "--json", *extra])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not out.exists()  # no plan.json poisoning the corrected command

@@ -141,3 +141,26 @@ def test_vllm_many_document_window_matches_hf(vllm_workers, hf_engine, teacher_d
     np.testing.assert_array_equal(np.sort(ids[valid][clear], axis=1),
                                   np.sort(ref.ids[valid][clear, :K], axis=1))
     assert np.abs(lps[valid][clear] - ref.logprobs[valid][clear, :K]).max() <= LOGPROB_TOL
+
+
+def test_hf_batched_documents_equal_documents_run_alone(hf_engine, windows):
+    """Right-padded batches of documents give each document's own forward (causal mask: real
+    tokens never see the padding), in document and document-global modes."""
+    import torch
+
+    from kdcache.teacher_dump.engines.base import segments_for_mode
+    from kdcache.teacher_dump.engines.hf import length_batches
+
+    assert length_batches([5, 9, 2, 9], budget=18) == [[1, 3], [0, 2]]
+    assert length_batches([30, 4], budget=16) == [[0], [1]]  # too long for any batch: alone
+    win = windows[0]
+    for mode in ("document", "document-global"):
+        got = _hf(hf_engine, [win], mode)[0]
+        assert len(segments_for_mode(win, mode)) > 1
+        for s, e, p in segments_for_mode(win, mode):
+            h = hf_engine.hidden_states(win.tokens[s:e], p)
+            with torch.inference_mode():
+                lp = torch.log_softmax(hf_engine.head(h), -1)
+            ref = lp.topk(K + 1).values.numpy()
+            v = got.valid[s:e]
+            np.testing.assert_allclose(got.logprobs[s:e][v], ref[v], atol=1e-5, rtol=0)

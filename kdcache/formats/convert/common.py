@@ -3,6 +3,7 @@ that changed), packing converted documents into windows, and writing the dataset
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -111,3 +112,23 @@ def pack_documents(docs: Iterable[Document], *, window: int, k: int,
         used += n
     if batch:
         yield emit()
+
+
+def token_bar(show: bool):
+    """A tqdm bar counting converted tokens (None when quiet)."""
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="kdcache convert", unit="tok", unit_scale=True, dynamic_ncols=True)
+
+
+def conversion_summary(out: str, fmt: str, manifest: dict[str, Any], *, documents: int,
+                       tokens: int, started: float, counts: RepairCounts,
+                       codec: str) -> dict[str, Any]:
+    """What `kdcache convert` prints: sizes, speed since `started` (perf_counter), changes."""
+    seconds = time.perf_counter() - started
+    return {"out": out, "format": fmt, "windows": manifest["totals"]["windows"],
+            "documents": documents, "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+            "rows_changed": counts.as_dict(), "codec": codec}

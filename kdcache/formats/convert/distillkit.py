@@ -37,8 +37,8 @@ import numpy as np
 
 from kdcache.errors import FormatError, KdcacheError
 from kdcache.formats import storage
-from kdcache.formats.convert.common import Document, RepairCounts, pack_documents, \
-    repair_topk_rows
+from kdcache.formats.convert.common import (Document, RepairCounts, conversion_summary,
+                                           pack_documents, repair_topk_rows, token_bar)
 
 CONFIG_NAME = "compression_config.yaml"
 _FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -349,10 +349,7 @@ def convert_distillkit(source: str, out: str, *, config: str | None = None,
                                   "compression_config": _config_dict(cfg)}})
     counts = RepairCounts()
     tokens = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(desc="kdcache convert", unit="tok", unit_scale=True, dynamic_ncols=True)
+    bar = token_bar(progress)
     writer = DatasetWriter(out, header, windows_per_shard=windows_per_shard)
     documents = 0
     for rec in pack_documents(iter_documents(source, cfg, counts, vocab), window=window,
@@ -366,11 +363,8 @@ def convert_distillkit(source: str, out: str, *, config: str | None = None,
                                                "rows_changed": counts.as_dict()}})
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - t0
-    return {"out": out, "format": "distillkit", "windows": manifest["totals"]["windows"],
-            "documents": documents, "tokens": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1), "rows_changed": counts.as_dict(),
-            "codec": header.codec}
+    return conversion_summary(out, "distillkit", manifest, documents=documents, tokens=tokens,
+                              started=t0, counts=counts, codec=header.codec)
 
 
 def _config_dict(cfg: CompressionConfig) -> dict[str, Any]:

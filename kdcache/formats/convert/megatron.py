@@ -38,7 +38,8 @@ import numpy as np
 from kdcache.errors import FormatError, KdcacheError
 from kdcache.formats import storage
 from kdcache.formats.convert import torch_payload
-from kdcache.formats.convert.common import RepairCounts, repair_topk_rows
+from kdcache.formats.convert.common import (RepairCounts, conversion_summary, repair_topk_rows,
+                                           token_bar)
 from kdcache.formats.packing import default_valid
 from kdcache.formats.window import WindowRecord
 
@@ -219,10 +220,7 @@ def convert_megatron(source: str, out: str, *, tokens: str, vocab_size: int,
         teacher={"name": teacher_name, "source_format": "megatron-logits-saver"},
         extra={"converted_from": {"format": "megatron-logits-saver", "path": source}})
     writer = DatasetWriter(out, header, windows_per_shard=windows_per_shard)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(desc="kdcache convert", unit="tok", unit_scale=True, dynamic_ncols=True)
+    bar = token_bar(progress)
     written = n_tokens = 0
     dropped_last = 0
     for s, toks, ids, lps in itertools.chain([first], samples):
@@ -255,8 +253,5 @@ def convert_megatron(source: str, out: str, *, tokens: str, vocab_size: int,
                                                "rows_changed": counts.as_dict()}})
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - t0
-    return {"out": out, "format": "megatron", "windows": manifest["totals"]["windows"],
-            "documents": written, "tokens": n_tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": round(n_tokens / seconds, 1), "rows_changed": counts.as_dict(),
-            "codec": header.codec}
+    return conversion_summary(out, "megatron", manifest, documents=written, tokens=n_tokens,
+                              started=t0, counts=counts, codec=header.codec)

@@ -4,6 +4,10 @@ It serves all three packing modes by running each request of `segments_for_mode`
 explicit position ids: causal = the whole window from 0; document = each document from 0;
 document-global = each document from its offset in the window. The last is exactly the paper's
 setting (document mask, positions counted over the window) without building an n x n mask.
+Requests of similar length are batched, right-padded, up to `BATCH_TOKENS` padded tokens per
+forward (a window of thousands of short documents is a few forwards, not thousands): under the
+causal mask a real token never sees the padding after it, so its hidden state is the same
+computation as alone.
 Tests use it to check the vLLM engine; it is also the engine for GPU machines without vLLM.
 
 The logits are the model's own: its lm_head (bias included) and the logit scale / soft-cap its
@@ -19,6 +23,22 @@ from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, LogitH
                                                TeacherEngine, WindowTargets, chunked_topk,
                                                empty_targets, finish_targets, segments_for_mode)
 from kdcache.teacher_dump.pack import PackedWindow
+
+
+BATCH_TOKENS = 8192  # padded tokens per forward when short requests are batched
+
+
+def length_batches(lengths: list[int], budget: int = BATCH_TOKENS) -> list[list[int]]:
+    """Request indices, longest first, in batches whose padded size (count x longest) stays
+    within `budget` tokens; a request longer than the budget runs alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 class HFEngine(TeacherEngine):
@@ -90,17 +110,40 @@ class HFEngine(TeacherEngine):
             out = self.backbone(input_ids=ids, position_ids=pos, use_cache=False)
         return out.last_hidden_state[0]
 
+    def batch_hidden_states(self, requests: list[tuple[np.ndarray, int]]):
+        """Final-norm hidden states [b, longest, d] of right-padded requests (tokens, first
+        position); row i is valid up to len(tokens_i). Padding repeats the last real position,
+        so no position exceeds the request's own."""
+        import torch
+
+        longest = max(len(t) for t, _ in requests)
+        ids = torch.zeros((len(requests), longest), dtype=torch.long)
+        pos = torch.empty((len(requests), longest), dtype=torch.long)
+        steps = torch.arange(longest)
+        for row, (tokens, first) in enumerate(requests):
+            ids[row, :len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+            pos[row] = first + torch.clamp(steps, max=len(tokens) - 1)
+        with torch.inference_mode():
+            out = self.backbone(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
+                                use_cache=False)
+        return out.last_hidden_state
+
     def topk(self, windows: list[PackedWindow]) -> list[WindowTargets]:
         k, mode = self.cfg.k, self.cfg.mode
-        results = []
-        for win in windows:
-            ids, logprobs = empty_targets(win.n_tokens, k)
-            for start, end, first_pos in segments_for_mode(win, mode):
-                h = self.hidden_states(win.tokens[start:end], first_pos)
-                chunked_topk(h, self.head, k, chunk_elements=self.cfg.chunk_elements,
+        out = [empty_targets(win.n_tokens, k) for win in windows]
+        requests = [(w, start, end, first_pos) for w, win in enumerate(windows)
+                    for start, end, first_pos in segments_for_mode(win, mode)]
+        for batch in length_batches([end - start for _, start, end, _ in requests]):
+            hidden = self.batch_hidden_states(
+                [(windows[w].tokens[s:e], p) for w, s, e, p in (requests[i] for i in batch)])
+            for row, i in enumerate(batch):
+                w, start, end, _ = requests[i]
+                ids, logprobs = out[w]
+                chunked_topk(hidden[row, :end - start], self.head, k,
+                             chunk_elements=self.cfg.chunk_elements,
                              out_ids=ids[start:end], out_logprobs=logprobs[start:end])
-            results.append(finish_targets(win, mode, ids, logprobs))
-        return results
+        return [finish_targets(win, mode, ids, logprobs)
+                for win, (ids, logprobs) in zip(windows, out)]
 
     def close(self) -> None:
         del self.model, self.backbone, self.weight, self.head

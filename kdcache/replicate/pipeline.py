@@ -1,0 +1,213 @@
+"""`kdcache replicate`: the seed paper's experiment at toy scale, end to end, resumable by step.
+
+1. teachers: one trained with passkey retrieval up to its context, one (the causal test's arm b)
+   only up to the short window; their needle accuracy by distance is measured first;
+2. a corpus of short documents only (at most `doc_max_tokens` tokens each);
+3. dumps (hf engine, the only one that serves `document-global`): the short window and the long
+   window in `document-global` mode (document mask, global positions: the paper's setting), the
+   long window in `document` mode (arm a) and in `causal` mode (arm c), and the short-context
+   teacher's document-global dumps (arm b);
+4. students, `seeds` of each arm, same data and steps: stage 1 at the short window, stage 2 at
+   the long window starting from stage 1 (theta per schedule, KD alpha 1 or CE alpha 0), the last
+   eighth of the long windows held out;
+5. evaluation: passkey accuracy by needle distance up to and past the training window (every
+   student and teacher), held-out perplexity and KL to the teacher, the probe on the teacher in
+   every packing mode and dtype, the checkpoint diff between the phase-wise arm's two stages;
+6. the report (report.py).
+
+Each step writes its result under DIR and is skipped when it is there, so an interrupted run
+resumes; the steps run in this process (the dumps on a local Ray cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from typing import Any, Callable
+
+from kdcache.errors import KdcacheError
+from kdcache.replicate.presets import THETAS, Preset, arm_parts
+
+HOLDOUT_FRACTION = 8  # the last 1/8 of the long windows are never trained on
+
+
+class ReplicateError(KdcacheError):
+    """The experiment cannot run as asked."""
+
+
+def _save(path: str, data: Any) -> None:
+    from kdcache.formats.storage import atomic_write_bytes, resolve
+
+    fs, base = resolve(path)
+    atomic_write_bytes(fs, base, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def _cached(path: str, make: Callable[[], Any]) -> Any:
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    data = make()
+    _save(path, data)
+    return data
+
+
+def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -> dict:
+    """Built-in documents of at most `doc_max_tokens` tokens (BOS and EOS included), as JSONL."""
+    from transformers import AutoTokenizer
+
+    from kdcache.teacher_dump.corpus import builtin_corpus
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    kept = dropped = 0
+    lines = []
+    for text in builtin_corpus(preset.corpus_documents * 2, seed=seed):
+        n = len(tok(text, add_special_tokens=False)["input_ids"]) + 2
+        if n > preset.doc_max_tokens:
+            dropped += 1
+            continue
+        lines.append(json.dumps({"text": text}))
+        kept += 1
+        if kept == preset.corpus_documents:
+            break
+    from kdcache.formats.storage import atomic_write_bytes, resolve
+
+    fs, base = resolve(path)
+    atomic_write_bytes(fs, base, ("\n".join(lines) + "\n").encode())
+    return {"path": path, "documents": kept, "dropped_longer": dropped,
+            "max_tokens": preset.doc_max_tokens}
+
+
+def _dump(teacher: str, corpus: str, out: str, window: int, mode: str, preset: Preset) -> dict:
+    from kdcache.teacher_dump.plan import DumpConfig
+    from kdcache.teacher_dump.runner import run_dump
+
+    cfg = DumpConfig.from_options(model=teacher, corpus=corpus, out=out, k=preset.k,
+                                  window=window, mode=mode, engine="hf", device=preset.device,
+                                  dtype=preset.dtype, workers=1, windows_per_shard=8,
+                                  progress=False)
+    return run_dump(cfg, log=lambda m: None)
+
+
+def _n_windows(path: str) -> int:
+    from kdcache.formats.reader import open_dataset
+
+    return len(open_dataset(path))
+
+
+def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset: Preset,
+                holdout: int) -> dict:
+    """The run-file dict of one student: two stages, same steps and data for every arm."""
+    loss, schedule, source = arm_parts(arm)
+    theta1, theta2 = THETAS[schedule]
+    alpha = 1.0 if loss == "kd" else 0.0
+    long_data = data["long-" + source]
+    short_data = data["short-" + source]
+    model: dict[str, Any] = {"preset": preset.student_preset, "vocab_size": "dataset",
+                             "overrides": dict(preset.student_overrides), "init_seed": seed}
+    stage1_data: dict[str, Any] = {"paths": [short_data]}
+    if source == "docpos":
+        # targets computed with positions from 0 in every document, student at global positions
+        model.update(attention="document", positions="global", force_mode=True)
+        stage1_data = {"paths": [long_data], "window": preset.short_window}
+    elif source == "causal":
+        stage1_data = {"paths": [short_data]}
+    trainer = {"accelerator": "gpu" if preset.device.startswith("cuda") else "cpu",
+               "checkpoint_every": max(preset.stage1_steps, preset.stage2_steps),
+               "progress_bar": False, "log_every_n_steps": 5}
+    return {
+        "name": f"{arm}-seed{seed}", "output_dir": out_dir,
+        "defaults": {
+            "model": model,
+            "loss": {"alpha": alpha},
+            "optim": {"lr": preset.lr, "warmup_steps": max(1, preset.stage1_steps // 10)},
+            "data": {"seed": seed, "batch_windows": preset.batch_windows},
+            "trainer": trainer,
+        },
+        "stages": [
+            {"name": "stage1", "model": {"rope_theta": theta1},
+             "data": {**stage1_data, "batch_windows": preset.batch_windows},
+             "trainer": {"max_steps": preset.stage1_steps}},
+            {"name": "stage2", "init_from": "previous", "model": {"rope_theta": theta2},
+             "data": {"paths": [long_data], "holdout_windows": holdout},
+             "trainer": {"max_steps": preset.stage2_steps}},
+        ],
+    }
+
+
+def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = print,
+                  teacher_dir: str | None = None, corpus: str | None = None) -> dict:
+    """Run (or resume) the whole experiment under `out`; returns the report dict."""
+    from kdcache.replicate.report import write_report
+    from kdcache.replicate.teacher import train_retrieval_teacher
+
+    os.makedirs(out, exist_ok=True)
+    _save(os.path.join(out, "preset.json"), asdict(preset))
+    steps: dict[str, Any] = {}
+
+    # 1. teachers
+    teachers = {"main": teacher_dir or os.path.join(out, "teacher")}
+    if teacher_dir is None:
+        log(f"replicate: training the teacher ({preset.teacher_seconds:.0f} s, retrieval up to "
+            f"{preset.teacher_context} tokens)")
+        steps["teacher"] = train_retrieval_teacher(
+            teachers["main"], preset.teacher_model, context=preset.teacher_context,
+            seconds=preset.teacher_seconds, device=preset.device, log=log)
+    if any(arm_parts(a)[2] == "shortteacher" for a in preset.arms):
+        teachers["shortteacher"] = os.path.join(out, "teacher-short")
+        log(f"replicate: training the short-context teacher (contexts <= {preset.short_context})")
+        steps["teacher_short"] = train_retrieval_teacher(
+            teachers["shortteacher"], preset.teacher_model, context=preset.short_context,
+            seconds=preset.teacher_seconds, device=preset.device, seed=1, log=log)
+
+    # 2. short documents only
+    corpus_path = corpus or os.path.join(out, "corpus-short.jsonl")
+    if corpus is None:
+        steps["corpus"] = _cached(os.path.join(out, "corpus.json"), lambda: write_short_corpus(
+            corpus_path, teachers["main"], preset, seed=0))
+
+    # 3. dumps: which (teacher, window, mode) each arm needs
+    sources = {arm_parts(a)[2] for a in preset.arms}
+    plan = {"long-main": ("main", preset.long_window, "document-global"),
+            "short-main": ("main", preset.short_window, "document-global")}
+    if "docpos" in sources:
+        plan["long-docpos"] = ("main", preset.long_window, "document")
+        plan["short-docpos"] = plan["long-docpos"]
+    if "shortteacher" in sources:
+        plan["long-shortteacher"] = ("shortteacher", preset.long_window, "document-global")
+        plan["short-shortteacher"] = ("shortteacher", preset.short_window, "document-global")
+    if "causal" in sources:
+        plan["long-causal"] = ("main", preset.long_window, "causal")
+        plan["short-causal"] = ("main", preset.short_window, "causal")
+    data: dict[str, str] = {}
+    for name, (who, window, mode) in plan.items():
+        path = os.path.join(out, "data", f"{who}-{mode}-{window}")
+        data[name] = path
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            log(f"replicate: dump {who} teacher, {mode}, window {window}")
+            _dump(teachers[who], corpus_path, path, window, mode, preset)
+    n_long = _n_windows(data["long-main"])
+    holdout = max(1, n_long // HOLDOUT_FRACTION)
+    if n_long - holdout < 1:
+        raise ReplicateError(f"the corpus packs into {n_long} long windows: too few to hold out "
+                             "an eighth; use more documents")
+
+    # 4. students
+    from kdcache.student_train.stages import parse_run, run
+
+    students: dict[str, list[dict]] = {}
+    for arm in preset.arms:
+        for seed in range(preset.seeds):
+            run_dir = os.path.join(out, "students", arm, f"seed{seed}")
+            log(f"replicate: student {arm} seed {seed}")
+            summaries = run(parse_run(student_run(arm, seed, data, run_dir, preset, holdout),
+                                      source=f"replicate:{arm}"))
+            students.setdefault(arm, []).append(
+                {"seed": seed, "stage1": summaries[0]["hf_dir"], "stage2": summaries[-1]["hf_dir"],
+                 "final_loss": summaries[-1].get("final_loss")})
+
+    # 5. evaluation
+    from kdcache.replicate.evaluation import evaluate_all
+
+    evaluation = evaluate_all(out, preset, teachers, students, data, holdout, log=log)
+    return write_report(out, preset, steps, teachers, students, evaluation)

@@ -1,0 +1,110 @@
+"""Sizes of the replication experiment: `smoke` (the whole pipeline on 2 CPU cores in minutes, run
+by the tests) and `toy` (a teacher that can retrieve at 16k, sized for one H200 in 20 minutes).
+
+Every arm of a preset trains on the same data for the same steps; only what the arm names differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kdcache.errors import KdcacheError
+
+# Student arms. Each is (loss, theta schedule, targets): the main grid is KD/CE x three theta
+# schedules on document-masked, global-position targets; the causal-test arms keep KD and the
+# phase-wise schedule and change only where the targets come from.
+THETAS = {"phasewise": (10_000.0, 500_000.0), "fixed10k": (10_000.0, 10_000.0),
+          "fixed500k": (500_000.0, 500_000.0)}
+MAIN_ARMS = tuple(f"{loss}-{theta}" for loss in ("kd", "ce") for theta in THETAS)
+CAUSAL_ARMS = {
+    # (a) targets computed with positions restarted in every document, student at global positions
+    "kd-phasewise-docpos": "targets from `document` mode (positions restart per document)",
+    # (b) a teacher that never saw a context longer than the short window
+    "kd-phasewise-shortteacher": "targets from a teacher trained on short contexts only",
+    # (c) attention across documents
+    "kd-phasewise-causal": "targets from `causal` packing (attention crosses documents)",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    teacher_model: dict[str, Any]  # TeacherConfig fields (head_dim 64)
+    teacher_seconds: float  # training time of each teacher
+    teacher_context: int  # longest retrieval sequence the long teacher trains on
+    short_context: int  # longest context of the short-context teacher (arm b)
+    doc_max_tokens: int  # student documents are at most this long
+    corpus_documents: int
+    short_window: int  # stage 1 window (theta 10k in the phase-wise schedule)
+    long_window: int  # stage 2 window: many short documents, document mask, global positions
+    student_preset: str
+    student_overrides: dict[str, Any]
+    stage1_steps: int
+    stage2_steps: int
+    seeds: int
+    k: int
+    needle_lengths: tuple[int, ...]  # up to and past the training window
+    needle_depths: tuple[float, ...]
+    needle_samples: int  # per (length, depth, model)
+    probe_block: int
+    probe_repeats: int
+    arms: tuple[str, ...] = MAIN_ARMS + ("kd-phasewise-docpos", "kd-phasewise-shortteacher")
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_windows: int = 1
+    lr: float = 3e-3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        name="smoke",
+        teacher_model=dict(vocab_size=1024, tokenizer_vocab=1024, hidden_size=128,
+                           intermediate_size=384, num_layers=2, num_heads=2, num_kv_heads=1,
+                           max_positions=4096),
+        teacher_seconds=20.0, teacher_context=512, short_context=128, doc_max_tokens=96,
+        corpus_documents=240, short_window=128, long_window=512, student_preset="tiny",
+        student_overrides={"n_layer": 1}, stage1_steps=12, stage2_steps=12, seeds=1, k=8,
+        needle_lengths=(256, 512, 768), needle_depths=(0.2, 0.8), needle_samples=2,
+        probe_block=64, probe_repeats=4),
+    "toy": Preset(
+        name="toy",
+        teacher_model=dict(vocab_size=2048, tokenizer_vocab=2048, hidden_size=512,
+                           intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4,
+                           max_positions=65536),
+        teacher_seconds=300.0, teacher_context=16384, short_context=2048, doc_max_tokens=2048,
+        corpus_documents=60_000, short_window=2048, long_window=16384, student_preset="tiny-4l",
+        student_overrides={}, stage1_steps=300, stage2_steps=150, seeds=3, k=32,
+        needle_lengths=(1024, 2048, 4096, 8192, 16384, 24576), needle_depths=(0.1, 0.5, 0.9),
+        needle_samples=8, probe_block=2048, probe_repeats=8,
+        arms=MAIN_ARMS + tuple(CAUSAL_ARMS), device="cuda", dtype="bfloat16",
+        batch_windows=2, lr=2e-3),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> Preset:
+    if name not in PRESETS:
+        raise KdcacheError(f"unknown replicate preset {name!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    unknown = [k for k in overrides if k not in preset.__dataclass_fields__]
+    if unknown:
+        raise KdcacheError(f"unknown preset fields {unknown}")
+    preset = replace(preset, **overrides)
+    for arm in preset.arms:
+        if arm not in MAIN_ARMS and arm not in CAUSAL_ARMS:
+            raise KdcacheError(f"unknown arm {arm!r}; arms: {', '.join(MAIN_ARMS + tuple(CAUSAL_ARMS))}")
+    if not preset.doc_max_tokens <= preset.short_window < preset.long_window:
+        raise KdcacheError("documents must fit the short window, which must be shorter than the "
+                           f"long one (got {preset.doc_max_tokens}, {preset.short_window}, "
+                           f"{preset.long_window})")
+    if preset.seeds < 1:
+        raise KdcacheError("seeds must be >= 1")
+    return preset
+
+
+def arm_parts(arm: str) -> tuple[str, str, str]:
+    """(loss, theta schedule, target source) of an arm."""
+    parts = arm.split("-")
+    source = parts[2] if len(parts) > 2 else "main"
+    return parts[0], parts[1], source

@@ -1,0 +1,268 @@
+"""The replication report: report.json (every number), report.md (each finding with what this run
+measured and whether it replicated) and PNGs (accuracy by distance per arm with 95% intervals, the
+causal-test arms, the probe, the checkpoint diff).
+
+"Long distance" means needle distances of at least the short (stage 1) window: the distances the
+students never saw inside one training document. A finding "replicates" when the 95% interval of
+the difference it predicts excludes 0 in its direction, is "contradicted" when it excludes 0 the
+other way, and is "not resolved at this scale" otherwise. Nothing can transfer from a teacher
+that does not retrieve at long distance: the report says so first, and then calls the student
+comparisons untestable rather than negative.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from kdcache.replicate.presets import CAUSAL_ARMS, Preset
+from kdcache.replicate.stats import diff_ci, mean_ci
+
+RETRIEVES = 0.5  # teacher accuracy at long distance above which transfer is testable
+
+
+def _scores(needle: dict, names: list[str], min_distance: int = 0,
+            max_distance: int | None = None) -> list[list[float]]:
+    """Per model (seed): passkey scores of samples whose distance is in range."""
+    out = []
+    for name in names:
+        samples = needle[name]["samples"]
+        out.append([s["score"] for s in samples if s["distance"] >= min_distance
+                    and (max_distance is None or s["distance"] < max_distance)])
+    return out
+
+
+def _arm_models(students: dict[str, list[dict]], arm: str) -> list[str]:
+    return [f"{arm}/seed{r['seed']}" for r in students.get(arm, [])]
+
+
+def _bins(needle: dict) -> list[int]:
+    lengths = sorted({s["distance"] for m in needle.values() for s in m["samples"]})
+    top = max(lengths) if lengths else 1
+    return [0] + [2 ** k for k in range(4, int(math.log2(max(16, top))) + 2)]
+
+
+def _verdict(d: dict, testable: bool) -> str:
+    if not testable:
+        return "not testable (the teacher does not retrieve at long distance)"
+    return {"positive": "replicated", "negative": "contradicted"}.get(
+        d["sign"], "not resolved at this scale (the 95% interval includes 0)")
+
+
+def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
+    needle = evaluation["needle"]
+    long = preset.short_window
+    teacher = mean_ci(_scores(needle, ["teacher-main"], long))
+    testable = teacher["mean"] is not None and teacher["mean"] >= RETRIEVES
+    findings: dict[str, Any] = {"teacher_long_distance": teacher, "testable": testable,
+                                "long_distance_from": long}
+    arms = {arm: mean_ci(_scores(needle, _arm_models(students, arm), long)) for arm in students}
+    findings["arms_long_distance"] = arms
+
+    def compare(a: str, b: str) -> dict | None:
+        if a not in students or b not in students:
+            return None
+        d = diff_ci(_scores(needle, _arm_models(students, a), long),
+                    _scores(needle, _arm_models(students, b), long))
+        return {**d, "a": a, "b": b, "verdict": _verdict(d, testable)}
+
+    findings["phasewise_vs_fixed"] = [c for c in (compare("kd-phasewise", "kd-fixed10k"),
+                                                  compare("kd-phasewise", "kd-fixed500k")) if c]
+    findings["kd_vs_ce"] = [c for c in (compare(f"kd-{t}", f"ce-{t}")
+                                        for t in ("phasewise", "fixed10k", "fixed500k")) if c]
+    findings["causal_test"] = [c for c in (compare(arm, "ce-phasewise") for arm in CAUSAL_ARMS)
+                               if c]
+    main = compare("kd-phasewise", "ce-phasewise")
+    if main and findings["causal_test"]:
+        survives = [c for c in findings["causal_test"] if c["sign"] == "positive"]
+        findings["causal_reading"] = (
+            "not testable" if not testable else
+            "KD's advantage survives targets without the teacher's positional signal: that "
+            "signal is not its cause" if main["sign"] == "positive"
+            and len(survives) == len(findings["causal_test"]) else
+            "KD's advantage disappears without the teacher's positional signal: consistent with "
+            "it being the cause" if main["sign"] == "positive" and not survives else
+            "inconclusive at this scale")
+    probe = evaluation["probe"]["runs"]
+    findings["probe"] = {f"{r['mode']}/{r['dtype']}": max(r["kl_mean"][1:] or [0.0])
+                         for r in probe}
+    diff = evaluation.get("diff")
+    if diff:
+        findings["diff"] = {layer: {k: v for k, v in e.items() if k in ("top_pairs",
+                                                                       "top_eighth_share",
+                                                                       "position_cv")}
+                            for layer, e in diff["layers"].items()}
+    return findings
+
+
+def _fmt(ci: dict | None) -> str:
+    if not ci or ci.get("mean", ci.get("diff")) is None:
+        return "n/a"
+    value = ci.get("mean", ci.get("diff"))
+    return f"{value:+.2f} [{ci['lo']:+.2f}, {ci['hi']:+.2f}]" if "diff" in ci else \
+        f"{value:.2f} [{ci['lo']:.2f}, {ci['hi']:.2f}]"
+
+
+def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
+                   plots: list[str]) -> None:
+    t = findings["teacher_long_distance"]
+    lines = [f"# Replication report ({preset.name} preset)", "",
+             f"Students: {preset.student_preset}, {preset.seeds} seed(s) per arm, stage 1 "
+             f"{preset.stage1_steps} steps at {preset.short_window} tokens, stage 2 "
+             f"{preset.stage2_steps} steps at {preset.long_window} tokens; documents of at most "
+             f"{preset.doc_max_tokens} tokens, document mask, global positions. Long distance: "
+             f"needle distance >= {findings['long_distance_from']} tokens. Intervals: 95%, "
+             "bootstrap over seeds and samples.", "",
+             "## The teacher", "",
+             f"Passkey accuracy at long distance: {_fmt(t)}."]
+    if not findings["testable"]:
+        lines += ["", f"**The teacher does not retrieve at long distance (accuracy below "
+                      f"{RETRIEVES:.0%}), so nothing can transfer: the student comparisons below "
+                      "are not tests of the paper's findings at this scale.** A larger teacher, "
+                      "longer retrieval training, or the `toy` preset on a GPU is needed."]
+    lines += ["", "## Accuracy at long distance by arm", "", "| arm | accuracy |", "|---|---|"]
+    lines += [f"| {arm} | {_fmt(ci)} |" for arm, ci in findings["arms_long_distance"].items()]
+    sections = [("Finding 1: phase-wise theta beats a fixed theta (KD)", "phasewise_vs_fixed"),
+                ("Finding 2: logit KD beats cross-entropy on the same data", "kd_vs_ce"),
+                ("The causal test: KD arms without the teacher's positional signal vs CE",
+                 "causal_test")]
+    for title, key in sections:
+        lines += ["", f"## {title}", "", "| comparison | difference | verdict |", "|---|---|---|"]
+        lines += [f"| {c['a']} - {c['b']} | {_fmt(c)} | {c['verdict']} |" for c in findings[key]]
+    if "causal_reading" in findings:
+        lines += ["", f"Reading: {findings['causal_reading']}."]
+    lines += ["", "## Finding 3: RoPE perturbations reach the teacher's output (probe)", "",
+              "Largest mean KL(p_0 || p_r) over repeats, by packing mode and dtype:", "",
+              "| mode/dtype | KL |", "|---|---|"]
+    lines += [f"| {k} | {v:.3g} |" for k, v in findings["probe"].items()]
+    lines += ["", "Under a document mask (`document-global`) a pure-RoPE teacher's output moves "
+                  "with position only by rounding: compare its float32 and bfloat16 rows with "
+                  "`causal`, where context really changes."]
+    if "diff" in findings:
+        lines += ["", "## Finding 4: long-context training changes specific query dimensions",
+                  "", "| layer | share of the change in the top eighth of RoPE pairs | "
+                      "variation across positions (CV) |", "|---|---|---|"]
+        lines += [f"| {layer} | {d['top_eighth_share']:.2f} | {d['position_cv']:.2f} |"
+                  for layer, d in findings["diff"].items()]
+        lines += ["", "A uniform change would put 0.12 of it in the top eighth; a change flat "
+                      "across positions has a CV near 0."]
+    lm = evaluation["lm"]
+    lines += ["", "## Held-out perplexity and KL to the teacher", "",
+              "| model | perplexity | KL to teacher |", "|---|---|---|"]
+    label_of = {entry["model"]: name for name, entry in evaluation["needle"].items()}
+    lines += [f"| {label_of.get(m['model'], m['model'])} | {m['perplexity']:.2f} | "
+              f"{m['kl_to_teacher']:.3f} |" for m in lm["models"]]
+    lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
+                                     for p in plots]
+    from kdcache.formats.storage import atomic_write_bytes, resolve
+
+    fs, base = resolve(path)
+    atomic_write_bytes(fs, base, ("\n".join(lines) + "\n").encode())
+
+
+def plot_arms(path: str, needle: dict, students: dict, arms: list[str], teacher: bool,
+              title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = _bins(needle)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    series = [("teacher", ["teacher-main"])] if teacher else []
+    series += [(arm, _arm_models(students, arm)) for arm in arms if arm in students]
+    for i, (label, names) in enumerate(series):
+        xs, ys, lo, hi = [], [], [], []
+        for a, b in zip(bins[:-1], bins[1:]):
+            ci = mean_ci(_scores(needle, names, a, b))
+            if ci["mean"] is None:
+                continue
+            xs.append(max(1, (a + b) / 2) * (1 + 0.03 * i))  # offset so intervals stay visible
+            ys.append(ci["mean"])
+            lo.append(ci["mean"] - ci["lo"])
+            hi.append(ci["hi"] - ci["mean"])
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label,
+                    linestyle="--" if label == "teacher" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("needle distance (tokens, bin centre)")
+    ax.set_ylabel("passkey accuracy (95% CI)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def plot_probe(path: str, probe: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in probe["runs"]:
+        values = [max(v, 1e-12) for v in r["kl_mean"][1:]]
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=f"{r['mode']} {r['dtype']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("repeat r (block position in the window)")
+    ax.set_ylabel("mean KL(p_0 || p_r)")
+    ax.set_title("teacher probe: output change with position", fontsize=10)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_diff(path: str, diff: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(diff["layers"].items())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for layer, e in layers:
+        axes[0].plot(e["by_pair"], label=f"layer {layer}")
+        axes[1].plot(e["by_position"], marker=".", label=f"layer {layer}")
+    axes[0].set_xlabel("RoPE pair index (low index = high frequency)")
+    axes[0].set_ylabel("stage 1 vs stage 2 query distance")
+    axes[1].set_xlabel("repeat (position in the window)")
+    axes[1].set_ylabel("query distance")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("phase-wise arm: where the queries changed", fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: str, preset: Preset, steps: dict, teachers: dict, students: dict,
+                 evaluation: dict) -> dict:
+    from kdcache.replicate.pipeline import _save as save_json
+
+    findings = build_findings(preset, students, evaluation)
+    needle = evaluation["needle"]
+    main = [a for a in students if a not in CAUSAL_ARMS]
+    plots = [plot_arms(os.path.join(out, "accuracy_by_distance.png"), needle, students, main,
+                       True, "passkey accuracy by needle distance: KD/CE x theta schedule"),
+             plot_arms(os.path.join(out, "causal_test.png"), needle, students,
+                       ["kd-phasewise", "ce-phasewise", *CAUSAL_ARMS], False,
+                       "the causal test: targets without the teacher's positional signal"),
+             plot_probe(os.path.join(out, "probe.png"), evaluation["probe"])]
+    if evaluation.get("diff"):
+        plots.append(plot_diff(os.path.join(out, "diff.png"), evaluation["diff"]))
+    report = {"preset": preset.name, "steps": steps, "teachers": teachers, "students": students,
+              "findings": findings, "lm": evaluation["lm"], "probe": evaluation["probe"],
+              "diff": evaluation.get("diff"), "plots": [os.path.basename(p) for p in plots]}
+    save_json(os.path.join(out, "report.json"), report)
+    write_markdown(os.path.join(out, "report.md"), preset, findings, evaluation, plots)
+    return report

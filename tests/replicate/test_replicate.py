@@ -1,0 +1,102 @@
+"""`kdcache replicate`: the statistics, the arms' run files, and the whole smoke pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kdcache.errors import KdcacheError
+from kdcache.replicate.presets import MAIN_ARMS, arm_parts, get_preset
+from kdcache.replicate.stats import diff_ci, mean_ci
+
+
+def test_intervals_cover_the_mean_and_separate_clear_differences():
+    rng = np.random.default_rng(0)
+    good = [list((rng.random(40) < 0.9).astype(float)) for _ in range(3)]
+    bad = [list((rng.random(40) < 0.2).astype(float)) for _ in range(3)]
+    ci = mean_ci(good)
+    assert ci["lo"] <= ci["mean"] <= ci["hi"] and ci["n"] == 120 and ci["seeds"] == 3
+    assert mean_ci(good) == ci  # seeded: the same report twice
+    assert diff_ci(good, bad)["sign"] == "positive"
+    assert diff_ci(bad, good)["sign"] == "negative"
+    same = diff_ci(good, [list(g) for g in good])
+    assert same["sign"] == "interval includes 0" and same["lo"] < 0 < same["hi"]
+    # seed-level spread widens the interval: the same samples split across disagreeing seeds
+    split = [[1.0] * 60, [0.0] * 60]
+    pooled = [[1.0, 0.0] * 60]
+    assert (mean_ci(split)["hi"] - mean_ci(split)["lo"]) > (mean_ci(pooled)["hi"]
+                                                            - mean_ci(pooled)["lo"])
+    assert mean_ci([[]])["mean"] is None
+
+
+def test_presets_refuse_inconsistent_sizes():
+    with pytest.raises(KdcacheError, match="unknown replicate preset"):
+        get_preset("huge")
+    with pytest.raises(KdcacheError, match="short window"):
+        get_preset("smoke", doc_max_tokens=4096)
+    with pytest.raises(KdcacheError, match="unknown arm"):
+        get_preset("smoke", arms=("kd-phasewise", "kd-sideways"))
+
+
+def test_arms_differ_only_in_what_they_name():
+    from kdcache.replicate.pipeline import student_run
+
+    preset = get_preset("smoke")
+    data = {f"{w}-{s}": f"/d/{w}-{s}" for w in ("long", "short")
+            for s in ("main", "docpos", "shortteacher", "causal")}
+    runs = {arm: student_run(arm, 1, data, f"/o/{arm}", preset, holdout=2)
+            for arm in preset.arms}
+    for arm, run in runs.items():
+        loss, schedule, source = arm_parts(arm)
+        s1, s2 = run["stages"]
+        assert run["defaults"]["loss"]["alpha"] == (1.0 if loss == "kd" else 0.0)
+        assert (s1["model"]["rope_theta"], s2["model"]["rope_theta"]) == {
+            "phasewise": (1e4, 5e5), "fixed10k": (1e4, 1e4), "fixed500k": (5e5, 5e5)}[schedule]
+        assert s1["trainer"]["max_steps"] == preset.stage1_steps
+        assert s2["trainer"]["max_steps"] == preset.stage2_steps
+        assert s2["data"]["holdout_windows"] == 2 and s2["init_from"] == "previous"
+        assert run["defaults"]["model"]["init_seed"] == 1 and run["defaults"]["data"]["seed"] == 1
+        assert s2["data"]["paths"] == [data["long-" + source]]
+    docpos = runs["kd-phasewise-docpos"]["defaults"]["model"]
+    assert docpos["positions"] == "global" and docpos["force_mode"]
+    assert "force_mode" not in runs["kd-phasewise"]["defaults"]["model"]
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
+    from kdcache.replicate.pipeline import run_replicate
+
+    preset = get_preset("smoke")
+    out = str(tmp_path / "rep")
+    report = run_replicate(out, preset, log=lambda m: None)
+    for name in ("report.md", "report.json", "accuracy_by_distance.png", "causal_test.png",
+                 "probe.png", "diff.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    findings = report["findings"]
+    assert set(report["students"]) == set(preset.arms)
+    assert set(MAIN_ARMS) <= set(findings["arms_long_distance"])
+    assert {c["a"] for c in findings["kd_vs_ce"]} == {"kd-phasewise", "kd-fixed10k",
+                                                      "kd-fixed500k"}
+    assert len(findings["phasewise_vs_fixed"]) == 2 and len(findings["causal_test"]) == 2
+    teacher = findings["teacher_long_distance"]
+    assert 0.0 <= teacher["mean"] <= 1.0 and teacher["n"] > 0
+    if not findings["testable"]:  # the report must say so, not call the findings negative
+        assert all(c["verdict"].startswith("not testable") for c in findings["kd_vs_ce"])
+        assert "does not retrieve at long distance" in open(os.path.join(out, "report.md")).read()
+    assert {"document-global/float32", "causal/float32"} <= set(findings["probe"])
+    assert findings["diff"]
+    with open(os.path.join(out, "report.json")) as fh:
+        assert json.load(fh)["findings"]["long_distance_from"] == preset.short_window
+    # every student's final stage is a model directory of the recorded theta
+    for arm, runs in report["students"].items():
+        for r in runs:
+            with open(os.path.join(r["stage2"], "config.json")) as fh:
+                theta = json.load(fh).get("rope_theta") or json.load(open(os.path.join(
+                    r["stage2"], "config.json")))["rope_parameters"]["rope_theta"]
+            assert theta == (5e5 if "phasewise" in arm or "500k" in arm else 1e4)
+    # a second run finds every step done and rewrites the same findings
+    again = run_replicate(out, preset, log=lambda m: None)
+    assert again["findings"] == json.loads(json.dumps(findings, default=str))
