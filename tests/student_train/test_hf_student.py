@@ -231,3 +231,39 @@ def test_vllm_serves_a_phasewise_hf_student_like_transformers(tmp_path):
         "rope_parameters"]["rope_theta"] == 1_000_000.0
     tokens = torch.randint(3, 512, (48,), generator=torch.Generator().manual_seed(0)).tolist()
     assert_vllm_matches_transformers(exported, tokens, tmp_path)
+
+
+def _word_tokenizer(directory, tokens: list[str]) -> str:
+    import os
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    os.makedirs(directory, exist_ok=True)
+    Tokenizer(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0])).save(
+        os.path.join(directory, "tokenizer.json"))
+    return str(directory)
+
+
+def test_a_padded_hf_vocabulary_is_accepted_when_the_token_maps_agree(tmp_path):
+    """A 320-row lm_head over the teacher's 256-token tokenizer trains; a swapped id does not."""
+    from types import SimpleNamespace
+
+    from kdcache.student_train.hf_student import hf_student_spec
+    from kdcache.student_train.stages import ModelConfig
+    from kdcache.student_train.vocab_check import VocabMismatchError
+
+    words = [f"w{i}" for i in range(VOCAB)]
+    teacher = _word_tokenizer(tmp_path / "teacher", words)
+    header = SimpleNamespace(vocab_size=VOCAB, packing={"mode": "document"},
+                             teacher={"name": "t", "path": teacher})
+    stage = SimpleNamespace(model=ModelConfig(vocab_size="dataset"))
+    padded = save_tiny("qwen3", str(tmp_path / "padded"), vocab_size=320)
+    _word_tokenizer(padded, words)
+    spec, rows, verdict = hf_student_spec(stage, header, "test", padded, "pretrained")
+    assert rows == 320 and "padding" in verdict
+    assert (spec["attention"], spec["positions"]) == ("document", "reset")
+    swapped = save_tiny("qwen3", str(tmp_path / "swapped"), vocab_size=320)
+    _word_tokenizer(swapped, [words[1], words[0], *words[2:]])
+    with pytest.raises(VocabMismatchError):
+        hf_student_spec(stage, header, "test", swapped, "pretrained")
