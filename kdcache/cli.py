@@ -50,6 +50,8 @@ class _Parser(argparse.ArgumentParser):
             formatter_class = type(f"ShowDefaults{formatter_class.__name__}",
                                    (_ShowDefaults, formatter_class), {})
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        self.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="show Ray's, vLLM's and Lightning's own log messages and warnings")
 
     def _add_action(self, action: argparse.Action) -> argparse.Action:
         if not action.help and action.option_strings and action.default not in (
@@ -83,12 +85,31 @@ def _version() -> str:
     return f"kdcache {__version__}"
 
 
+def quiet_libraries() -> None:
+    """Keep Ray's, vLLM's and Lightning's info messages and deprecation warnings off stderr
+    (kdcache prints its own progress and summary). Set before they are imported, so that the
+    Ray and vLLM processes started later inherit it; a user's own setting wins."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("lightning.pytorch", "lightning.fabric", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     try:
         result = args.handler(args)
     except KdcacheError as exc:
