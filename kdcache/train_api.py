@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
+from kdcache.kernels import fused_sparse_kl
 from kdcache.student_train.data import IGNORE_INDEX, DataConfig, DataState, WindowBatches
 from kdcache.student_train.hf_student import HFStudent
 from kdcache.student_train.model import mode_for_packing
@@ -128,8 +129,6 @@ def distill_loss(outputs: Any, lm_head: torch.nn.Module | torch.Tensor,
     """(KD, CE), means over the rows with a target, from final hidden states (a tensor, or model
     outputs with `last_hidden_state`) and the model's lm_head. Back-propagate
     `alpha * kd + (1 - alpha) * ce` (the gradient is formed for that mix; others cost a pass)."""
-    from kdcache.kernels import fused_sparse_kl
-
     hidden = outputs if isinstance(outputs, torch.Tensor) else outputs.last_hidden_state
     if isinstance(lm_head, torch.nn.Module):
         weight, bias = lm_head.weight, getattr(lm_head, "bias", None)

@@ -25,6 +25,7 @@ measured by `verify_student` on a short random input, so an unknown transform is
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,8 +35,11 @@ import torch
 from torch import nn
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
-from kdcache.student_train.model import ATTENTION_MODES, POSITION_MODES
+from kdcache.student_train.model import ATTENTION_MODES, POSITION_MODES, mode_for_packing
 from kdcache.student_train.rope import positions_for
+from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
+
+log = logging.getLogger("kdcache.train")
 
 
 class StudentRefusedError(ConfigMismatchError):
@@ -447,12 +451,7 @@ def hf_student_spec(stage, header, where: str, path: str, init: str):
     """What `load_hf_student` gets for one training stage on a dataset, after the checks that
     need no weights: the mask/positions the data needs, refusals, and the vocabulary check.
     Returns (keyword arguments, the student's lm_head rows, the vocabulary verdict)."""
-    import logging
-
     from transformers import AutoConfig
-
-    from kdcache.student_train.model import mode_for_packing
-    from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
 
     cfg = stage.model
     if cfg.overrides:
@@ -472,7 +471,7 @@ def hf_student_spec(stage, header, where: str, path: str, init: str):
                                   else None)
     verdict = check_vocab(student_vocab(rows, tokenizer, f"HF student {path}"),
                           teacher_vocab(header, where))
-    logging.getLogger("kdcache.train").info("%s: %s", where, verdict)
+    log.info("%s: %s", where, verdict)
     spec = {"path": path, "init": init, "attention": attention, "positions": positions,
             "rope_theta": cfg.rope_theta, "rope": dict(cfg.rope) or None, "seed": cfg.init_seed}
     return spec, rows, verdict

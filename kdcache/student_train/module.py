@@ -26,6 +26,7 @@ import torch
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.kernels import fused_sparse_kl
 from kdcache.student_train.data import IGNORE_INDEX
+from kdcache.student_train.hf_student import load_hf_student
 from kdcache.student_train.model import ModelArgs, Student, load_hf
 
 
@@ -122,8 +123,6 @@ class StudentModule(pl.LightningModule):
             "compile_blocks": compile_blocks, "checkpoint_layers": checkpoint_layers,
             "init_from": init_from or (hf_student or {}).get("path"), "hf_student": hf_student})
         if hf_student is not None:
-            from kdcache.student_train.hf_student import load_hf_student
-
             # Any transformers causal LM: its own weights (or random init), masks and head.
             self.model = load_hf_student(**hf_student)
             self.model.set_checkpoint_layers(checkpoint_layers)

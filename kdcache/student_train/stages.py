@@ -40,6 +40,7 @@ from typing import Any
 from kdcache.errors import KdcacheError
 from kdcache.formats.storage import atomic_write_bytes, resolve
 from kdcache.student_train.data import DataConfig, WindowDataModule
+from kdcache.student_train.hf_student import hf_student_spec
 from kdcache.student_train.model import ModelArgs, mode_for_packing, read_hf_args, save_hf
 from kdcache.student_train.module import LossConfig, OptimConfig, StudentModule
 from kdcache.student_train.progress import StepProgressBar
@@ -327,8 +328,6 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
     init_from = previous_hf if stage.init_from == "previous" else stage.init_from
     hf_dir = init_from if stage.student and init_from else stage.student
     if hf_dir:
-        from kdcache.student_train.hf_student import hf_student_spec
-
         spec, vocab_rows, verdict = hf_student_spec(
             stage, datamodule.header, where, hf_dir,
             init="pretrained" if init_from else stage.init)
