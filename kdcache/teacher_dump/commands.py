@@ -175,7 +175,8 @@ def _run_make_teacher(args: argparse.Namespace) -> int:
     else:
         print(f"kdcache make-teacher: {args.out}: {summary['parameters']:,} parameters, "
               f"vocab {cfg.vocab_size}, {summary['train_steps']} training steps "
-              f"(final loss {summary['final_loss']:.3f}), {summary['seconds']} s")
+              + (f"(final loss {summary['final_loss']:.3f}), " if summary["final_loss"] is not None
+                 else "(untrained), ") + f"{summary['seconds']} s")
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from kdcache.errors import ConfigMismatchError, FormatError, KdcacheError
 from kdcache.formats import storage
+from kdcache.model_config import max_positions
 from kdcache.formats.writer import shard_path
 from kdcache.teacher_dump.corpus import BUILTINS, CorpusSpec
 from kdcache.teacher_dump.engines.base import EngineConfig
@@ -181,9 +182,6 @@ class Plan:
             raise FormatError(f"{where}: invalid plan: {exc}") from None
 
 
-_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
-
-
 def check_teacher_limits(cfg: "DumpConfig") -> None:
     """Refuse a k beyond the teacher's vocabulary or a window beyond its positions, for every
     engine, before anything is written (engines only found out after plan.json: a raw IndexError
@@ -202,10 +200,10 @@ def check_teacher_limits(cfg: "DumpConfig") -> None:
     if cfg.teacher.k > vocab:
         raise DumpError(f"--k {cfg.teacher.k} exceeds the teacher's vocabulary ({vocab} ids, "
                         f"{cfg_path})")
-    key = next((k for k in _POSITION_KEYS if isinstance(text_cfg.get(k), int)), None)
-    if key is not None and cfg.pack.window > text_cfg[key]:
-        raise DumpError(f"--window {cfg.pack.window} exceeds the teacher's {text_cfg[key]} "
-                        f"positions ({key} in {cfg_path}); pass --window {text_cfg[key]} or less")
+    limit = max_positions(text_cfg)
+    if limit is not None and cfg.pack.window > limit[1]:
+        raise DumpError(f"--window {cfg.pack.window} exceeds the teacher's {limit[1]} "
+                        f"positions ({limit[0]} in {cfg_path}); pass --window {limit[1]} or less")
 
 
 def discard_dataset(root: str) -> None:

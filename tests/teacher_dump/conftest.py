@@ -28,6 +28,10 @@ def teacher_dir(tmp_path_factory) -> str:
 def ray_address():
     import ray
 
+    if ray.is_initialized():
+        # an earlier test (a dump run in-process) started a cluster sized to this machine: too
+        # small for the session's engine actors, whose placement groups would then never place
+        ray.shutdown()
     ctx = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                    ignore_reinit_error=True)
     yield ctx.address_info["gcs_address"]
