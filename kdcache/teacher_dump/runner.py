@@ -97,9 +97,15 @@ def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
                "windows_per_shard": cfg.windows_per_shard, "policy": "next-fit whole documents",
                "positions": MODES[t.mode].positions,
                "targets": resolve_policy(p.targets, plan.packing_stats.get("chats", 0) > 0)}
-    return DatasetHeader(kind="topk", k=t.k, vocab_size=int(teacher["vocab_size"]),
-                         packing=packing, codec=cfg.codec or default_codec("topk"),
-                         codec_params={}, teacher=teacher, temperature=1.0,
+    if t.draws:  # RS-KD: up to `draws` distinct ids per row, weights = counts / draws
+        kind, k, params, temperature = "sampled", t.draws, {"draws": t.draws}, t.temperature
+    else:
+        kind, k, params, temperature = "topk", t.k, {}, 1.0
+    codec = cfg.codec or default_codec(kind)
+    return DatasetHeader(kind=kind, k=k, vocab_size=int(teacher["vocab_size"]),
+                         packing=packing, codec=codec,
+                         codec_params=params if codec == "qrank" else {}, teacher=teacher,
+                         temperature=temperature,
                          extra={"corpus": plan.corpus, "made_by": "kdcache dump"})
 
 

@@ -106,7 +106,7 @@ def test_vllm_dump_through_ray_matches_hf(small_dump_config, read_all, assert_sa
                                           reference, tmp_path, teacher_dir, vllm_workers):
     out = tmp_path / "vllm"
     summary = run_dump(small_dump_config(teacher_dir, out, engine="vllm", workers=1),
-                       actors=[vllm_workers["hidden"]])
+                       actors=[vllm_workers["pooler"]])
     assert summary["shards_written"] == summary["shards"]
     ref_manifest, ref = read_all(reference[0])
     manifest, got = read_all(str(out))
