@@ -5,7 +5,9 @@ Nothing can transfer from a teacher that cannot retrieve, so the experiment trai
 measures it first. Each step is one batch of equal-length sequences: every other step a batch of
 built-in text crops, otherwise passkey prompts (needle_tasks, the evaluation's own task, at random
 lengths up to `context` and random depths, with fresh keys) followed by the answer and EOS. The
-short-context teacher of the causal test is the same recipe with `context` = the short window.
+short-context teacher of the causal test is the same recipe (same seed: same tokenizer, same
+initial weights, same data order) with `context` = the short window, so the two teachers differ
+only in the longest context they were trained on.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def test_arms_differ_only_in_what_they_name():
     preset = get_preset("smoke")
     data = {f"{w}-{s}": f"/d/{w}-{s}" for w in ("long", "short")
             for s in ("main", "docpos", "shortteacher", "causal")}
-    runs = {arm: student_run(arm, 1, data, f"/o/{arm}", preset, holdout=2)
+    runs = {arm: student_run(arm, 1, data, f"/o/{arm}", preset, holdout=2, tokenizer="/t")
             for arm in preset.arms}
     for arm, run in runs.items():
         loss, schedule, source = arm_parts(arm)
@@ -60,6 +60,7 @@ def test_arms_differ_only_in_what_they_name():
         assert s2["data"]["holdout_windows"] == 2 and s2["init_from"] == "previous"
         assert run["defaults"]["model"]["init_seed"] == 1 and run["defaults"]["data"]["seed"] == 1
         assert s2["data"]["paths"] == [data["long-" + source]]
+        assert run["defaults"]["model"]["tokenizer"] == "/t"
     docpos = runs["kd-phasewise-docpos"]["defaults"]["model"]
     assert docpos["positions"] == "global" and docpos["force_mode"]
     assert "force_mode" not in runs["kd-phasewise"]["defaults"]["model"]
@@ -100,9 +101,11 @@ def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path, own_ra
     assert findings["diff"]
     with open(os.path.join(out, "report.json")) as fh:
         assert json.load(fh)["findings"]["long_distance_from"] == preset.short_window
-    # every student's final stage is a model directory of the recorded theta
+    # every student's final stage is a model directory of the recorded theta, with the
+    # teachers' tokenizer beside it
     for arm, runs in report["students"].items():
         for r in runs:
+            assert os.path.exists(os.path.join(r["stage2"], "tokenizer.json"))
             with open(os.path.join(r["stage2"], "config.json")) as fh:
                 theta = json.load(fh).get("rope_theta") or json.load(open(os.path.join(
                     r["stage2"], "config.json")))["rope_parameters"]["rope_theta"]
