@@ -96,8 +96,10 @@ def _n_windows(path: str) -> int:
 
 
 def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset: Preset,
-                holdout: int) -> dict:
-    """The run-file dict of one student: two stages, same steps and data for every arm."""
+                holdout: int, tokenizer: str | None = None) -> dict:
+    """The run-file dict of one student: two stages, same steps and data for every arm.
+    `tokenizer`: the teacher's directory, named here because a reader follows a manifest's
+    teacher path only inside the dataset; the exported student carries its tokenizer."""
     loss, schedule, source = arm_parts(arm)
     theta1, theta2 = THETAS[schedule]
     alpha = 1.0 if loss == "kd" else 0.0
@@ -105,6 +107,8 @@ def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset:
     short_data = data["short-" + source]
     model: dict[str, Any] = {"preset": preset.student_preset, "vocab_size": "dataset",
                              "overrides": dict(preset.student_overrides), "init_seed": seed}
+    if tokenizer:
+        model["tokenizer"] = tokenizer
     stage1_data: dict[str, Any] = {"paths": [short_data]}
     if source == "docpos":
         # targets computed with positions from 0 in every document, student at global positions
@@ -200,7 +204,9 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
         for seed in range(preset.seeds):
             run_dir = os.path.join(out, "students", arm, f"seed{seed}")
             log(f"replicate: student {arm} seed {seed}")
-            summaries = run(parse_run(student_run(arm, seed, data, run_dir, preset, holdout),
+            teacher = teachers["shortteacher" if arm_parts(arm)[2] == "shortteacher" else "main"]
+            summaries = run(parse_run(student_run(arm, seed, data, run_dir, preset, holdout,
+                                                  tokenizer=teacher),
                                       source=f"replicate:{arm}"))
             students.setdefault(arm, []).append(
                 {"seed": seed, "stage1": summaries[0]["hf_dir"], "stage2": summaries[-1]["hf_dir"],
