@@ -4,7 +4,6 @@ Builds the `bench` teacher (4 layers, 256 wide, 32k vocabulary; random weights s
 timing) and measures, with started engines reused across measurements:
 - ratio = dump throughput / ceiling at k = 16, 64, 256 on 8k windows (and 32k with --long),
   with vLLM's prompt-logprobs path as the baseline side by side;
-- the dump's cost slope (seconds per token, 1/2/4 windows of 8k);
 - the driver's peak Python memory (tracemalloc) while packing and handing out shards, for the
   built-in corpus at N and 10N documents (it must not grow with the corpus).
 Prints one JSON line. Usage: .venv/bin/python bench/bench_dump.py [--long] [--rounds 2]
@@ -73,33 +72,13 @@ def main() -> None:
 
 
 def _throughput(args, model: str, out: dict) -> None:
-    from kdcache.teacher_dump.bench import BenchConfig, DumpBench, bench_windows, slope
+    from kdcache.teacher_dump.bench import BenchConfig, bench_many, bench_series
 
-    max_window = 32768 if args.long else 8192
-    bench = DumpBench(model, "vllm", max_k=256, max_window=max_window)
-    out["engine_start_s"] = round(bench.start_s, 1)
-    try:
-        for k in (16, 64, 256):
-            r = bench.measure(BenchConfig(model=model, k=k, window=8192, windows=2,
-                                          rounds=args.rounds))
-            out["results"].append(r)
-            print(json.dumps(r), flush=True)
-        if args.long:
-            r = bench.measure(BenchConfig(model=model, k=64, window=32768, windows=1, rounds=1))
-            out["results"].append(r)
-            print(json.dumps(r), flush=True)
-        points = []
-        for n in (1, 2, 4):
-            wins = bench_windows(BenchConfig(model=model, k=64, window=8192, windows=n))
-            bench.engine.reconfigure(k=64, mode="causal", window=8192)
-            run = bench.dump_fn(bench.engine, wins, 64, 8192)
-            t0 = time.perf_counter()
-            run()
-            points.append((int(sum(w.n_tokens for w in wins)), time.perf_counter() - t0))
-        out["dump_seconds_per_million_tokens"] = round(slope(points) * 1e6, 1)
-        out["dump_points"] = [(t, round(s, 2)) for t, s in points]
-    finally:
-        bench.close()
+    sizes = [(8192, 2)] + ([(32768, 1)] if args.long else [])
+    cfgs = bench_series(BenchConfig(model=model, rounds=args.rounds), [16, 64, 256], sizes)
+    for r in bench_many(cfgs):
+        out["results"].append(r)
+        print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":

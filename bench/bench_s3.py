@@ -59,6 +59,15 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _throughput(tokens: int, times: dict[str, list[float]]) -> dict:
+    """Median tokens/s of each side and their ratio (s3 / local)."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"tokens": tokens, "local_tokens_per_s": round(tokens / med["local"], 1),
+            "s3_tokens_per_s": round(tokens / med["s3"], 1),
+            "ratio_s3_over_local": round(med["local"] / med["s3"], 3),
+            "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+
+
 def _dump_rounds(args, server, tmp: str) -> dict:
     import ray
 
@@ -95,11 +104,7 @@ def _dump_rounds(args, server, tmp: str) -> dict:
         ray.kill(actor)
     finally:
         ray.shutdown()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"tokens": tokens, "local_tokens_per_s": round(tokens / med["local"], 1),
-            "s3_tokens_per_s": round(tokens / med["s3"], 1),
-            "ratio_s3_over_local": round(med["local"] / med["s3"], 3),
-            "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+    return _throughput(tokens, times)
 
 
 def _train_rounds(args, server, tmp: str) -> dict:
@@ -134,11 +139,7 @@ def _train_rounds(args, server, tmp: str) -> dict:
             if r:
                 times[where].append(summary["seconds"])
     tokens = args.train_steps * 2 * window
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"tokens": tokens, "local_tokens_per_s": round(tokens / med["local"], 1),
-            "s3_tokens_per_s": round(tokens / med["s3"], 1),
-            "ratio_s3_over_local": round(med["local"] / med["s3"], 3),
-            "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+    return _throughput(tokens, times)
 
 
 def _run(args, server, tmp: str) -> int:

@@ -29,8 +29,39 @@ _COMMAND_MODULES = (
 )
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option whose help does not already name its default;
+    required options, flags and options without a default (None) have none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if ("default" in help_text.lower() or action.required or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return help_text
+        return f"{help_text} (default: %(default)s)".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every kdcache parser shows its options' defaults in --help, whatever formatter its command
+    asks for (one place, so a new command cannot forget)."""
+
+    def __init__(self, *args, formatter_class=argparse.HelpFormatter, **kwargs) -> None:
+        if not issubclass(formatter_class, _ShowDefaults):
+            formatter_class = type(f"ShowDefaults{formatter_class.__name__}",
+                                   (_ShowDefaults, formatter_class), {})
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        self.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="show Ray's, vLLM's and Lightning's own log messages and warnings")
+
+    def _add_action(self, action: argparse.Action) -> argparse.Action:
+        if not action.help and action.option_strings and action.default not in (
+                None, False, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"  # argparse shows nothing without a help line
+        return super()._add_action(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kdcache",
         description=(
             "Offline logit knowledge distillation: run a teacher once, store its top-k "
@@ -38,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=_version())
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module_name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(module_name)
@@ -54,17 +85,39 @@ def _version() -> str:
     return f"kdcache {__version__}"
 
 
+def quiet_libraries() -> None:
+    """Keep Ray's, vLLM's and Lightning's info messages and deprecation warnings off stderr
+    (kdcache prints its own progress and summary). Set before they are imported, so that the
+    Ray and vLLM processes started later inherit it; a user's own setting wins."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("lightning.pytorch", "lightning.fabric", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     try:
         result = args.handler(args)
     except KdcacheError as exc:
         print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # resumable work says so itself; a traceback helps nobody here
+        print(f"kdcache {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

@@ -10,10 +10,10 @@ import kdcache
 
 ROOT = Path(kdcache.__file__).parent
 COMPONENTS = ("formats", "kernels", "teacher_dump", "student_train", "evaluate")
-GROUND = ("errors", "vllm_start", "__init__")  # shared by every component, importing none
-# the command line and the applications built on every component (`replicate`): they import
-# the components, and no component imports them
-TOP = ("cli", "demo", "__main__", "replicate")
+GROUND = ("errors", "vllm_start", "model_config", "__init__")  # shared by every component, importing none
+# the command line and the applications built on every component (`replicate`, the library
+# face `train_api`): they import the components, and no component imports them
+TOP = ("cli", "demo", "__main__", "replicate", "train_api")
 
 
 def _unit(module: str) -> str | None:

@@ -53,3 +53,57 @@ def test_user_errors_print_without_traceback(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "manifest.json: missing" in err and "Traceback" not in err
+
+
+def _all_parsers(parser, prefix="kdcache"):
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, f"{prefix} {name}")
+
+
+def test_every_option_shows_its_default():
+    missing = []
+    for name, parser in _all_parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if (not action.option_strings or action.required or action.help == argparse.SUPPRESS
+                    or action.default in (None, False, argparse.SUPPRESS)):
+                continue
+            text = formatter._expand_help(action) if action.help else ""
+            if "default" not in text.lower():
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert not missing, f"options whose --help hides the default: {missing}"
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_make_teacher_writes_valid_json_without_training(tmp_path, capsys):
+    assert main(["make-teacher", "--out", str(tmp_path / "t"), "--json"]) == 0
+    summary = _strict_json(capsys.readouterr().out)
+    assert summary["final_loss"] is None and summary["train_steps"] == 0
+    _strict_json((tmp_path / "t" / "kdcache_teacher.json").read_text())
+
+
+def test_ctrl_c_prints_one_line_not_a_traceback(tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "make-teacher", "--out",
+                             str(tmp_path / "t"), "--train-seconds", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait until the handler is busy training
+            if "make-teacher: step" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.strip().endswith("kdcache make-teacher: interrupted")

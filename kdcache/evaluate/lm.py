@@ -26,8 +26,9 @@ from typing import Any, Callable, Sequence
 
 from kdcache.errors import KdcacheError
 from kdcache.evaluate.capture import find_decoder
-from kdcache.evaluate.models import EvalError, load_model
+from kdcache.evaluate.models import EvalError, load_model, unique_labels
 from kdcache.evaluate.probe import logprobs_from_hidden
+from kdcache.evaluate.report import save_figure
 from kdcache.formats.packing import request_segments
 from kdcache.formats.reader import open_dataset
 
@@ -110,7 +111,7 @@ def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None =
     result = {"data": data, "packing_mode": mode, "kind": ds.kind, "k": ds.k,
               "teacher": ds.header.teacher, "windows": count, "window_range": [first, end],
               "teacher_temperature": ds.header.temperature, "models": []}
-    for path in model_paths:
+    for path, label in zip(model_paths, unique_labels(model_paths)):
         loaded = load_model(path, dtype=dtype, device=device, need_tokenizer=False)
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
         ce_sum = kl_sum = 0.0
@@ -137,7 +138,7 @@ def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None =
                 progress(1)
         mean_ce = ce_sum / max(1, rows_total)
         result["models"].append({
-            "model": path, "name": loaded.name, "rows": rows_total,
+            "model": path, "name": label, "rows": rows_total,
             "cross_entropy": mean_ce, "perplexity": math.exp(mean_ce),
             "kl_to_teacher": kl_sum / max(1, rows_total),
             "by_position": [{"bucket": b, "start": b * window_len // POSITION_BUCKETS,
@@ -168,8 +169,4 @@ def plot_lm(result: dict, path: str) -> str:
         ax.legend(fontsize=7)
     fig.suptitle(f"Held-out {result['packing_mode']} windows of {os.path.basename(os.path.normpath(result['data']))}",
                  fontsize=10)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

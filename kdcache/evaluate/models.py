@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from kdcache.errors import KdcacheError
 
@@ -70,6 +70,20 @@ def model_label(path: str) -> str:
     if len(parts) >= 2 and parts[-1] == "hf":
         return f"{parts[-2]}/hf"
     return parts[-1] or path
+
+
+def unique_labels(paths: Sequence[str]) -> list[str]:
+    """One distinct short name per model: `model_label`, lengthened with parent folders (up to
+    the whole path) until no two runs share one (three runs/sN/s1/hf are not all "s1/hf")."""
+    labels = [model_label(p) for p in paths]
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    depth = 2
+    while len(set(labels)) < len(labels) and depth <= max(len(x) for x in parts):
+        depth += 1
+        counts = {label: labels.count(label) for label in labels}
+        labels = [os.path.join(*x[-depth:]) if counts[label] > 1 else label
+                  for label, x in zip(labels, parts)]
+    return labels if len(set(labels)) == len(labels) else list(paths)
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu",

@@ -12,6 +12,7 @@ For every model (each with its own tokenizer) and task: build lengths x depths x
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import defaultdict
@@ -19,8 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kdcache.evaluate.generate import make_generator, resolve_engine
-from kdcache.evaluate.models import EvalError, check_model_dir, model_label
+from kdcache.evaluate.models import EvalError, check_model_dir, unique_labels
+from kdcache.model_config import max_positions, read_config
 from kdcache.evaluate.needle_tasks import TASKS, VALUE_TYPES, build_samples, score
+from kdcache.evaluate.report import save_figure
+
+log = logging.getLogger("kdcache.eval")
 
 DEFAULT_MAX_NEW_TOKENS = {"passkey": 16, "niah_single": 32, "niah_multikey": 32,
                           "niah_multivalue": 128, "niah_multiquery": 128}
@@ -128,9 +133,18 @@ def run_needle(model_paths: Sequence[str], cfg: NeedleConfig, haystack: str | No
         "config": {**vars(cfg), "engine": engine, "haystack": haystack or "noise"},
         "models": [],
     }
-    labels = _unique_labels(model_paths)
+    labels = unique_labels(model_paths)
+    result["warnings"] = []
     for path, label in zip(model_paths, labels):
         max_new = max(cfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[t] for t in cfg.tasks)
+        limit = max_positions(read_config(path))
+        if limit is not None and max(cfg.lengths) + max_new > limit[1]:
+            # allowed (length extrapolation is a fair question), never silent
+            message = (f"{path}: prompts of up to {max(cfg.lengths)} tokens (+{max_new} "
+                       f"generated) exceed the model's {limit[1]} positions ({limit[0]}); "
+                       "those cells measure extrapolation past its context")
+            log.warning("%s", message)
+            result["warnings"].append(message)
         gen = make_generator(engine, path, dtype=cfg.dtype, device=cfg.device,
                              batch_size=cfg.batch_size, max_len=max(cfg.lengths) + max_new)
         entry = {"model": path, "name": label, "tasks": {}}
@@ -155,13 +169,6 @@ def run_needle(model_paths: Sequence[str], cfg: NeedleConfig, haystack: str | No
         result["models"].append(entry)
     bar.close()
     return result
-
-
-def _unique_labels(paths: Sequence[str]) -> list[str]:
-    labels = [model_label(p) for p in paths]
-    if len(set(labels)) < len(labels):  # same basename in different folders: use more path
-        labels = [os.path.join(*os.path.normpath(p).split(os.sep)[-2:]) for p in paths]
-    return labels
 
 
 def plot_needle(result: dict, task: str, out_dir: str) -> list[str]:
@@ -196,7 +203,7 @@ def plot_needle(result: dict, task: str, out_dir: str) -> list[str]:
                     ax.text(c, r, f"{v:.0%}", ha="center", va="center", fontsize=6)
     fig.colorbar(image, ax=axes, fraction=0.03, pad=0.03).set_label("accuracy")
     fig.suptitle(f"{task}: accuracy by length and depth", fontsize=10)
-    paths.append(_save(fig, os.path.join(out_dir, f"needle_{task}_heatmap.png")))
+    paths.append(save_figure(fig, os.path.join(out_dir, f"needle_{task}_heatmap.png")))
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for m in models:
@@ -214,19 +221,10 @@ def plot_needle(result: dict, task: str, out_dir: str) -> list[str]:
     ax.set_title(f"{task}: accuracy by needle distance", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths.append(_save(fig, os.path.join(out_dir, f"needle_{task}_distance.png")))
+    paths.append(save_figure(fig, os.path.join(out_dir, f"needle_{task}_distance.png")))
     return paths
 
 
 def _k(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
-
-def _save(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
-    return path

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from kdcache.evaluate.report import save_figure
 from kdcache.evaluate.rope_plan import men_decay, pair_frequencies
 
 KL_FLOOR = 1e-12  # KL values of exactly 0 are drawn at this floor on log axes
@@ -18,14 +18,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    os.replace(tmp, path)
-    _plt().close(fig)
-    return path
 
 
 def _positions_k(positions: list[int]) -> list[float]:
@@ -45,7 +37,7 @@ def plot_query_element(summary: dict, run: Any, path: str) -> str:
                  f"layer {el['layer']}: distance to repeat 0", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_query_cosine(summary: dict, run: Any, layer: int, path: str) -> str:
@@ -59,7 +51,7 @@ def plot_query_cosine(summary: dict, run: Any, layer: int, path: str) -> str:
     ax.set_title(f"Query state, layer {layer} ({run.mode}, {run.dtype})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_layer_cosine(run: Any, path: str) -> str:
@@ -82,7 +74,7 @@ def plot_layer_cosine(run: Any, path: str) -> str:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2 if len(keys) <= 12 else 3, loc="upper left",
               bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_top_tokens(summary: dict, run: Any, path: str) -> str:
@@ -106,7 +98,7 @@ def plot_top_tokens(summary: dict, run: Any, path: str) -> str:
     ax_r.set_xlabel("global position of the analysed token (thousands)")
     for ax in (ax_p, ax_r):
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_kl(summary: dict, runs: list[Any], path: str) -> str:
@@ -126,7 +118,7 @@ def plot_kl(summary: dict, runs: list[Any], path: str) -> str:
     ax.set_title("Output drift against repeat 0, by packing mode and dtype", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_diff_dims(result: dict, layer: str, path: str) -> str:
@@ -148,7 +140,7 @@ def plot_diff_dims(result: dict, layer: str, path: str) -> str:
     axes[1].set_xlabel("query dimension (head * head_dim + index in head)")
     bar = fig.colorbar(points, ax=axes, fraction=0.03, pad=0.02)
     bar.set_label(f"RoPE pair i (0: fastest; wavelength 2*pi*theta^(2i/{hd}))")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_diff_positions(result: dict, path: str) -> str:
@@ -164,7 +156,7 @@ def plot_diff_positions(result: dict, path: str) -> str:
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rope_plan(result: dict, path: str) -> str:
@@ -201,4 +193,4 @@ def plot_rope_plan(result: dict, path: str) -> str:
     ax_w.legend(fontsize=7)
     for ax in (ax_b, ax_w):
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

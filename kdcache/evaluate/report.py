@@ -1,4 +1,5 @@
-"""Output helpers shared by eval and analysis commands: atomic JSON, plain-text tables."""
+"""Output helpers shared by eval and analysis commands: atomic JSON and figures, plain-text
+tables."""
 
 from __future__ import annotations
 
@@ -13,6 +14,20 @@ def write_json(path: str, data: Any) -> str:
     """Write JSON atomically (formats.storage: temp file + fsync + rename)."""
     fs, target = storage.resolve(path)
     storage.atomic_write_bytes(fs, target, json.dumps(data, indent=1, default=_jsonable).encode())
+    return path
+
+
+def save_figure(fig: Any, path: str) -> str:
+    """Write a matplotlib figure as PNG atomically (formats.storage) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    fs, target = storage.resolve(path)
+    storage.atomic_write_bytes(fs, target, buf.getvalue())
     return path
 
 

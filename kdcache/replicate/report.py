@@ -16,6 +16,7 @@ import math
 import os
 from typing import Any
 
+from kdcache.evaluate.report import save_figure
 from kdcache.replicate.presets import CAUSAL_ARMS, Preset
 from kdcache.replicate.stats import diff_ci, mean_ci
 
@@ -191,7 +192,7 @@ def plot_arms(path: str, needle: dict, students: dict, arms: list[str], teacher:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_probe(path: str, probe: dict) -> str:
@@ -210,7 +211,7 @@ def plot_probe(path: str, probe: dict) -> str:
     ax.set_title("teacher probe: output change with position", fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_diff(path: str, diff: dict) -> str:
@@ -232,17 +233,8 @@ def plot_diff(path: str, diff: dict) -> str:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("phase-wise arm: where the queries changed", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
-
-def _save(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
-    return path
 
 
 def write_report(out: str, preset: Preset, steps: dict, teachers: dict, students: dict,

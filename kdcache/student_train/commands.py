@@ -11,9 +11,11 @@ import os
 # module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
 
 _DESCRIPTION = """\
-Train a student (Llama-style, tied embeddings) from one or more kdcache logit datasets with
-Lightning. The config is a YAML run file: a list of stages (window, RoPE theta, loss alpha and
-temperature, data, steps) with shared defaults; a later stage starts from the previous stage's
+Train a student from one or more kdcache logit datasets with Lightning: the built-in
+Llama-style one (presets), or any transformers causal LM directory (`student: HF_DIR` or
+--student HF_DIR; its pretrained weights, or `init: random`), exported as the same
+architecture. The config is a YAML run file: a list of stages (window, RoPE theta, loss alpha
+and temperature, data, steps) with shared defaults; a later stage starts from the previous stage's
 exported weights with its own theta (phase-wise RoPE, e.g. 10k at 2,048 tokens, then 500k at
 131,072). The loss is alpha * KD(T) + (1 - alpha) * CE through the fused sparse-KL kernel.
 
@@ -21,8 +23,10 @@ The attention mask and positions follow the dataset's packing mode (causal -> ca
 document -> document + reset, document-global -> document + global); a student vocabulary that
 differs from the teacher's is refused. Each stage writes <out>/<stage>/checkpoints/ (resumed from
 last.ckpt when present, with the same data order), logs/ (CSV metrics: loss, kd, ce, lr,
-tokens_per_s), hf/ (the student as a Hugging Face Llama directory, loadable by transformers and
-vLLM) and summary.json.
+tokens_per_s), hf/ (the student as a Hugging Face directory, loadable by transformers and
+vLLM: a Llama for the built-in student, the student's own architecture otherwise) and
+summary.json. A model kdcache cannot train exactly (logit soft-capping or scaling, attention
+soft-capping, other layer types) is refused, naming the missing piece.
 
 --config takes a path or the name of a bundled config: paper-{fixed10k,fixed500k,phasewise}-{kd,ce}
 at the paper's 1.1B size and tiny-{...}-{kd,ce} for CPU (list them with --list-configs).
@@ -40,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(repeat for several datasets); replaces data.paths of the config")
     p.add_argument("--out", help="output directory (replaces the config's output_dir)")
     p.add_argument("--stage", help="run only this stage (its predecessor must be finished)")
+    p.add_argument("--student", metavar="HF_DIR",
+                   help="train this transformers causal-LM directory (Llama, Qwen2/3, Mistral, "
+                   "Gemma 3, Phi-3, ...) instead of the config's preset; replaces `student:`")
+    p.add_argument("--init", choices=("pretrained", "random"),
+                   help="the student's weights as they are (default) or a random init from its "
+                   "config; replaces `init:`")
     p.add_argument("--max-steps", type=int, help="override trainer.max_steps of every stage")
     p.add_argument("--holdout-windows", type=int, default=None, metavar="N",
                    help="never train on the last N windows of the data (evaluate on them with "
@@ -78,6 +88,10 @@ def _run_train(args: argparse.Namespace) -> int:
             if stage.optim.total_steps == stage.trainer.max_steps:
                 stage.optim.total_steps = args.max_steps
             stage.trainer.max_steps = args.max_steps
+        if args.student:
+            stage.student = args.student
+        if args.init:
+            stage.init = args.init
         if args.workers is not None:
             stage.data.num_workers = args.workers
         if args.holdout_windows is not None:

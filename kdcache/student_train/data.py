@@ -389,15 +389,19 @@ class WindowDataModule(pl.LightningDataModule):
             persistent_workers=False, prefetch_factor=2 if self.config.num_workers else None)
 
     def preflight(self, steps: int | None = None, world_size: int = 1) -> int:
-        """Before the first step, check every window the next `steps` steps train on (all with
-        None) as the writer would (finite, normalised, in-range targets; FORMAT.md's valid rows)
+        """Before the first step, check every shard against the manifest (formats' preflight:
+        duplicated entries, foreign shards), then every window the next `steps` steps train on
+        (all with None) as the writer would (finite, normalised, in-range targets; FORMAT.md's valid rows)
         and against the student's rows; returns the number of windows checked."""
         import time
 
         from kdcache.formats.validate import validate_window
+        from kdcache.formats.verify import preflight
 
         data = self.data
         started = time.perf_counter()
+        for dataset in data.datasets:  # every shard's footer and window range, no decoding
+            preflight(dataset)
         indices = planned_windows(trained_windows(len(data), self.config), self.state, steps,
                                   self.config.batch_windows * world_size)
         for index in indices.tolist():

@@ -25,6 +25,7 @@ measured by `verify_student` on a short random input, so an unknown transform is
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,8 +35,11 @@ import torch
 from torch import nn
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
-from kdcache.student_train.model import ATTENTION_MODES, POSITION_MODES
+from kdcache.student_train.model import ATTENTION_MODES, POSITION_MODES, mode_for_packing
 from kdcache.student_train.rope import positions_for
+from kdcache.student_train.vocab_check import check_vocab, student_vocab, teacher_vocab
+
+log = logging.getLogger("kdcache.train")
 
 
 class StudentRefusedError(ConfigMismatchError):
@@ -441,3 +445,33 @@ def verify_student(student: HFStudent, where: str, length: int = 24) -> None:
                     "mask (a custom attention path); packed training would leak across documents")
     finally:
         student.train(was_training)
+
+
+def hf_student_spec(stage, header, where: str, path: str, init: str):
+    """What `load_hf_student` gets for one training stage on a dataset, after the checks that
+    need no weights: the mask/positions the data needs, refusals, and the vocabulary check.
+    Returns (keyword arguments, the student's lm_head rows, the vocabulary verdict)."""
+    from transformers import AutoConfig
+
+    cfg = stage.model
+    if cfg.overrides:
+        raise KdcacheError(f"{where}: model.overrides {sorted(cfg.overrides)} shape the built-in "
+                           f"student; an HF student's shape is its config.json ({path})")
+    attention, positions = mode_for_packing(header.packing["mode"], cfg.attention, cfg.positions,
+                                            force=cfg.force_mode, where=where)
+    if not is_hf_dir(path):
+        raise KdcacheError(f"{path}: no config.json; not a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_trainable(config, path)
+    rows = int(config.get_text_config().vocab_size)
+    if isinstance(cfg.vocab_size, int) and cfg.vocab_size != rows:
+        raise ConfigMismatchError(f"{where}: model.vocab_size {cfg.vocab_size}, but the HF "
+                                  f"student {path} has {rows} lm_head rows")
+    tokenizer = cfg.tokenizer or (path if os.path.exists(os.path.join(path, "tokenizer.json"))
+                                  else None)
+    verdict = check_vocab(student_vocab(rows, tokenizer, f"HF student {path}"),
+                          teacher_vocab(header, where))
+    log.info("%s: %s", where, verdict)
+    spec = {"path": path, "init": init, "attention": attention, "positions": positions,
+            "rope_theta": cfg.rope_theta, "rope": dict(cfg.rope) or None, "seed": cfg.init_seed}
+    return spec, rows, verdict

@@ -26,6 +26,7 @@ import torch
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.kernels import fused_sparse_kl
 from kdcache.student_train.data import IGNORE_INDEX
+from kdcache.student_train.hf_student import load_hf_student
 from kdcache.student_train.model import ModelArgs, Student, load_hf
 
 
@@ -107,19 +108,25 @@ def distillation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], lo
 class StudentModule(pl.LightningModule):
     """Trains a `Student` from teacher targets; see the module docstring for the loss."""
 
-    def __init__(self, model_args: ModelArgs, loss: LossConfig | None = None,
+    def __init__(self, model_args: ModelArgs | None, loss: LossConfig | None = None,
                  optim: OptimConfig | None = None, compile_blocks: bool = False,
-                 checkpoint_layers: int = 0, init_from: str | None = None) -> None:
+                 checkpoint_layers: int = 0, init_from: str | None = None,
+                 hf_student: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model_args = model_args
         self.loss_cfg = loss or LossConfig()
         self.optim_cfg = optim or OptimConfig()
         # Checkpoints record plain values, not kdcache classes, so any kdcache can read them.
         self.save_hyperparameters({
-            "model_args": model_args.as_dict(), "loss": asdict(self.loss_cfg),
-            "optim": asdict(self.optim_cfg), "compile_blocks": compile_blocks,
-            "checkpoint_layers": checkpoint_layers, "init_from": init_from})
-        if init_from:
+            "model_args": model_args.as_dict() if model_args else None,
+            "loss": asdict(self.loss_cfg), "optim": asdict(self.optim_cfg),
+            "compile_blocks": compile_blocks, "checkpoint_layers": checkpoint_layers,
+            "init_from": init_from or (hf_student or {}).get("path"), "hf_student": hf_student})
+        if hf_student is not None:
+            # Any transformers causal LM: its own weights (or random init), masks and head.
+            self.model = load_hf_student(**hf_student)
+            self.model.set_checkpoint_layers(checkpoint_layers)
+        elif init_from:
             # A later stage: the previous stage's weights, this stage's theta and masks.
             self.model = load_hf(init_from, rope_theta=self.model_args.rope_theta,
                                  attention=self.model_args.attention,
@@ -135,7 +142,8 @@ class StudentModule(pl.LightningModule):
             self.model_args = self.model.args
         else:
             self.model = Student(self.model_args)
-        self.model.checkpoint_layers = checkpoint_layers
+        if hf_student is None:
+            self.model.checkpoint_layers = checkpoint_layers
         self.compile_blocks = compile_blocks
         self.loss_history: list[float] = []  # per step, rank 0's view (tests, summaries)
         self._step_started: float | None = None

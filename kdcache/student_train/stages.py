@@ -40,6 +40,7 @@ from typing import Any
 from kdcache.errors import KdcacheError
 from kdcache.formats.storage import atomic_write_bytes, resolve
 from kdcache.student_train.data import DataConfig, WindowDataModule
+from kdcache.student_train.hf_student import hf_student_spec
 from kdcache.student_train.model import ModelArgs, mode_for_packing, read_hf_args, save_hf
 from kdcache.student_train.module import LossConfig, OptimConfig, StudentModule
 from kdcache.student_train.progress import StepProgressBar
@@ -60,7 +61,8 @@ class TrainConfigError(KdcacheError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    rope_theta: float | None = None  # None: the start model's (init_from), else 10,000
+    rope_theta: float | None = None  # None: the start model's (init_from / HF student), else 10k
+    rope: dict[str, Any] = field(default_factory=dict)  # an HF student's rope_parameters to merge
     vocab_size: int | str | None = None  # None: the preset's; "dataset": the teacher's
     attention: str | None = None  # None: match the dataset's packing mode
     positions: str | None = None
@@ -103,6 +105,8 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     init_from: str | None = None  # "previous", an HF directory, or None (random init)
+    student: str | None = None  # any transformers causal-LM directory (instead of a preset)
+    init: str = "pretrained"  # the student's weights as they are, or "random" from its config
 
 
 @dataclass
@@ -156,9 +160,12 @@ def _value(hint: Any, value: Any, where: str) -> Any:
 def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     if not isinstance(raw, dict):
         raise TrainConfigError(f"{source}: a run config is a mapping with 'stages'")
-    unknown = sorted(set(raw) - {"name", "output_dir", "defaults", "stages"})
+    unknown = sorted(set(raw) - {"name", "output_dir", "defaults", "stages", "student", "init"})
     if unknown:
         raise TrainConfigError(f"{source}: unknown top-level key(s) {unknown}")
+    student = raw.get("student")
+    if student is not None and not isinstance(student, str):
+        raise TrainConfigError(f"{source}: 'student' is the path of an HF model directory")
     stages_raw = raw.get("stages")
     if not stages_raw or not isinstance(stages_raw, list):
         raise TrainConfigError(f"{source}: 'stages' must be a non-empty list")
@@ -167,12 +174,17 @@ def parse_run(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     for index, stage_raw in enumerate(stages_raw):
         merged = _merge(defaults, stage_raw or {})
         merged.setdefault("name", f"stage{index + 1}")
+        merged.setdefault("student", student)  # the run's HF student, for every stage
+        merged.setdefault("init", raw.get("init", "pretrained"))
         where = f"{source}: stage {merged['name']!r}"
         if isinstance(merged.get("data") or {}, dict):  # paths may come from --data later
             merged["data"] = {"paths": [], **(merged.get("data") or {})}
         stage = _build(StageConfig, merged, where)
         if "total_steps" not in (merged.get("optim") or {}):  # the cosine ends with training
             stage.optim.total_steps = stage.trainer.max_steps
+        if stage.init not in ("pretrained", "random"):
+            raise TrainConfigError(f"{where}: init must be 'pretrained' or 'random', got "
+                                   f"{stage.init!r}")
         stages.append(stage)
     if stages[0].init_from == "previous":
         raise TrainConfigError(f"{source}: the first stage cannot start from 'previous'")
@@ -311,7 +323,19 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
     where = f"stage {stage.name!r} data {stage.data.paths[0] if stage.data.paths else '?'}"
     if not stage.data.paths:
         raise TrainConfigError(f"stage {stage.name!r}: data.paths is empty (give --data PATH)")
+    import lightning.pytorch as pl
+
     init_from = previous_hf if stage.init_from == "previous" else stage.init_from
+    hf_dir = init_from if stage.student and init_from else stage.student
+    if hf_dir:
+        spec, vocab_rows, verdict = hf_student_spec(
+            stage, datamodule.header, where, hf_dir,
+            init="pretrained" if init_from else stage.init)
+        datamodule.student_vocab_size = vocab_rows
+        pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
+        module = StudentModule(None, stage.loss, stage.optim, compile_blocks=stage.model.compile,
+                               checkpoint_layers=stage.model.checkpoint_layers, hf_student=spec)
+        return datamodule, module, verdict
     start_theta = None
     if init_from:
         start_theta = read_hf_args(init_from).rope_theta  # refuses what it cannot reproduce
@@ -320,8 +344,6 @@ def prepare_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None):
         log.info("stage %s: starts from %s (rope_theta %g) with rope_theta %g", stage.name,
                  init_from, start_theta, args.rope_theta)
     datamodule.student_vocab_size = args.vocab_size
-    import lightning.pytorch as pl
-
     pl.seed_everything(stage.model.init_seed, workers=True, verbose=False)
     module = StudentModule(args, stage.loss, stage.optim, compile_blocks=stage.model.compile,
                            checkpoint_layers=stage.model.checkpoint_layers, init_from=init_from)
@@ -383,21 +405,26 @@ def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     seconds = time.time() - started
     hf_dir = os.path.join(stage_dir, "hf")
+    trained = getattr(module.model, "args", module.model)  # ModelArgs, or the HFStudent itself
     summary = {
         "stage": stage.name, "steps": int(trainer.global_step), "seconds": round(seconds, 2),
         "resumed_from": ckpt_path, "init_from": module.hparams.get("init_from"),
-        "rope_theta": module.model.args.rope_theta, "attention": module.model.args.attention,
-        "positions": module.model.args.positions, "vocab": verdict,
+        "rope_theta": trained.rope_theta, "attention": trained.attention,
+        "positions": trained.positions, "vocab": verdict,
         "final_loss": module.loss_history[-1] if module.loss_history else None,
         "data_state": datamodule.state.as_dict(), "holdout_windows": stage.data.holdout_windows,
         "hf_dir": hf_dir,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     if trainer.is_global_zero:
-        save_hf(module.model, hf_dir, extra_config={"kdcache_training": {
+        record = {"kdcache_training": {
             "stage": stage.name, "steps": summary["steps"], "loss": asdict(stage.loss),
-            "data": list(stage.data.paths), "holdout_windows": stage.data.holdout_windows}})
-        copy_tokenizer(student_tokenizer_dir(stage, datamodule.header), hf_dir)
+            "data": list(stage.data.paths), "holdout_windows": stage.data.holdout_windows}}
+        if module.model_args is None:  # an HF student: the same architecture, its tokenizer
+            module.model.save(hf_dir, extra_config=record)
+        else:
+            save_hf(module.model, hf_dir, extra_config=record)
+            copy_tokenizer(student_tokenizer_dir(stage, datamodule.header), hf_dir)
         fs, base = resolve(summary_path)
         atomic_write_bytes(fs, base, (json.dumps(summary, indent=2) + "\n").encode())
     return summary

@@ -1,21 +1,24 @@
-"""`kdcache bench dump`: top-k extraction throughput against the work no implementation can skip.
+"""`kdcache bench dump`: dump throughput against the work no implementation can skip.
 
     ceiling_tokens_per_s = tokens / (t_prefill + t_extra)
     ratio                = dump_tokens_per_s / ceiling_tokens_per_s
 
-- t_prefill: the same engine's prefill-only time on the same windows (vLLM `generate` with
+- t_prefill: the teacher's prefill-only time on the same requests (vLLM `generate` with
   `max_tokens=1` and prompt log-probs off; for the hf engine, the backbone forward alone).
-- t_extra: the unavoidable extra work on the same device and threads: the lm_head matmul over
-  every prompt token plus one pass over those logits for logsumexp and top-k, chunked PyTorch
-  (`chunked_topk` on hidden states of the same size).
-- dump: everything a dump does per window after packing: top-k computed (vLLM `hidden` path:
-  backbone + chunked top-k), converted, validated, encoded by the default codec and written to an
-  Arrow shard atomically.
-- baseline (side by side, same process): vLLM's own `prompt_logprobs=k, flat_logprobs=True`
-  path through the same conversion, encoding and writing.
+- t_extra: the unavoidable extra work on the same device: the lm_head matmul over every prompt
+  token plus one pass over those logits for logsumexp and top-k (`chunked_topk` on random hidden
+  states of the same size, the checkpoint's lm_head weight in the engine's dtype).
+- dump: everything a dump worker does after packing: targets computed (vLLM `pooler` path: top-k
+  inside vLLM's worker), converted, validated, encoded by the default codec and written as Arrow
+  shards of `windows_per_shard` windows atomically, each shard written while the engine computes
+  the next (pipeline.ShardPipeline, the dump's own code).
+- baseline (side by side): vLLM's own `prompt_logprobs=k, flat_logprobs=True` path through the
+  same conversion, encoding and writing.
 
-Timings are interleaved over `rounds` rounds and the median is reported, because the machine may
-be shared. Engine start-up and the first (warm-up) call are excluded.
+Engines run one at a time (dump engine, then the prompt-logprobs engine that also times
+prefill, then the extra pass), each closed and its memory released before the next starts, so
+that the bench runs on one GPU. Each timing is the median of `rounds` runs after a warm-up;
+engine start-up is excluded.
 """
 
 from __future__ import annotations
@@ -25,19 +28,19 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, replace
+from typing import Callable
 
 from kdcache.formats.codecs import default_codec
 from kdcache.formats.manifest import DatasetHeader
-from kdcache.formats.writer import default_encode_threads, prepare_codec, shard_name
+from kdcache.formats.writer import default_encode_threads, prepare_codec
 from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
 from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk, segments_for_mode
 from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import teacher_fingerprint
 from kdcache.teacher_dump.pipeline import ShardPipeline
+
 
 
 @dataclass
@@ -52,6 +55,7 @@ class BenchConfig:
     baseline: bool = True
     mode: str = "causal"
     dtype: str = "float32"  # the engine's weights and activations (bfloat16 on a GPU)
+    gpu_memory_utilization: float | None = None
     windows_per_shard: int = 4  # the timed windows are written as shards of this many
 
 
@@ -68,146 +72,218 @@ def bench_windows(cfg: BenchConfig):
     return wins
 
 
-class DumpBench:
-    """Started engines (the dump engine and, for vLLM, the prompt-logprobs baseline, which also
-    serves prefill-only) reused across measurements of several k and windows."""
+def lm_head_weight(model_dir: str):
+    """The checkpoint's output matrix [V, d] (tied: the input embedding), for the extra pass."""
+    from safetensors import safe_open
 
-    def __init__(self, model: str, engine: str = "vllm", *, max_k: int = 256,
-                 max_window: int = 8192, mode: str = "causal", baseline: bool = True,
-                 dtype: str = "float32") -> None:
-        if hasattr(os, "sched_getaffinity"):  # in-process engine: use every core we have
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                                  ",".join(map(str, sorted(os.sched_getaffinity(0)))))
-        self.model, self.engine_name, self.mode = model, engine, mode
-        self.vocab = teacher_fingerprint(model)["vocab_size"]
-        ecfg = EngineConfig(model=model, k=max_k, window=max_window, mode=mode, device="auto",
-                            dtype=dtype)
+    # an untied head is found first; a tied one is the input embedding
+    names = ["lm_head.weight", "language_model.lm_head.weight", "model.embed_tokens.weight",
+             "model.language_model.embed_tokens.weight", "transformer.wte.weight"]
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    for name in names:
+        for f in files:
+            with safe_open(os.path.join(model_dir, f), framework="pt") as st:
+                if name in st.keys():
+                    return st.get_tensor(name)
+    raise FileNotFoundError(f"{model_dir}: no output matrix among {names}")
+
+
+def _median_seconds(fn: Callable[[], None], rounds: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        self.engine = make_engine(engine, ecfg)
-        self.start_s = time.perf_counter() - t0
-        self.base = None
-        if engine == "vllm":
-            self.base = make_engine("vllm", EngineConfig(**{**vars(ecfg),
-                                                           "vllm_path": "prompt-logprobs"}))
-        self.baseline = baseline and self.base is not None
-        self.weight = self.engine.weight
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class _Writer:
+    """What a dump worker does for one shard, with a fresh shard name per call."""
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
         self.tmp = tempfile.mkdtemp(prefix="kdcache-bench-")
         self._names = iter(range(10**9))
+        self._pipelines: list = []
 
-    def close(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        for eng in (self.engine, self.base):
-            if eng is not None:
-                eng.close()
+    def header(self, k: int, window: int, mode: str):
 
-    def _header(self, k: int, window: int):
         header = DatasetHeader(kind="topk", k=k, vocab_size=self.vocab,
                                codec=default_codec("topk"),
-                               packing={"window": window, "mode": self.mode})
+                               packing={"window": window, "mode": mode})
         return header, prepare_codec(header)
 
-    def dump_fn(self, eng, windows, k: int, window: int, windows_per_shard: int = 4):
+    def dump_fn(self, engine, windows, c: BenchConfig) -> Callable[[], None]:
         """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
         into shards, the engine called on ~16k-token groups on this thread while the writer's
         threads encode the previous group and finish the previous shard."""
-        header, codec = self._header(k, window)
-        pipeline = ShardPipeline(eng)
+        header, codec = self.header(c.k, c.window, c.mode)
+        pipeline = ShardPipeline(engine)
+        self._pipelines.append(pipeline)
+        step = c.windows_per_shard
 
         def run() -> None:
-            shards = [(shard_name(next(self._names)), windows[i:i + windows_per_shard])
-                      for i in range(0, len(windows), windows_per_shard)]
+            shards = [(f"shard-{next(self._names):05d}", windows[i:i + step])
+                      for i in range(0, len(windows), step)]
             pipeline.write_all(self.tmp, shards, header, codec)
         return run
 
-    def measure(self, cfg: BenchConfig) -> dict:
+    def close(self) -> None:
+        for pipeline in self._pipelines:
+            pipeline.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _engine(name: str, cfgs: list[BenchConfig], **overrides):
+    """One engine that serves every config (largest k and window)."""
+    if hasattr(os, "sched_getaffinity"):  # in-process engine: use every core we have
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                              ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    c = cfgs[0]
+    util = c.gpu_memory_utilization
+    if util is None and name == "vllm":
+        util = _free_gpu_share()
+    ecfg = EngineConfig(model=c.model, k=max(x.k for x in cfgs),
+                        window=max(x.window for x in cfgs), mode=c.mode, device="auto",
+                        dtype=c.dtype, gpu_memory_utilization=util, **overrides)
+    t0 = time.perf_counter()
+    engine = make_engine(name, ecfg)
+    return engine, time.perf_counter() - t0
+
+
+def _free_gpu_share() -> float | None:
+    """vLLM's default share of the GPU, or less if something else still holds memory."""
+    try:
         import torch
 
-        windows = bench_windows(cfg)
-        tokens = int(sum(w.n_tokens for w in windows))
-        for eng in (self.engine, self.base):
-            if eng is not None:
-                eng.reconfigure(k=cfg.k, mode=cfg.mode, window=cfg.window)
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+    except Exception:
+        return None
+    return round(min(0.9, 0.95 * free / total), 3)
+
+
+def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: None,
+               captured: dict | None = None) -> list[dict]:
+    """One result per config; engines started once each, one at a time (see module doc).
+    All configs share the model, engine and dtype. `captured`, if given, receives each engine's
+    raw targets for the first window of each config: {(path, k, window, mode): WindowTargets}
+    (path: "pooler", "prompt-logprobs" or "hf"), for agreement checks on the same device."""
+    import torch
+
+
+    first = cfgs[0]
+    if any((c.model, c.engine, c.dtype) != (first.model, first.engine, first.dtype)
+           for c in cfgs):
+        raise ValueError("bench_many: every config must share model, engine and dtype")
+    vocab = int(teacher_fingerprint(first.model)["vocab_size"])
+    windows = [bench_windows(c) for c in cfgs]
+    results = [{"bench": "dump", "engine": c.engine, "mode": c.mode, "k": c.k,
+                "window": c.window, "windows": len(w),
+                "tokens": int(sum(x.n_tokens for x in w)), "vocab_size": vocab,
+                "rounds": c.rounds, "dtype": c.dtype} for c, w in zip(cfgs, windows)]
+    seconds: list[dict[str, float]] = [{} for _ in cfgs]
+    writer = _Writer(vocab)
+
+    def capture(path: str, engine, c: BenchConfig, wins) -> None:
+        if captured is not None:
+            captured[(path, c.k, c.window, c.mode)] = engine.topk(wins[:1])[0]
+    try:
+        # 1. the dump engine: whole dump (targets + conversion + encoding + writing)
+        engine, start_s = _engine(first.engine, cfgs)
+        try:
+            for c, wins, sec, res in zip(cfgs, windows, seconds, results):
+                engine.reconfigure(k=c.k, mode=c.mode, window=c.window)
+                sec["dump"] = _median_seconds(writer.dump_fn(engine, wins, c), c.rounds)
+                sec["engine"] = _median_seconds(lambda: engine.topk(wins), c.rounds)
+                capture("pooler" if first.engine == "vllm" else "hf", engine, c, wins)
+                res["engine_start_s"] = round(start_s, 1)
+                if first.engine == "hf":  # prefill-only: the backbone alone, same engine
+                    sec["prefill"] = _median_seconds(lambda: _hf_prefill(engine, wins, c.mode),
+                                                     c.rounds)
+                log(f"bench dump: {c.engine} k={c.k} window={c.window} {c.mode}: "
+                    f"{res['tokens'] / sec['dump']:,.0f} tok/s")
+        finally:
+            engine.close()
+            del engine
+        # 2. vLLM: prefill-only and the prompt-logprobs baseline, on their own engine
+        if first.engine == "vllm":
+            base, _ = _engine("vllm", cfgs, vllm_path="prompt-logprobs")
+            try:
+                for c, wins, sec in zip(cfgs, windows, seconds):
+                    base.reconfigure(k=c.k, mode=c.mode, window=c.window)
+                    sec["prefill"] = _median_seconds(lambda: base.prefill(wins), c.rounds)
+                    if c.baseline:
+                        sec["baseline"] = _median_seconds(writer.dump_fn(base, wins, c),
+                                                          c.rounds)
+                        capture("prompt-logprobs", base, c, wins)
+            finally:
+                base.close()
+                del base
+        # 3. the extra pass: lm_head + logsumexp + top-k on the same device, same dtype
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = getattr(torch, first.dtype)
+        weight = lm_head_weight(first.model).to(device, dtype)
         gen = torch.Generator().manual_seed(0)
-        hidden = (torch.randn(tokens, int(self.weight.shape[1]), generator=gen) * 0.5).to(
-            self.weight.device, self.weight.dtype)
+        for c, sec, res in zip(cfgs, seconds, results):
+            hidden = (torch.randn(res["tokens"], int(weight.shape[1]), generator=gen) * 0.5).to(
+                device, dtype)
 
-        def extra() -> None:
-            chunked_topk(hidden, self.weight, cfg.k)
-
-        timers = {"prefill": _prefill_fn(cfg, self.engine, self.base, windows), "extra": extra,
-                  "dump": self.dump_fn(self.engine, windows, cfg.k, cfg.window,
-                                       cfg.windows_per_shard)}
-        if self.baseline and cfg.baseline:
-            timers["baseline"] = self.dump_fn(self.base, windows, cfg.k, cfg.window,
-                                              cfg.windows_per_shard)
-        for fn in timers.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {name: [] for name in timers}
-        for _ in range(cfg.rounds):
-            for name, fn in timers.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        med = {name: statistics.median(ts) for name, ts in times.items()}
-        ceiling = tokens / (med["prefill"] + med["extra"])
-        result = {
-            "bench": "dump", "engine": self.engine_name, "k": cfg.k, "window": cfg.window,
-            "windows": len(windows), "tokens": tokens, "vocab_size": self.vocab,
-            "hidden_size": int(self.weight.shape[1]),
-            "codec": self._header(cfg.k, cfg.window)[0].codec,
-            "prefill_tokens_per_s": round(tokens / med["prefill"], 1),
-            "extra_tokens_per_s": round(tokens / med["extra"], 1),
+            def extra() -> None:
+                chunked_topk(hidden, weight, c.k)
+                _sync()
+            sec["extra"] = _median_seconds(extra, c.rounds)
+            del hidden
+        hidden_size = int(weight.shape[1])
+        del weight
+    finally:
+        writer.close()
+    for c, sec, res in zip(cfgs, seconds, results):
+        tokens = res["tokens"]
+        ceiling = tokens / (sec["prefill"] + sec["extra"])
+        res.update({
+            "hidden_size": hidden_size, "codec": writer.header(c.k, c.window, c.mode)[0].codec,
+            "prefill_tokens_per_s": round(tokens / sec["prefill"], 1),
+            "extra_tokens_per_s": round(tokens / sec["extra"], 1),
             "ceiling_tokens_per_s": round(ceiling, 1),
-            "dump_tokens_per_s": round(tokens / med["dump"], 1),
-            "ratio": round(tokens / med["dump"] / ceiling, 3),
-            "engine_start_s": round(self.start_s, 1), "rounds": cfg.rounds,
+            "dump_tokens_per_s": round(tokens / sec["dump"], 1),
+            # the targets alone (no conversion, encoding or writing): the engine's own ratio
+            "engine_tokens_per_s": round(tokens / sec["engine"], 1),
+            "engine_ratio": round(tokens / sec["engine"] / ceiling, 3),
+            "ratio": round(tokens / sec["dump"] / ceiling, 3),
+            "vllm_path": "pooler" if c.engine == "vllm" else None,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "encode_threads": default_encode_threads(), "dtype": str(self.weight.dtype),
-            "device": str(self.weight.device),
-        }
-        if "baseline" in med:
-            result["baseline"] = "vllm prompt_logprobs flat"
-            result["baseline_tokens_per_s"] = round(tokens / med["baseline"], 1)
-            result["baseline_ratio"] = round(tokens / med["baseline"] / ceiling, 3)
-        return result
+            "encode_threads": default_encode_threads(), "device": device,
+        })
+        if "baseline" in sec:
+            res["baseline"] = "vllm prompt_logprobs flat"
+            res["baseline_tokens_per_s"] = round(tokens / sec["baseline"], 1)
+            res["baseline_ratio"] = round(tokens / sec["baseline"] / ceiling, 3)
+    return results
 
 
 def bench_dump(cfg: BenchConfig) -> dict:
     """One measurement (the `kdcache bench dump` command)."""
-    bench = DumpBench(cfg.model, cfg.engine, max_k=cfg.k, max_window=cfg.window, mode=cfg.mode,
-                      baseline=cfg.baseline, dtype=cfg.dtype)
-    try:
-        return bench.measure(cfg)
-    finally:
-        bench.close()
+    return bench_many([cfg])[0]
 
 
-def _prefill_fn(cfg: BenchConfig, engine, base, windows):
-    """Prefill-only on the same windows: what the teacher costs with no targets at all."""
-    if base is not None:
-        from vllm import SamplingParams
-
-        prompts = [{"prompt_token_ids": w.tokens[s:e].tolist()}
-                   for w in windows for s, e, _ in segments_for_mode(w, cfg.mode)]
-        params = SamplingParams(max_tokens=1, detokenize=False)
-
-        def run() -> None:
-            base.llm.generate(prompts, params, use_tqdm=False)
-        return run
-
-    def run_hf() -> None:
-        for w in windows:
-            for s, e, p in segments_for_mode(w, cfg.mode):
-                engine.hidden_states(w.tokens[s:e], p)
-        if engine.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-    return run_hf
+def bench_series(base: BenchConfig, ks: list[int], windows: list[tuple[int, int]]):
+    """Configs for every k at every (window, number of windows)."""
+    return [replace(base, k=k, window=w, windows=n) for w, n in windows for k in ks]
 
 
-def slope(points: list[tuple[int, float]]) -> float:
-    """Least-squares seconds per token of (tokens, seconds) points."""
-    x = np.array([p[0] for p in points], dtype=np.float64)
-    y = np.array([p[1] for p in points], dtype=np.float64)
-    return float(np.polyfit(x, y, 1)[0])
+def _hf_prefill(engine, windows, mode: str) -> None:
+
+    for w in windows:
+        for s, e, p in segments_for_mode(w, mode):
+            engine.hidden_states(w.tokens[s:e], p)
+    if engine.device == "cuda":
+        _sync()

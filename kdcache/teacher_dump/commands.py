@@ -43,6 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="corpus file, folder, glob or fsspec URL, or 'builtin'")
     p.add_argument("--out", required=True, help="dataset directory or fsspec URL")
     p.add_argument("--k", type=int, default=64, help="top-k entries per token (default 64)")
+    p.add_argument("--kind", default="topk", choices=["topk", "sampled"],
+                   help="topk (default): top-k log-probs; sampled: RS-KD, --draws samples per "
+                        "position from the full distribution at --temperature, stored as counts "
+                        "(vLLM pooler path)")
+    p.add_argument("--draws", type=int, default=None,
+                   help="with --kind sampled: draws per position (e.g. 50)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="with --kind sampled: temperature of the draws (default 1.0)")
     p.add_argument("--window", type=int, default=131072, help="tokens per window")
     p.add_argument("--mode", default="document", choices=list(PACKING_MODES),
                    help="packing mode (document-global needs --engine hf)")
@@ -72,13 +80,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shuffle-buffer", type=int, default=4096, help="documents shuffled together")
     p.add_argument("--codec", default=None, help="target codec (default: the formats default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--vllm-path", default="hidden", choices=["hidden", "prompt-logprobs"],
-                   help="hidden: vLLM hidden states + chunked top-k (fast); prompt-logprobs: "
-                        "vLLM's own prompt log-probs")
+    p.add_argument("--vllm-path", default="pooler", choices=["pooler", "prompt-logprobs"],
+                   help="pooler (default): the model's own logits and top-k inside vLLM's "
+                        "worker, on its device; prompt-logprobs: vLLM's own prompt log-probs")
     p.add_argument("--bos-id", type=int, default=None)
     p.add_argument("--eos-id", type=int, default=None)
     p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose actor died")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM-CPU KV cache size")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset of another configuration in --out (by default it is "
+                        "refused; the same configuration resumes)")
     p.add_argument("--json", action="store_true", help="print one JSON line (no progress bar)")
     p.set_defaults(handler=_run_dump)
 
@@ -141,7 +152,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=8192)
     p.add_argument("--windows", type=int, default=4, help="windows to time")
     p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
+    p.add_argument("--mode", default="causal", choices=["causal", "document"],
+                   help="packing mode of the timed windows")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds (median)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's share of the GPU per engine (default: vLLM's, or what is free)")
     p.add_argument("--no-baseline", action="store_true", help="skip the prompt-logprobs baseline")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="engine dtype (bfloat16 on a GPU)")
@@ -160,7 +175,8 @@ def _run_make_teacher(args: argparse.Namespace) -> int:
     else:
         print(f"kdcache make-teacher: {args.out}: {summary['parameters']:,} parameters, "
               f"vocab {cfg.vocab_size}, {summary['train_steps']} training steps "
-              f"(final loss {summary['final_loss']:.3f}), {summary['seconds']} s")
+              + (f"(final loss {summary['final_loss']:.3f}), " if summary["final_loss"] is not None
+                 else "(untrained), ") + f"{summary['seconds']} s")
     return 0
 
 
@@ -177,10 +193,30 @@ def _run_dump(args: argparse.Namespace) -> int:
         vllm_path=args.vllm_path, bos_id=args.bos_id, eos_id=args.eos_id, workers=args.workers,
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
         gpu_memory_utilization=args.gpu_memory_utilization, ray_address=args.ray_address,
-        max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json)
-    summary = run_dump(cfg, log=(lambda m: None) if args.json else print)
+        max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json,
+        draws=_sampled_draws(args), temperature=args.temperature)
+    summary = run_dump(cfg, log=(lambda m: None) if args.json else print,
+                       overwrite=args.overwrite)
     print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
+
+
+def _sampled_draws(args: argparse.Namespace) -> int:
+    """Draws per position for --kind sampled (0 for top-k), checked before anything is written."""
+    from kdcache.errors import ConfigMismatchError
+
+    if args.kind == "topk":
+        if args.draws is not None:
+            raise ConfigMismatchError("--draws needs --kind sampled")
+        return 0
+    if args.draws is None or args.draws < 1:
+        raise ConfigMismatchError("--kind sampled needs --draws N (N >= 1 draws per position)")
+    if args.engine != "vllm" or args.vllm_path != "pooler":
+        raise ConfigMismatchError("--kind sampled draws on the teacher's device inside vLLM: "
+                                  "use --engine vllm --vllm-path pooler")
+    if not args.temperature > 0:
+        raise ConfigMismatchError(f"--temperature must be > 0, got {args.temperature}")
+    return int(args.draws)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -223,7 +259,8 @@ def _run_bench_dump(args: argparse.Namespace) -> int:
     result = bench_dump(BenchConfig(model=args.model, corpus=args.corpus, k=args.k,
                                     window=args.window, windows=args.windows, engine=args.engine,
                                     rounds=args.rounds, baseline=not args.no_baseline,
-                                    dtype=args.dtype))
+                                    dtype=args.dtype, mode=args.mode,
+                                    gpu_memory_utilization=args.gpu_memory_utilization))
     if args.json:
         print(json.dumps(result))
     else:

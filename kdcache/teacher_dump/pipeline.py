@@ -47,13 +47,18 @@ def engine_groups(windows: Iterable[PackedWindow],
 
 
 def group_records(engine, group: list[PackedWindow]) -> list:
-    """The engine's targets for one group, as WindowRecords for the writer."""
+    """The engine's targets for one group, as WindowRecords for the writer (a `sampled` dump,
+    engine.cfg.draws > 0, stores the draws: distinct ids and counts / draws)."""
     from kdcache.formats.window import WindowRecord
 
-    return [WindowRecord(window_index=w.window_index, tokens=w.tokens, doc_offsets=w.doc_offsets,
-                         valid=t.valid, ids=t.ids, values=t.logprobs, doc_ids=w.doc_ids,
-                         doc_pieces=w.doc_pieces)
-            for w, t in zip(group, engine.topk(group))]
+    sampled = bool(getattr(getattr(engine, "cfg", None), "draws", 0))
+    records = []
+    for w, t in zip(group, engine.topk(group)):
+        ids, values = (t.draw_ids, t.draw_weights) if sampled else (t.ids, t.logprobs)
+        records.append(WindowRecord(window_index=w.window_index, tokens=w.tokens,
+                                    doc_offsets=w.doc_offsets, valid=t.valid, ids=ids,
+                                    values=values, doc_ids=w.doc_ids, doc_pieces=w.doc_pieces))
+    return records
 
 
 class _Aborted(Exception):

@@ -25,6 +25,7 @@ from typing import Any
 
 from kdcache.errors import ConfigMismatchError, FormatError, KdcacheError
 from kdcache.formats import storage
+from kdcache.model_config import max_positions
 from kdcache.formats.writer import shard_path
 from kdcache.teacher_dump.corpus import BUILTINS, CorpusSpec
 from kdcache.teacher_dump.engines.base import EngineConfig
@@ -88,14 +89,17 @@ class DumpConfig:
                      text_field: str = "text", targets: str = "auto",
                      builtin_documents: int = 400,
                      windows_per_shard: int = 16, codec: str | None = None,
-                     dtype: str = "float32", vllm_path: str = "hidden",
+                     dtype: str = "float32", vllm_path: str = "pooler",
                      bos_id: int | None = None, eos_id: int | None = None, workers: int = 1,
                      tensor_parallel: int = 1, pipeline_parallel: int = 1,
                      gpu_memory_utilization: float | None = None,
                      ray_address: str | None = None, max_retries: int = 3,
                      kv_cache_gib: float = 1.0, device: str = "auto",
-                     progress: bool = True) -> "DumpConfig":
-        """The config of the CLI's options (same names as the `kdcache dump` flags)."""
+                     progress: bool = True, draws: int = 0,
+                     temperature: float = 1.0) -> "DumpConfig":
+        """The config of the CLI's options (same names as the `kdcache dump` flags).
+        `draws` > 0 makes a `sampled` dataset (RS-KD: that many draws per position at
+        `temperature`, stored as counts) instead of top-k."""
         return cls(
             corpus=CorpusSpec(path=corpus, text_field=text_field,
                               builtin_documents=builtin_documents, builtin_seed=seed),
@@ -106,7 +110,8 @@ class DumpConfig:
                                  tensor_parallel=tensor_parallel,
                                  pipeline_parallel=pipeline_parallel,
                                  gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                                 vllm_path=vllm_path, device=device, kv_cache_gib=kv_cache_gib),
+                                 vllm_path=vllm_path, device=device, kv_cache_gib=kv_cache_gib,
+                                 draws=draws, temperature=temperature),
             out=out, engine=engine, windows_per_shard=windows_per_shard, codec=codec,
             execution=ExecutionConfig(workers=workers, ray_address=ray_address,
                                       max_retries=max_retries, progress=progress))
@@ -114,7 +119,10 @@ class DumpConfig:
     def options(self) -> dict[str, Any]:
         """The flat options this config was built from (inverse of `from_options`)."""
         c, p, t, x = self.corpus, self.pack, self.teacher, self.execution
-        return dict(model=t.model, corpus=c.path, out=self.out, k=t.k, window=p.window,
+        # sampled-target settings only when set: top-k plans keep their earlier identity
+        sampled = {"draws": t.draws, "temperature": t.temperature} if t.draws else {}
+        return dict(**sampled, model=t.model, corpus=c.path, out=self.out, k=t.k,
+                    window=p.window,
                     mode=t.mode, engine=self.engine, seed=p.seed,
                     split_long_docs=p.split_long_docs, shuffle_buffer=p.shuffle_buffer,
                     text_field=c.text_field, targets=p.targets,
@@ -174,6 +182,47 @@ class Plan:
             raise FormatError(f"{where}: invalid plan: {exc}") from None
 
 
+def check_teacher_limits(cfg: "DumpConfig") -> None:
+    """Refuse a k beyond the teacher's vocabulary or a window beyond its positions, for every
+    engine, before anything is written (engines only found out after plan.json: a raw IndexError
+    on GPT-2, a vLLM traceback, or RoPE models run silently past their context)."""
+    model_dir = cfg.teacher.model
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FormatError(f"{model_dir}: not a model directory (no config.json)")
+    try:
+        with open(cfg_path, "rb") as fh:
+            config = json.loads(fh.read())
+        text_cfg = config.get("text_config") or config
+        vocab = int(text_cfg["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FormatError(f"{cfg_path}: cannot read the teacher's vocab_size: {exc}") from None
+    if cfg.teacher.k > vocab:
+        raise DumpError(f"--k {cfg.teacher.k} exceeds the teacher's vocabulary ({vocab} ids, "
+                        f"{cfg_path})")
+    limit = max_positions(text_cfg)
+    if limit is not None and cfg.pack.window > limit[1]:
+        raise DumpError(f"--window {cfg.pack.window} exceeds the teacher's {limit[1]} "
+                        f"positions ({limit[0]} in {cfg_path}); pass --window {limit[1]} or less")
+
+
+def discard_dataset(root: str) -> None:
+    """Remove what a dump writes in `root` (for --overwrite); other files are left alone."""
+    from kdcache.formats.card import FIGURE_PATH
+    from kdcache.formats.manifest import CARD_NAME, MANIFEST_NAME, SHARD_DIR, TABLE_PATH
+
+    fs, base = storage.resolve(root)
+    # manifest first: a half-discarded directory must not read as a finished dataset
+    for name in (MANIFEST_NAME, PLAN_NAME, CARD_NAME, TABLE_PATH, FIGURE_PATH):
+        path = storage.join(base, name)
+        if fs.exists(path):
+            fs.rm(path)
+    for name in (SHARD_DIR, PROGRESS_DIR):
+        path = storage.join(base, name)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
 def teacher_fingerprint(model_dir: str) -> dict[str, Any]:
     """Config hash, tokenizer hash and a cheap weights hash (names, sizes, 1 MiB head/tail)."""
     import xxhash
@@ -230,7 +279,7 @@ def check_against(existing: Plan, new: Plan, where: str) -> None:
         raise ConfigMismatchError(
             f"{where}: this output directory holds a dump with a different configuration; "
             "refusing to mix targets. Differences:\n  " + "\n  ".join(problems)
-            + "\nUse a new --out directory (or delete this one) to start over.")
+            + "\nUse a new --out directory, or pass --overwrite to replace this one.")
 
 
 def load_plan(root: str) -> Plan | None:

@@ -42,8 +42,8 @@ from kdcache.teacher_dump.chat import resolve_policy
 from kdcache.teacher_dump.corpus import CorpusStats, corpus_fingerprint, iter_documents
 from kdcache.teacher_dump.pack import PackedWindow, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import (PROGRESS_DIR, DumpConfig, DumpError, Plan, check_against,
-                                       completed_shards, load_plan, mark_done,
-                                       teacher_fingerprint, write_plan)
+                                       check_teacher_limits, completed_shards, discard_dataset,
+                                       load_plan, mark_done, teacher_fingerprint, write_plan)
 from kdcache.teacher_dump.workers import (SHARDS_PER_ACTOR, ActorPool, init_ray,
                                           unwrap_task_error, window_to_dict)
 
@@ -97,9 +97,15 @@ def build_header(cfg: DumpConfig, plan: Plan, tokenizer: TeacherTokenizer):
                "windows_per_shard": cfg.windows_per_shard, "policy": "next-fit whole documents",
                "positions": MODES[t.mode].positions,
                "targets": resolve_policy(p.targets, plan.packing_stats.get("chats", 0) > 0)}
-    return DatasetHeader(kind="topk", k=t.k, vocab_size=int(teacher["vocab_size"]),
-                         packing=packing, codec=cfg.codec or default_codec("topk"),
-                         codec_params={}, teacher=teacher, temperature=1.0,
+    if t.draws:  # RS-KD: up to `draws` distinct ids per row, weights = counts / draws
+        kind, k, params, temperature = "sampled", t.draws, {"draws": t.draws}, t.temperature
+    else:
+        kind, k, params, temperature = "topk", t.k, {}, 1.0
+    codec = cfg.codec or default_codec(kind)
+    return DatasetHeader(kind=kind, k=k, vocab_size=int(teacher["vocab_size"]),
+                         packing=packing, codec=codec,
+                         codec_params=params if codec == "qrank" else {}, teacher=teacher,
+                         temperature=temperature,
                          extra={"corpus": plan.corpus, "made_by": "kdcache dump"})
 
 
@@ -125,8 +131,10 @@ class _RunState:
 
 def run_dump(cfg: DumpConfig, *, actors: list | None = None,
              on_shard_done: Callable[[str, dict, ActorPool], None] | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) a dump; returns the summary dict (also stored in the manifest stats).
+
+    `overwrite`: replace a dataset of another configuration in `cfg.out` (refused otherwise).
 
     `actors`: already started DumpWorker actors to use (they are configured for this run and
     left running); by default `cfg.execution.workers` actors are started and stopped here.
@@ -134,31 +142,42 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     interrupt runs and kill actors at chosen points).
     """
     t_start = time.perf_counter()
-    state = _plan_run(cfg)
+    state = _plan_run(cfg, overwrite)
     _resume_state(cfg, state)
     if state.todo:
         _schedule(cfg, state, actors, on_shard_done, log)
     return _finish(cfg, state, time.perf_counter() - t_start)
 
 
-def _plan_run(cfg: DumpConfig) -> _RunState:
+def _plan_run(cfg: DumpConfig, overwrite: bool = False) -> _RunState:
     """Refuse what cannot run, write (or check) plan.json, build the dataset header."""
     if cfg.teacher.mode == "document-global" and cfg.engine == "vllm":
         raise ConfigMismatchError("packing mode 'document-global' needs positions that do not "
                                   "start at 0 per document, which vLLM cannot take: use --engine hf")
     tokenizer = TeacherTokenizer(cfg.teacher.model, cfg.pack.bos_id, cfg.pack.eos_id)
+    check_teacher_limits(cfg)
     fs, base = storage.resolve(cfg.out)
     storage.check_reachable(fs, base)  # a missing bucket or refused credentials: before any work
     existing = load_plan(cfg.out)
-    if existing is None and dataset_finished(cfg.out):
+    if existing is None and dataset_finished(cfg.out) and not overwrite:
         raise ConfigMismatchError(f"{cfg.out}: holds a dataset that was not made by this dump "
-                                  "(manifest.json but no plan.json); choose another --out")
+                                  "(manifest.json but no plan.json); choose another --out, or "
+                                  "pass --overwrite to replace it")
     plan = make_plan(cfg, tokenizer)
-    if existing is not None:
-        check_against(existing, plan, where=storage.join(base, "plan.json"))
-        if existing.shards != plan.shards:
-            raise ConfigMismatchError(f"{cfg.out}: the corpus packs into different shards than "
-                                      "the plan recorded (the corpus changed); use a new --out")
+    if existing is not None or dataset_finished(cfg.out):
+        try:
+            if existing is None:
+                raise ConfigMismatchError(f"{cfg.out}: holds a dataset not made by this dump")
+            check_against(existing, plan, where=storage.join(base, "plan.json"))
+            if existing.shards != plan.shards:
+                raise ConfigMismatchError(
+                    f"{cfg.out}: the corpus packs into different shards than the plan recorded "
+                    "(the corpus changed); use a new --out, or pass --overwrite to start over")
+        except ConfigMismatchError:
+            if not overwrite:
+                raise
+            discard_dataset(cfg.out)  # everything is validated: replace the old dataset
+            existing = None
     write_plan(cfg.out, plan)  # refresh execution settings; config is unchanged
     header = build_header(cfg, plan, tokenizer)
     # The codec's table (qrank's id ranking) is fitted on the teacher's top-k of the first window

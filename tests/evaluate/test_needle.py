@@ -149,3 +149,30 @@ def test_vllm_engine_agrees_with_transformers(tiny_model_dir, tokenizer):
         engine.close()
     same = sum(a == b for a, b in zip(hf, vl))
     assert same >= len(prompts) - 1, list(zip(hf, vl))
+
+
+def test_run_names_are_unique_whatever_the_paths():
+    from kdcache.evaluate.models import unique_labels
+
+    runs = ["runs/a/s1/hf", "runs/b/s1/hf", "other/b/s1/hf", "models/tiny"]
+    labels = unique_labels(runs)
+    assert len(set(labels)) == 4 and labels[3] == "tiny"
+    assert labels[0] == "a/s1/hf"  # as short as stays distinct
+
+
+def test_needle_past_the_models_positions_is_said(tiny_model_dir, tmp_path, caplog):
+    import shutil
+
+    from kdcache.evaluate.needle import NeedleConfig, run_needle
+
+    short = tmp_path / "short-context"
+    shutil.copytree(tiny_model_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    cfg = NeedleConfig(tasks=("passkey",), lengths=(640,), depths=(0.5,), samples=1,
+                       max_new_tokens=4, engine="hf")
+    with caplog.at_level("WARNING", logger="kdcache.eval"):
+        result = run_needle([str(short)], cfg)
+    assert len(result["warnings"]) == 1
+    assert "exceed the model's 512 positions (max_position_embeddings)" in result["warnings"][0]
+    assert "512 positions" in caplog.text

@@ -315,8 +315,10 @@ def read_dataset(root: str | Path) -> tuple[list[dict[str, np.ndarray]], Coverag
         reader = ipc.open_file(pa.py_buffer(data))
         meta = {kk.decode(): vv.decode() for kk, vv in (reader.schema.metadata or {}).items()}
         want = {"kdcache.kind": kind, "kdcache.k": str(k), "kdcache.vocab_size": str(vocab),
-                "kdcache.codec": codec["name"]}
-        _need(all(meta.get(kk) == vv for kk, vv in want.items()), f"shard metadata {meta}")
+                "kdcache.codec": codec["name"], "kdcache.mode": manifest["packing"]["mode"]}
+        _need(all(meta.get(kk) == vv for kk, vv in want.items())
+              and meta.get("kdcache.format_version", "").split(".")[0] == "1",
+              f"shard metadata {meta}")
         _need(reader.num_record_batches == entry["windows"], "record batch count")
         for b in range(reader.num_record_batches):
             batch = reader.get_batch(b)

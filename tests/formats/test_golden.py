@@ -156,6 +156,17 @@ def test_naive_decoder_from_format_md_gives_golden_arrays(name):
         nd.check_values(case["kind"], w["ids"][v], w["values"][v], case["vocab_size"])
 
 
+def test_naive_decoder_reads_a_1_0_dataset():
+    """Format 1.0.0 (before packing.targets) decodes by the same text."""
+    legacy = gc.GOLDEN.parent / "legacy-1.0" / "qrank-topk"
+    windows, _ = nd.read_dataset(legacy)
+    with np.load(legacy / "decoded.npz", allow_pickle=False) as want:
+        assert len(windows) == len([k for k in want.files if k.endswith("_ids")])
+        for i, w in enumerate(windows):
+            assert _same_bits(w["ids"], want[f"w{i}_ids"].astype(np.int32))
+            assert _same_bits(w["values"], want[f"w{i}_values"])
+
+
 def test_golden_vectors_reach_every_branch():
     """The vectors exercise what a reader could get wrong, not only the common path."""
     total = nd.Coverage()

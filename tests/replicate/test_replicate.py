@@ -65,8 +65,18 @@ def test_arms_differ_only_in_what_they_name():
     assert "force_mode" not in runs["kd-phasewise"]["defaults"]["model"]
 
 
+@pytest.fixture
+def own_ray():
+    """The pipeline's dumps start a local Ray cluster in this process: stop it afterwards."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.mark.slow
-def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
+def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path, own_ray):
     from kdcache.replicate.pipeline import run_replicate
 
     preset = get_preset("smoke")

@@ -35,7 +35,8 @@ def tiny_config(arch: str, **overrides):
                                       "layer_types": ["sliding_attention", "full_attention"],
                                       "query_pre_attn_scalar": 24, **common})
     if arch == "phi3":  # fused qkv and gate/up projections
-        return tf.Phi3Config(**{"tie_word_embeddings": False, "pad_token_id": 0, **common})
+        return tf.Phi3Config(**{"tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1,
+                                 "eos_token_id": 2, **common})
     raise ValueError(arch)
 
 

@@ -175,3 +175,24 @@ def test_the_progress_bar_counts_steps_on_stderr(doc_dataset, tmp_path, tiny_run
     out, err = capfd.readouterr()
     assert "Epoch" not in out + err and "train s1" not in out
     assert "train s1" in err and "3/3" in err
+
+
+def test_a_foreign_rehashed_shard_is_refused_before_the_first_step(tmp_path, tiny_run):
+    """formats' preflight (every shard against the manifest) runs before training starts."""
+    import shutil
+
+    from kdcache.errors import FormatError
+    from kdcache.formats.synthetic import write_synthetic_dataset
+    from tests.formats.fuzz_shards import rehash
+
+    common = dict(windows=WINDOWS, window=WINDOW, vocab_size=256, windows_per_shard=2,
+                  doc_len=(8, 80))
+    write_synthetic_dataset(tmp_path / "ds", k=4, **common)
+    write_synthetic_dataset(tmp_path / "other", k=8, seed=1, **common)
+    shard = "shards/shard-00001.arrow"
+    shutil.copyfile(tmp_path / "other" / shard, tmp_path / "ds" / shard)
+    rehash(tmp_path / "ds", shard)
+    steps: list = []
+    with pytest.raises(FormatError, match="pre-training check"):
+        _run(tiny_run([str(tmp_path / "ds")], tmp_path / "run", steps=1), steps)
+    assert steps == []

@@ -46,10 +46,15 @@ def test_vllm_serves_the_exported_student(tmp_path):
     model = Student(ModelArgs.from_preset("tiny", vocab_size=512, rope_theta=500_000.0))
     save_hf(model, str(tmp_path / "hf"), dtype=torch.bfloat16)
     tokens = torch.randint(3, 512, (48,)).tolist()
+    assert_vllm_matches_transformers(str(tmp_path / "hf"), tokens, tmp_path)
+
+
+def assert_vllm_matches_transformers(path: str, tokens: list[int], tmp_path) -> None:
+    """vLLM's prompt log-probs of `tokens` under the HF directory `path` equal transformers'."""
     script = tmp_path / "serve.py"
     script.write_text(_SCRIPT)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "hf"), json.dumps(tokens)],
+    proc = subprocess.run([sys.executable, str(script), path, json.dumps(tokens)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"max_diff"')]

@@ -28,6 +28,10 @@ def teacher_dir(tmp_path_factory) -> str:
 def ray_address():
     import ray
 
+    if ray.is_initialized():
+        # an earlier test (a dump run in-process) started a cluster sized to this machine: too
+        # small for the session's engine actors, whose placement groups would then never place
+        ray.shutdown()
     ctx = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                    ignore_reinit_error=True)
     yield ctx.address_info["gcs_address"]
@@ -49,11 +53,11 @@ def _start_worker(engine: str, teacher_dir: str, **engine_kw):
 
 @pytest.fixture(scope="session")
 def vllm_workers(ray_address, teacher_dir):
-    """{'hidden': actor, 'prompt-logprobs': actor}; constructors run concurrently in Ray."""
+    """{'pooler': actor, 'prompt-logprobs': actor}; constructors run concurrently in Ray."""
     import ray
 
     workers = {path: _start_worker("vllm", teacher_dir, vllm_path=path)
-               for path in ("hidden", "prompt-logprobs")}
+               for path in ("pooler", "prompt-logprobs")}
     yield workers
     for w in workers.values():
         ray.kill(w, no_restart=True)

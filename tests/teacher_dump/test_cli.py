@@ -32,3 +32,42 @@ def test_dump_bad_inputs_are_named(tmp_path, teacher_dir, capsys):
                str(tmp_path / "o2"), "--engine", "hf", "--json"])
     err = capsys.readouterr().err
     assert rc == 2 and "yielded no documents" in err and "1 empty" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k", "0"], "--k must be at least 1"),
+    (["--k", "-3"], "--k must be at least 1"),
+    (["--k", "5000"], "--k 5000 exceeds the teacher's vocabulary (1024 ids"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--window", "2"], "window must be at least 4"),
+    (["--window", "131073"], "--window 131073 exceeds the teacher's 131072 positions "
+                             "(max_position_embeddings"),
+])
+def test_dump_arguments_are_refused_before_anything_is_written(tmp_path, teacher_dir, capsys,
+                                                               extra, message):
+    out = tmp_path / "o"
+    rc = main(["dump", "--model", teacher_dir, "--corpus", "builtin", "--out", str(out),
+               "--engine", "hf", "--json", *extra])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not out.exists()  # no plan.json poisoning the corrected command
+
+
+@pytest.mark.slow
+def test_ray_and_library_messages_only_with_verbose(tmp_path, teacher_dir):
+    import os
+    import subprocess
+    import sys
+
+    def dump(out, *extra):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
+        return subprocess.run(
+            [sys.executable, "-m", "kdcache.cli", "dump", "--model", teacher_dir, "--corpus",
+             "builtin", "--builtin-documents", "4", "--out", str(tmp_path / out), "--engine",
+             "hf", "--k", "4", "--window", "256", "--json", *extra],
+            capture_output=True, text=True, env=env, timeout=600)
+
+    quiet = dump("quiet")
+    assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
+    json.loads(quiet.stdout)
+    loud = dump("loud", "--verbose")
+    assert loud.returncode == 0 and "Started a local Ray instance" in loud.stderr

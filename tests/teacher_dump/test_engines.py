@@ -58,7 +58,7 @@ def _vllm(worker, wins, mode, k=K):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["hidden", "prompt-logprobs"])
+@pytest.mark.parametrize("path", ["pooler", "prompt-logprobs"])
 @pytest.mark.parametrize("mode", ["causal", "document"])
 def test_vllm_agrees_with_hf(vllm_workers, hf_engine, windows, path, mode):
     ref = _hf(hf_engine, windows, mode)  # k+1 columns: the gap to the (k+1)-th tells ties
@@ -88,8 +88,8 @@ def test_vllm_agrees_with_hf(vllm_workers, hf_engine, windows, path, mode):
 @pytest.mark.slow
 def test_vllm_run_to_run_noise(vllm_workers, windows):
     """The same windows twice through the same engine: the dump's resume tolerance."""
-    a = _vllm(vllm_workers["hidden"], windows, "document")
-    b = _vllm(vllm_workers["hidden"], windows, "document")
+    a = _vllm(vllm_workers["pooler"], windows, "document")
+    b = _vllm(vllm_workers["pooler"], windows, "document")
     for (ia, la, va), (ib, lb, _) in zip(a, b):
         assert np.array_equal(ia, ib)
         assert np.abs(la[va] - lb[va]).max() <= 1e-6  # measured: 0 (bitwise equal)

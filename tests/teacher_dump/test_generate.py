@@ -100,3 +100,20 @@ def test_generate_resume_and_dump_the_responses(tmp_path, teacher_dir, ray_addre
     tokens = sum(len(w[1]) for w in windows)
     assert 0 < valid_rows < tokens / 2
     assert all(np.all(w[4][w[3]] >= 0) for w in windows)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--dump", "DS", "--k", "0"], "--k must be at least 1"),  # the dump half, checked first
+])
+def test_cli_refuses_bad_arguments_before_writing(tmp_path, extra, message):
+    import subprocess
+    import sys
+
+    out = tmp_path / "g" / "o.jsonl"
+    extra = [str(tmp_path / "g" / "ds") if a == "DS" else a for a in extra]
+    proc = subprocess.run([sys.executable, "-m", "kdcache.cli", "generate", "--model",
+                           str(tmp_path / "no-model"), "--prompts", "builtin-chat", "--out",
+                           str(out), *extra], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "g").exists()

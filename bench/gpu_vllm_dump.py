@@ -1,0 +1,235 @@
+"""Teacher-dump figures on one GPU with vLLM (the `pooler` path), side by side with vLLM's
+prompt-logprobs path and the hf engine, and the targets checked against the hf engine.
+
+    python bench/gpu_vllm_dump.py teachers      # build gpu-1b and the Llama-3-8B-shaped teacher
+    python bench/gpu_vllm_dump.py gpu1b         # every figure on gpu-1b (+ agreement check)
+    python bench/gpu_vllm_dump.py big           # the 8B-shaped teacher, 32k windows, k=64
+    python bench/gpu_vllm_dump.py smoke         # the same code on a tiny teacher (CPU or GPU)
+
+Writes JSON lines to $OUT/gpu_vllm_dump.jsonl (and prints them). Engines run one at a time in
+this process (kdcache.teacher_dump.bench), memory released between them. Teachers are random
+init (timing does not depend on the weights); the 8B-shaped one (32 layers, 4096 wide, 14,336
+MLP, 32/8 heads, V = 128,256) is built in bf16 directly on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+OUT = os.environ.get("OUT", "out")
+ROOT = os.environ.get("KDCACHE_GPU_TEACHERS", "/tmp/kdcache-teachers")
+GPU_1B = os.path.join(ROOT, "gpu-1b")
+BIG = os.path.join(ROOT, "llama3-8b-shape")
+TINY = os.path.join(ROOT, "tiny")
+
+
+def emit(record: dict) -> None:
+    os.makedirs(OUT, exist_ok=True)
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(os.path.join(OUT, "gpu_vllm_dump.jsonl"), "a") as fh:
+        fh.write(line + "\n")
+
+
+def build_teachers() -> None:
+    from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+    t0 = time.perf_counter()
+    if not os.path.isfile(os.path.join(GPU_1B, "config.json")):
+        build_teacher(GPU_1B, TeacherConfig.preset("gpu-1b"), log=lambda m: None)
+    emit({"step": "teacher", "name": "gpu-1b", "seconds": round(time.perf_counter() - t0, 1)})
+    t0 = time.perf_counter()
+    if not os.path.isfile(os.path.join(BIG, "config.json")):
+        build_big(BIG, tokenizer_from=GPU_1B)
+    emit({"step": "teacher", "name": "llama3-8b-shape",
+          "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def build_big(out: str, tokenizer_from: str) -> None:
+    """A random-init Llama-3-8B-shaped model in bf16, initialised on the GPU (the tokenizer is
+    gpu-1b's 2,048 tokens: the model's 128,256 rows are a padded vocabulary)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                      torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+
+
+def agreement(captured: dict, ref_path: str, path: str) -> list[dict]:
+    """Top-k id sets on rows without near-ties (gap between ranks k and k+1 of the reference
+    above 1e-2 nats, bf16) and |log-prob difference| by rank, `path` against `ref_path`."""
+    import numpy as np
+
+    rows = []
+    for (p, k, window, mode), ref in captured.items():
+        other = captured.get((path, k, window, mode))
+        if p != ref_path or other is None:
+            continue
+        v = ref.valid & other.valid
+        lr, lo = ref.logprobs[v], other.logprobs[v]
+        ir, io = ref.ids[v], other.ids[v]
+        gap = lr[:, -2] - lr[:, -1] if k > 1 else np.full(len(lr), np.inf)
+        clear = gap > 1e-2
+        same_set = (np.sort(ir, 1) == np.sort(io, 1)).all(1)
+        diff = np.abs(lr - lo)
+        rows.append({"step": "agreement", "ref": ref_path, "path": path, "k": k,
+                     "window": window, "mode": mode, "rows": int(v.sum()),
+                     "rows_clear": int(clear.sum()),
+                     "set_equal_clear": round(float(same_set[clear].mean()), 4)
+                     if clear.any() else None,
+                     "set_equal_all": round(float(same_set.mean()), 4),
+                     "top1_equal": round(float((ir[:, 0] == io[:, 0]).mean()), 4),
+                     "max_abs_dlogprob": float(diff.max()),
+                     "median_abs_dlogprob": float(np.median(diff)),
+                     "max_abs_dlogprob_by_rank": [round(float(x), 5) for x in
+                                                  diff.max(0)[[0, k // 4, k // 2, k - 1]]]})
+    return rows
+
+
+def run_series(model: str, cfgs, label: str, compare: bool = True) -> None:
+    from kdcache.teacher_dump.bench import bench_many
+
+    captured: dict = {}
+    t0 = time.perf_counter()
+    for r in bench_many(cfgs, log=lambda m: print(m, file=sys.stderr, flush=True),
+                        captured=captured):
+        emit({"step": "bench", "teacher": label, **r})
+    emit({"step": "series_done", "teacher": label, "engine": cfgs[0].engine,
+          "seconds": round(time.perf_counter() - t0, 1)})
+    return captured
+
+
+def gpu1b(smoke: bool = False) -> None:
+    from dataclasses import replace
+
+    from kdcache.teacher_dump.bench import BenchConfig
+
+    model = TINY if smoke else GPU_1B
+    dtype = "float32" if smoke else "bfloat16"
+    big_w, mid_w, long_w = (256, 512, 1024) if smoke else (8192, 32768, 131072)
+    base = BenchConfig(model=model, dtype=dtype, rounds=1 if smoke else 3, baseline=False)
+    cfgs = []
+    for mode in ("causal", "document"):
+        for window, n in ((big_w, 8), (mid_w, 2)):
+            for k in (16, 64, 256):
+                cfgs.append(replace(base, mode=mode, window=window, windows=n, k=k,
+                                    baseline=(k == 64)))
+    cfgs.append(replace(base, mode="causal", window=long_w, windows=1, k=64, baseline=False))
+    vllm_targets = run_series(model, cfgs, "tiny" if smoke else "gpu-1b")
+    # hf runs each document as its own forward: causal windows only (the per-document
+    # forwards of document mode would take minutes of device time for no new information)
+    hf_cfgs = [replace(c, engine="hf", baseline=False) for c in cfgs
+               if c.k == 64 and c.window <= mid_w and c.mode == "causal"]
+    hf_targets = run_series(model, hf_cfgs, "tiny" if smoke else "gpu-1b")
+    captured = {**vllm_targets, **hf_targets}
+    for rec in agreement(captured, "hf", "pooler") + agreement(captured, "prompt-logprobs",
+                                                               "pooler"):
+        emit(rec)
+
+
+def engine_only() -> None:
+    """gpu-1b: the pooler engine's targets alone (no writer) per config, and the pooler's
+    top-64 ids against the hf engine's top-80 (robust to near-ties at the boundary)."""
+    from kdcache.teacher_dump import bench as b
+
+    cfgs = [b.BenchConfig(model=GPU_1B, dtype="bfloat16", mode=m, window=w, windows=n, k=k)
+            for m, w, n, k in [("causal", 8192, 8, 16), ("causal", 8192, 8, 64),
+                               ("causal", 8192, 8, 256), ("causal", 32768, 2, 16),
+                               ("causal", 32768, 2, 64), ("causal", 32768, 2, 256),
+                               ("document", 8192, 8, 64), ("document", 32768, 2, 256),
+                               ("causal", 131072, 1, 64)]]
+    wins = [b.bench_windows(c) for c in cfgs]
+    engine, start_s = b._engine("vllm", cfgs)
+    try:
+        for c, w in zip(cfgs, wins):
+            engine.reconfigure(k=c.k, mode=c.mode, window=c.window)
+            sec = b._median_seconds(lambda: engine.topk(w), c.rounds)
+            tokens = int(sum(x.n_tokens for x in w))
+            emit({"step": "engine_only", "teacher": "gpu-1b", "mode": c.mode, "k": c.k,
+                  "window": c.window, "tokens": tokens,
+                  "engine_tokens_per_s": round(tokens / sec, 1),
+                  "engine_start_s": round(start_s, 1)})
+        engine.reconfigure(k=64, mode="causal", window=8192)
+        mine = engine.topk(wins[1])
+    finally:
+        engine.close()
+    hf, _ = b._engine("hf", [cfgs[1]])
+    try:
+        hf.reconfigure(k=80, mode="causal", window=8192)
+        ref = hf.topk(wins[1])
+    finally:
+        hf.close()
+    import numpy as np
+
+    inside, top1 = [], []
+    for a, r in zip(mine, ref):
+        v = a.valid
+        for ids, rids in zip(a.ids[v], r.ids[v]):
+            inside.append(np.isin(ids, rids).mean())
+        top1.append(a.ids[v][:, 0] == r.ids[v][:, 0])
+    emit({"step": "agreement_topk_in_ref80", "teacher": "gpu-1b", "k": 64, "window": 8192,
+          "rows": len(inside), "mean_share_in_hf_top80": round(float(np.mean(inside)), 5),
+          "rows_all_in_hf_top80": round(float(np.mean(np.array(inside) == 1.0)), 5),
+          "top1_equal": round(float(np.concatenate(top1).mean()), 5)})
+
+
+def big() -> None:
+    from kdcache.teacher_dump.bench import BenchConfig
+
+    cfg = BenchConfig(model=BIG, dtype="bfloat16", window=32768, windows=2, k=64, rounds=2,
+                      baseline=False, mode="causal")
+    run_series(BIG, [cfg], "llama3-8b-shape")
+
+
+def main() -> None:
+    step = sys.argv[1] if len(sys.argv) > 1 else "smoke"
+    import torch
+
+    emit({"step": "start", "what": step, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+          "torch": torch.__version__, "vllm": _vllm_version()})
+    if step == "teachers":
+        build_teachers()
+    elif step == "gpu1b":
+        gpu1b()
+    elif step == "big":
+        big()
+    elif step == "engine-only":
+        engine_only()
+    elif step == "smoke":
+        from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+        if not os.path.isfile(os.path.join(TINY, "config.json")):
+            build_teacher(TINY, TeacherConfig.preset("tiny", max_positions=2048),
+                          log=lambda m: None)
+        gpu1b(smoke=True)
+    else:
+        raise SystemExit(f"unknown step {step!r}")
+
+
+def _vllm_version() -> str | None:
+    try:
+        import vllm
+
+        return vllm.__version__
+    except Exception as exc:  # reported, not fatal: the hf figures still run
+        return f"unavailable: {exc}"
+
+
+if __name__ == "__main__":
+    main()
