@@ -21,7 +21,8 @@ import numpy as np
 
 from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, LogitHead,
                                                TeacherEngine, WindowTargets, chunked_topk,
-                                               empty_targets, finish_targets, segments_for_mode)
+                                               empty_targets, finish_targets, needed_rows,
+                                               segments_for_mode)
 from kdcache.teacher_dump.pack import PackedWindow
 
 
@@ -129,6 +130,8 @@ class HFEngine(TeacherEngine):
         return out.last_hidden_state
 
     def topk(self, windows: list[PackedWindow]) -> list[WindowTargets]:
+        import torch
+
         k, mode = self.cfg.k, self.cfg.mode
         out = [empty_targets(win.n_tokens, k) for win in windows]
         requests = [(w, start, end, first_pos) for w, win in enumerate(windows)
@@ -139,8 +142,17 @@ class HFEngine(TeacherEngine):
             for row, i in enumerate(batch):
                 w, start, end, _ = requests[i]
                 ids, logprobs = out[w]
-                chunked_topk(hidden[row, :end - start], self.head, k,
-                             chunk_elements=self.cfg.chunk_elements,
+                h = hidden[row, :end - start]
+                if windows[w].target_mask is not None:
+                    # a conversation: the top-k pass only for the rows that get a target
+                    rows = np.flatnonzero(needed_rows(windows[w], mode)[start:end])
+                    sub_ids, sub_lps = empty_targets(len(rows), k)
+                    chunked_topk(h[torch.as_tensor(rows, device=h.device)], self.head, k,
+                                 chunk_elements=self.cfg.chunk_elements, out_ids=sub_ids,
+                                 out_logprobs=sub_lps)
+                    ids[start + rows], logprobs[start + rows] = sub_ids, sub_lps
+                    continue
+                chunked_topk(h, self.head, k, chunk_elements=self.cfg.chunk_elements,
                              out_ids=ids[start:end], out_logprobs=logprobs[start:end])
         return [finish_targets(win, mode, ids, logprobs)
                 for win, (ids, logprobs) in zip(windows, out)]
