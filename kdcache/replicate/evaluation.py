@@ -13,25 +13,19 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Callable
 
+from kdcache.evaluate.diff import diff_checkpoints
+from kdcache.evaluate.lm import evaluate_lm
+from kdcache.evaluate.needle import NeedleConfig, run_needle
+from kdcache.evaluate.probe import ProbeConfig, run_probe
 from kdcache.replicate.presets import Preset
-
-
-def _cached(path: str, make: Callable[[], Any]) -> Any:
-    from kdcache.replicate.pipeline import _cached as cached
-
-    return cached(path, make)
+from kdcache.replicate.store import cached_json
 
 
 def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
                  students: dict[str, list[dict]], data: dict[str, str], holdout: int, *,
                  log: Callable[[str], None] = print) -> dict:
-    from kdcache.evaluate.diff import diff_checkpoints
-    from kdcache.evaluate.lm import evaluate_lm
-    from kdcache.evaluate.needle import NeedleConfig, run_needle
-    from kdcache.evaluate.probe import ProbeConfig, run_probe
-
     edir = os.path.join(out, "eval")
     os.makedirs(edir, exist_ok=True)
     device = "cuda" if preset.device.startswith("cuda") else "cpu"
@@ -52,7 +46,7 @@ def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
                 "samples": [{k: s[k] for k in ("length", "depth", "distance", "score")}
                             for s in entry["samples"]]}
 
-    needle = {name: _cached(os.path.join(edir, "needle-" + name.replace("/", "-") + ".json"),
+    needle = {name: cached_json(os.path.join(edir, "needle-" + name.replace("/", "-") + ".json"),
                             lambda n=name, p=path: needle_of(n, p))
               for name, path in models.items()}
     student_paths = [p for n, p in models.items() if not n.startswith("teacher-")]
@@ -62,7 +56,7 @@ def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
         return evaluate_lm(student_paths + [teachers["main"]], data["long-main"],
                            last_windows=holdout, dtype="float32", device=device)
 
-    lm_result = _cached(os.path.join(edir, "lm.json"), lm)
+    lm_result = cached_json(os.path.join(edir, "lm.json"), lm)
 
     def probe() -> dict:
         log("replicate: probe on the teacher")
@@ -73,7 +67,7 @@ def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
                 "runs": [{k: r[k] for k in ("mode", "dtype", "kl_mean", "kl_max")}
                          for r in summary["runs"]]}
 
-    probe_result = _cached(os.path.join(edir, "probe.json"), probe)
+    probe_result = cached_json(os.path.join(edir, "probe.json"), probe)
 
     def diff() -> dict | None:
         runs = students.get("kd-phasewise")
@@ -85,7 +79,7 @@ def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
         result = diff_checkpoints(runs[0]["stage1"], runs[0]["stage2"], cfg)
         return summarize_diff(result)
 
-    diff_result = _cached(os.path.join(edir, "diff.json"), diff)
+    diff_result = cached_json(os.path.join(edir, "diff.json"), diff)
     return {"needle": needle, "lm": lm_result, "probe": probe_result, "diff": diff_result,
             "needle_config": {"lengths": list(preset.needle_lengths),
                               "depths": list(preset.needle_depths),

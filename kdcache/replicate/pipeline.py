@@ -27,7 +27,17 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.reader import open_dataset
+from kdcache.formats.storage import atomic_write_bytes, resolve
+from kdcache.replicate.evaluation import evaluate_all
 from kdcache.replicate.presets import THETAS, Preset, arm_parts
+from kdcache.replicate.report import write_report
+from kdcache.replicate.store import cached_json, save_json
+from kdcache.replicate.teacher import train_retrieval_teacher
+from kdcache.student_train.stages import parse_run, run
+from kdcache.teacher_dump.corpus import builtin_corpus
+from kdcache.teacher_dump.plan import DumpConfig
+from kdcache.teacher_dump.runner import run_dump
 
 HOLDOUT_FRACTION = 8  # the last 1/8 of the long windows are never trained on
 
@@ -36,27 +46,10 @@ class ReplicateError(KdcacheError):
     """The experiment cannot run as asked."""
 
 
-def _save(path: str, data: Any) -> None:
-    from kdcache.formats.storage import atomic_write_bytes, resolve
-
-    fs, base = resolve(path)
-    atomic_write_bytes(fs, base, (json.dumps(data, indent=2, default=str) + "\n").encode())
-
-
-def _cached(path: str, make: Callable[[], Any]) -> Any:
-    if os.path.exists(path):
-        with open(path) as fh:
-            return json.load(fh)
-    data = make()
-    _save(path, data)
-    return data
-
-
 def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -> dict:
     """Built-in documents of at most `doc_max_tokens` tokens (BOS and EOS included), as JSONL."""
     from transformers import AutoTokenizer
 
-    from kdcache.teacher_dump.corpus import builtin_corpus
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     kept = dropped = 0
@@ -70,8 +63,6 @@ def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -
         kept += 1
         if kept == preset.corpus_documents:
             break
-    from kdcache.formats.storage import atomic_write_bytes, resolve
-
     fs, base = resolve(path)
     atomic_write_bytes(fs, base, ("\n".join(lines) + "\n").encode())
     return {"path": path, "documents": kept, "dropped_longer": dropped,
@@ -79,9 +70,6 @@ def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -
 
 
 def _dump(teacher: str, corpus: str, out: str, window: int, mode: str, preset: Preset) -> dict:
-    from kdcache.teacher_dump.plan import DumpConfig
-    from kdcache.teacher_dump.runner import run_dump
-
     cfg = DumpConfig.from_options(model=teacher, corpus=corpus, out=out, k=preset.k,
                                   window=window, mode=mode, engine="hf", device=preset.device,
                                   dtype=preset.dtype, workers=1, windows_per_shard=8,
@@ -90,8 +78,6 @@ def _dump(teacher: str, corpus: str, out: str, window: int, mode: str, preset: P
 
 
 def _n_windows(path: str) -> int:
-    from kdcache.formats.reader import open_dataset
-
     return len(open_dataset(path))
 
 
@@ -141,11 +127,8 @@ def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset:
 def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = print,
                   teacher_dir: str | None = None, corpus: str | None = None) -> dict:
     """Run (or resume) the whole experiment under `out`; returns the report dict."""
-    from kdcache.replicate.report import write_report
-    from kdcache.replicate.teacher import train_retrieval_teacher
-
     os.makedirs(out, exist_ok=True)
-    _save(os.path.join(out, "preset.json"), asdict(preset))
+    save_json(os.path.join(out, "preset.json"), asdict(preset))
     steps: dict[str, Any] = {}
 
     # 1. teachers
@@ -166,7 +149,7 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     # 2. short documents only
     corpus_path = corpus or os.path.join(out, "corpus-short.jsonl")
     if corpus is None:
-        steps["corpus"] = _cached(os.path.join(out, "corpus.json"), lambda: write_short_corpus(
+        steps["corpus"] = cached_json(os.path.join(out, "corpus.json"), lambda: write_short_corpus(
             corpus_path, teachers["main"], preset, seed=0))
 
     # 3. dumps: which (teacher, window, mode) each arm needs
@@ -196,8 +179,6 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
                              "an eighth; use more documents")
 
     # 4. students
-    from kdcache.student_train.stages import parse_run, run
-
     students: dict[str, list[dict]] = {}
     for arm in preset.arms:
         for seed in range(preset.seeds):
@@ -211,7 +192,5 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
                  "final_loss": summaries[-1].get("final_loss")})
 
     # 5. evaluation
-    from kdcache.replicate.evaluation import evaluate_all
-
     evaluation = evaluate_all(out, preset, teachers, students, data, holdout, log=log)
     return write_report(out, preset, steps, teachers, students, evaluation)

@@ -17,8 +17,10 @@ import os
 from typing import Any
 
 from kdcache.evaluate.report import save_figure
+from kdcache.formats.storage import atomic_write_bytes, resolve
 from kdcache.replicate.presets import CAUSAL_ARMS, Preset
 from kdcache.replicate.stats import diff_ci, mean_ci
+from kdcache.replicate.store import save_json
 
 RETRIEVES = 0.5  # teacher accuracy at long distance above which transfer is testable
 
@@ -156,8 +158,6 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
               f"{m['kl_to_teacher']:.3f} |" for m in lm["models"]]
     lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
                                      for p in plots]
-    from kdcache.formats.storage import atomic_write_bytes, resolve
-
     fs, base = resolve(path)
     atomic_write_bytes(fs, base, ("\n".join(lines) + "\n").encode())
 
@@ -239,8 +239,6 @@ def plot_diff(path: str, diff: dict) -> str:
 
 def write_report(out: str, preset: Preset, steps: dict, teachers: dict, students: dict,
                  evaluation: dict) -> dict:
-    from kdcache.replicate.pipeline import _save as save_json
-
     findings = build_findings(preset, students, evaluation)
     needle = evaluation["needle"]
     main = [a for a in students if a not in CAUSAL_ARMS]

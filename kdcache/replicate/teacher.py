@@ -19,6 +19,8 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+from kdcache.evaluate.needle_tasks import Haystack, build_sample
+from kdcache.teacher_dump.corpus import builtin_corpus
 from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
 
 
@@ -34,8 +36,6 @@ def passkey_lengths(context: int) -> list[int]:
 def _passkey_batches(tokenizer, context: int, batch: int, seed: int):
     """Endless batches [B, L] of passkey prompt + answer + EOS, L drawn per batch."""
     import torch
-
-    from kdcache.evaluate.needle_tasks import Haystack, build_sample
 
     rng = random.Random(seed)
     haystack = Haystack(tokenizer)
@@ -55,8 +55,6 @@ def _passkey_batches(tokenizer, context: int, batch: int, seed: int):
 
 def _text_batches(tokenizer, documents: int, seq_len: int, batch: int, seed: int):
     import torch
-
-    from kdcache.teacher_dump.corpus import builtin_corpus
 
     texts = list(builtin_corpus(documents, seed=10_000 + seed))
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]

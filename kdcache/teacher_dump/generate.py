@@ -28,6 +28,7 @@ from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.formats import storage
 from kdcache.teacher_dump.chat import ChatError, Conversation
 from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, corpus_fingerprint, iter_documents
+from kdcache.teacher_dump.workers import init_ray, unwrap_task_error
 from kdcache.vllm_start import configure_vllm_env, start_llm, stop_llm
 
 GENERATE_FORMAT = "kdcache-generate-plan"
@@ -305,8 +306,6 @@ def _run_on_ray(cfg: GenerateConfig, pdir: str, parts: dict[str, list], params: 
     """One part in flight per actor; a part whose actor died goes to a fresh actor (3 tries)."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
-
-    from kdcache.teacher_dump.workers import init_ray, unwrap_task_error
 
     init_ray(cfg.ray_address)
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.workers)),
