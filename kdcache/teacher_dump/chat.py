@@ -102,6 +102,18 @@ def resolve_policy(policy: str, has_chat: bool) -> str:
     return policy
 
 
+def render_text(tokenizer: Any, conv: Conversation, *, add_generation_prompt: bool,
+                messages: Any = None) -> str:
+    """The template's text of `conv` (or of its first messages); ChatError if it refuses."""
+    try:
+        return tokenizer.apply_chat_template(
+            list(conv.messages if messages is None else messages),
+            tools=list(conv.tools) if conv.tools else None, tokenize=False,
+            add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja's raise_exception and template errors of any type
+        raise ChatError(f"the chat template rejected the conversation: {exc}") from None
+
+
 @dataclass
 class RenderedChat:
     """Token ids (no leading BOS: the packer adds it) and a per-token target mask."""
@@ -129,12 +141,8 @@ class ChatRenderer:
         self.has_generation_tags = "{% generation %}" in text or "{%- generation %}" in text
 
     def _text(self, conv: Conversation, messages, add_generation_prompt: bool) -> str:
-        try:
-            return self.tok.apply_chat_template(
-                list(messages), tools=list(conv.tools) if conv.tools else None, tokenize=False,
-                add_generation_prompt=add_generation_prompt)
-        except Exception as exc:  # jinja's raise_exception and template errors of any type
-            raise ChatError(f"the chat template rejected the conversation: {exc}") from None
+        return render_text(self.tok, conv, messages=messages,
+                           add_generation_prompt=add_generation_prompt)
 
     def _assistant_spans(self, conv: Conversation, full: str) -> list[tuple[int, int]]:
         turns = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]

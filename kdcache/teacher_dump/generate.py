@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.formats import storage
-from kdcache.teacher_dump.chat import ChatError, Conversation
+from kdcache.teacher_dump.chat import ChatError, Conversation, render_text
 from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, corpus_fingerprint, iter_documents
 from kdcache.teacher_dump.workers import init_ray, unwrap_task_error
 from kdcache.vllm_start import configure_vllm_env, start_llm, stop_llm
@@ -116,14 +116,9 @@ def render_prompts(cfg: GenerateConfig, stats: dict[str, Any]) -> list[dict[str,
     for doc_id, doc in iter_documents(spec, corpus_stats):
         try:
             conv, removed = prompt_conversation(doc)
-            text = tok.apply_chat_template(list(conv.messages),
-                                           tools=list(conv.tools) if conv.tools else None,
-                                           tokenize=False, add_generation_prompt=True)
+            text = render_text(tok, conv, add_generation_prompt=True)
         except ChatError as exc:
             _count(stats, "rejected", f"prompt {doc_id}: {exc}")
-            continue
-        except Exception as exc:  # the template's own raise_exception, or a template error
-            _count(stats, "rejected", f"prompt {doc_id}: the chat template rejected it: {exc}")
             continue
         ids = tok(text, add_special_tokens=False)["input_ids"]
         if len(ids) + cfg.max_tokens > cfg.max_model_len:
