@@ -85,6 +85,7 @@ EST_S = {("16k", "kdcache"): 50, ("16k", "kdcache-flex"): 70, ("16k", "hf"): 15,
          ("16k", "liger"): 15, ("131k", "kdcache"): 80, ("131k", "hf"): 40,
          ("131k", "liger"): 40}
 CKPT_131K_FALLBACK = {"qwen3-0.6b": 12, "llama-3.2-1b": 9}
+VARIANTS = ("kdcache", "kdcache-flex", "hf", "liger")
 
 
 def model_config(name: str, cuda: bool):
@@ -264,6 +265,24 @@ def auto_ckpt(measured: dict | None, config, tokens: int, total_gib: float) -> i
     return layers
 
 
+def sdpa_backend(config, device: str, length: int) -> str:
+    """The kernel SDPA picks for this model's causal training attention (what `hf` and the
+    one-document `kdcache` rows run), as transformers calls it (GQA without repeat_kv)."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        shape = (1, config.num_attention_heads, length, config.head_dim)
+        kv_shape = (1, config.num_key_value_heads, length, config.head_dim)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        q = torch.empty(shape, device=device, dtype=dtype, requires_grad=True)
+        k = torch.empty(kv_shape, device=device, dtype=dtype, requires_grad=True)
+        choice = int(torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=True))
+        names = {int(v): n for n, v in SDPBackend.__members__.items()}
+        return names.get(choice, str(choice))
+    except Exception as exc:  # informational only
+        return f"unknown ({type(exc).__name__}: {str(exc)[:100]})"
+
+
 def shape_rows(shape: str, length: int, rng) -> np.ndarray:
     if shape == "16k":
         return np.zeros((1, length), dtype=np.int64)
@@ -319,6 +338,96 @@ def compare(runs: dict, cuda: bool) -> dict:
     return summary
 
 
+class Cells:
+    """Runs the cells in order with their retries; what they share: options, the result so far
+    (the 131k checkpointing is sized from the 16k cell), the token rows, Liger once loaded."""
+
+    def __init__(self, opts, cuda: bool, result: dict, ckpt_given: dict[str, int],
+                 tflops: float | None) -> None:
+        self.opts, self.cuda, self.result, self.ckpt_given = opts, cuda, result, ckpt_given
+        self.tflops = tflops
+        self.device = "cuda" if cuda else "cpu"
+        self.total_gib = (torch.cuda.get_device_properties(0).total_memory / 2**30
+                          if cuda else 0.0)
+        self.rows_by_shape: dict[str, np.ndarray] = {}
+        self.liger_cls, self.liger_error = None, None
+
+    def liger(self):
+        if self.liger_cls is None and self.liger_error is None:
+            try:
+                self.liger_cls = load_liger(self.opts.liger_wheel)
+            except Exception as exc:  # reported in every Liger cell
+                self.liger_error = f"Liger unavailable ({type(exc).__name__}): {str(exc)[:300]}"
+        if self.liger_error or (not self.cuda and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise RuntimeError(self.liger_error or "Liger's Triton kernels need CUDA or "
+                               "TRITON_INTERPRET=1")
+        return self.liger_cls
+
+    def left_s(self) -> float:
+        return self.opts.budget_s - (time.time() - T_START)
+
+    def attempt(self, variant: str, config, seg_rows, ckpt: int, warmup: int,
+                steps: int) -> tuple[dict, bool]:
+        """(entry, out_of_memory); the failed run's memory is freed before returning."""
+        entry, oom = None, False
+        try:
+            liger_cls = self.liger() if variant == "liger" else None
+            entry = run_cell(variant, config, seg_rows, device=self.device, k=self.opts.k,
+                             ckpt=ckpt, warmup=warmup, steps=steps, liger_cls=liger_cls)
+        except Exception as exc:  # keep timing the other cells; report what broke
+            # cuBLAS / cuDNN workspaces report running out as a RuntimeError
+            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+            if oom:
+                entry = {"error": f"out of memory: {str(exc)[:200]}", "ckpt_layers": ckpt}
+            else:
+                traceback.print_exc()
+                entry = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        free()  # outside the except blocks: the failed run's frames are gone
+        return entry, oom
+
+    def run(self, model_name: str, shape: str, variant: str, ckpt_text: str,
+            estimate: float) -> dict:
+        """One cell: out of memory -> every layer checkpointed (kdcache; hf at 16k); another
+        failure of kdcache at 16k -> FlexAttention for the causal row (the path measured before)."""
+        config = model_config(model_name, self.cuda)
+        if shape not in self.rows_by_shape:
+            self.rows_by_shape[shape] = shape_rows(shape, self.opts.length,
+                                                   np.random.default_rng(0))
+        seg_rows = self.rows_by_shape[shape]
+        layers = int(config.num_hidden_layers)
+        warmup, steps = self.opts.warmup, self.opts.steps
+        if shape == "131k" and variant in ("hf", "liger") and self.cuda:
+            warmup, steps = 0, 1  # expected to fail; if not, one step is measured
+        ckpt = int(ckpt_text) if ckpt_text else 0
+        if not ckpt_text and shape == "131k" and variant.startswith("kdcache"):
+            ckpt = self.ckpt_given.get(model_name)
+            if ckpt is None and self.cuda:
+                ckpt = auto_ckpt(self.result["runs"].get(f"{model_name}/16k/kdcache"), config,
+                                 int(seg_rows.size), self.total_gib)
+            if ckpt is None:
+                ckpt = CKPT_131K_FALLBACK[model_name]
+            ckpt = min(ckpt, layers)
+        retry = variant.startswith("kdcache") or (variant == "hf" and shape == "16k")
+        entry, oom = self.attempt(variant, config, seg_rows, ckpt, warmup, steps)
+        if oom and retry and ckpt < layers and self.left_s() + 30 >= estimate:
+            print(f"{model_name}/{shape}/{variant}: out of memory with {ckpt} checkpointed "
+                  f"layers; once more with all {layers}", file=sys.stderr, flush=True)
+            first = entry
+            entry, _ = self.attempt(variant, config, seg_rows, layers, warmup, steps)
+            entry["first_attempt"] = first
+        elif ("error" in entry and not oom and variant == "kdcache" and shape == "16k"
+              and self.cuda and self.left_s() + 30 >= EST_S[("16k", "kdcache-flex")]):
+            print(f"{model_name}/{shape}/{variant}: {entry['error'][:80]}; once more with "
+                  "FlexAttention", file=sys.stderr, flush=True)
+            first = entry
+            entry, _ = self.attempt("kdcache-flex", config, seg_rows, ckpt, warmup, steps)
+            entry["first_attempt"] = {"variant": "kdcache", **first}
+        entry.update(tokens=int(seg_rows.size), documents=int(seg_rows.max()) + 1)
+        if "seconds" in entry:
+            add_rates(entry, config, seg_rows, self.tflops)
+        return entry
+
+
 def main() -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -349,13 +458,15 @@ def main() -> int:
 
     ckpt_given = {} if opts.ckpt131k == "auto" else {
         m: int(n) for m, n in (item.split("=") for item in opts.ckpt131k.split(",") if item)}
-    total_gib = (torch.cuda.get_device_properties(0).total_memory / 2**30) if cuda else 0.0
     tflops = matmul_tflops(device)
     result = {"bench": "hf_student_train_step", "date": time.strftime("%Y-%m-%d"),
               "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "matmul_bf16_tflops": tflops, "k": opts.k, "tokens_16k": opts.length,
-              "budget_s": opts.budget_s, "runs": {}}
+              "budget_s": opts.budget_s,
+              "sdpa_causal_backend_16k": {m: sdpa_backend(model_config(m, cuda), device,
+                                                          opts.length) for m in MODELS},
+              "runs": {}}
     jsonl = json_path = None
     if opts.out_dir:
         os.makedirs(opts.out_dir, exist_ok=True)
@@ -376,88 +487,37 @@ def main() -> int:
                 handle.write(json.dumps(result) + "\n")
             os.replace(json_path + ".tmp", json_path)
 
-    rows_by_shape: dict = {}
-    liger_cls, liger_error = None, None
+    cells = Cells(opts, cuda, result, ckpt_given, tflops)
+    last_model = None
     for spec in [c for c in opts.cells.split(",") if c]:
         cell, _, ckpt_text = spec.partition(":")
         t0 = time.time()
-        try:
-            model_name, shape, variant = cell.split("/")
-            config = model_config(model_name, cuda)
-        except ValueError as exc:
-            save(cell, {"error": f"bad cell {spec!r}: {exc}"})
+        parts = cell.split("/")
+        if len(parts) != 3 or parts[0] not in MODELS or parts[1] not in ("16k", "131k") or \
+                parts[2] not in VARIANTS:
+            save(cell, {"error": f"bad cell {spec!r}: MODEL/SHAPE/VARIANT with MODEL in "
+                        f"{MODELS}, SHAPE 16k or 131k, VARIANT in {VARIANTS}"})
             continue
-        elapsed = t0 - T_START
-        estimate = EST_S.get((shape, variant), 60) if cuda else 0
-        if elapsed + estimate > opts.budget_s:
-            save(cell, {"skipped": f"time budget: {elapsed:.0f} s gone, ~{estimate} s needed, "
-                        f"budget {opts.budget_s:.0f} s"})
+        model_name, shape, variant = parts
+        estimate = EST_S[(shape, variant)] if cuda else 0
+        if cells.left_s() < estimate:
+            save(cell, {"skipped": f"time budget: {time.time() - T_START:.0f} s gone, "
+                        f"~{estimate} s needed, budget {opts.budget_s:.0f} s"})
             continue
         if variant == "kdcache-flex" and not cuda:
             save(cell, {"skipped": "FlexAttention training needs CUDA (no CPU backward)"})
             continue
-        if shape not in rows_by_shape:
-            rows_by_shape[shape] = shape_rows(shape, opts.length, np.random.default_rng(0))
-        seg_rows = rows_by_shape[shape]
-        warmup, steps = opts.warmup, opts.steps
-        ckpt, retry_ckpt = 0, None
-        if ckpt_text:
-            ckpt = int(ckpt_text)
-        elif shape == "131k" and variant.startswith("kdcache"):
-            ckpt = ckpt_given.get(model_name)
-            if ckpt is None:
-                ckpt = auto_ckpt(result["runs"].get(f"{model_name}/16k/kdcache"), config,
-                                 int(seg_rows.size), total_gib) if cuda else None
-            if ckpt is None:
-                ckpt = min(CKPT_131K_FALLBACK[model_name], config.num_hidden_layers)
-        if shape == "16k" and variant == "hf":
-            retry_ckpt = config.num_hidden_layers  # the usual fix: gradient checkpointing
-        elif variant.startswith("kdcache") and ckpt < config.num_hidden_layers:
-            retry_ckpt = config.num_hidden_layers
-        if shape == "131k" and variant in ("hf", "liger"):
-            warmup, steps = (0, 1) if cuda else (warmup, steps)  # expected to fail; one step
-        entry, oom = None, None
+        if cuda and last_model not in (None, model_name):
+            torch._dynamo.reset()  # the previous model's compiled layers cannot serve this one
+        last_model = model_name
         try:
-            if variant == "liger":
-                if liger_cls is None and liger_error is None:
-                    try:
-                        liger_cls = load_liger(opts.liger_wheel)
-                    except Exception as exc:  # report it in every Liger cell
-                        liger_error = f"Liger unavailable: {type(exc).__name__}: {str(exc)[:300]}"
-                if liger_error or (not cuda and os.environ.get("TRITON_INTERPRET") != "1"):
-                    raise RuntimeError(liger_error or "Liger's Triton kernels need CUDA or "
-                                       "TRITON_INTERPRET=1")
-            entry = run_cell(variant, config, seg_rows, device=device, k=opts.k, ckpt=ckpt,
-                             warmup=warmup, steps=steps, liger_cls=liger_cls)
-        except torch.OutOfMemoryError as exc:
-            oom = f"out of memory: {str(exc)[:200]}"
-        except Exception as exc:  # keep timing the other cells; report what broke
+            entry = cells.run(model_name, shape, variant, ckpt_text, estimate)
+        except Exception as exc:  # the bench itself goes on: record and continue
             traceback.print_exc()
             entry = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-        free()  # outside the except blocks: the failed run's tensors are unreachable now
-        if oom and retry_ckpt is not None and (
-                time.time() - T_START + estimate <= opts.budget_s + 30):
-            print(f"{cell}: {oom[:80]}; retrying with {retry_ckpt} checkpointed layers",
-                  file=sys.stderr, flush=True)
-            first_oom, oom = oom, None
-            try:
-                entry = run_cell(variant, config, seg_rows, device=device, k=opts.k,
-                                 ckpt=retry_ckpt, warmup=warmup, steps=steps,
-                                 liger_cls=liger_cls)
-                entry["first_attempt"] = {"ckpt_layers": ckpt, "error": first_oom}
-            except torch.OutOfMemoryError as exc:
-                oom = f"out of memory (also with {retry_ckpt} checkpointed layers): " \
-                      f"{str(exc)[:200]}"
-            except Exception as exc:
-                traceback.print_exc()
-                entry = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
             free()
-        if oom:
-            entry = {"error": oom, "ckpt_layers": ckpt}
-        entry.update(model=model_name, shape=shape, variant=variant, tokens=int(seg_rows.size),
-                     documents=int(seg_rows.max()) + 1, wall_s=round(time.time() - t0, 1))
-        if "seconds" in entry:
-            add_rates(entry, config, seg_rows, tflops)
+        entry.update(model=model_name, shape=shape, variant=variant,
+                     wall_s=round(time.time() - t0, 1))
         save(cell, entry)
     result["elapsed_s"] = round(time.time() - T_START, 1)
     if json_path:
