@@ -180,7 +180,7 @@ class Plan:
     def from_json(cls, data: bytes, where: str) -> "Plan":
         try:
             body = json.loads(data)
-            if body.get("format") != PLAN_FORMAT:
+            if not isinstance(body, dict) or body.get("format") != PLAN_FORMAT:
                 raise ValueError("not a kdcache dump plan")
             if body.get("version") != PLAN_VERSION:
                 raise ValueError(f"unsupported plan version {body.get('version')}")
