@@ -274,14 +274,14 @@ def test_a_padded_hf_vocabulary_is_accepted_when_the_token_maps_agree(tmp_path):
     from types import SimpleNamespace
 
     from kdcache.student_train.hf_student import hf_student_spec
-    from kdcache.student_train.stages import ModelConfig
+    from kdcache.student_train.model import ModelArgs
     from kdcache.student_train.vocab_check import VocabMismatchError
 
     words = [f"w{i}" for i in range(VOCAB)]
     teacher = _word_tokenizer(tmp_path / "teacher", words)
     header = SimpleNamespace(vocab_size=VOCAB, packing={"mode": "document"},
                              teacher={"name": "t", "path": teacher})
-    stage = SimpleNamespace(model=ModelConfig(vocab_size="dataset"))
+    stage = SimpleNamespace(model=ModelArgs(vocab_size="dataset"))
     padded = save_tiny("qwen3", str(tmp_path / "padded"), vocab_size=320)
     _word_tokenizer(padded, words)
     spec, rows, verdict = hf_student_spec(stage, header, "test", padded, "pretrained")
