@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,26 +38,71 @@ ATTENTION_MODES = ("causal", "document")
 POSITION_MODES = ("global", "reset")
 
 
+# The built-in student's architecture: what the Student reads, what an HF export records and
+# what a checkpoint's hyperparameters keep.
+ARCHITECTURE = ("n_layer", "n_head", "n_kv_head", "dim", "ffn_dim", "vocab_size", "rope_theta",
+                "norm_eps", "tie_embeddings", "max_seq_len", "attention", "positions", "init_std",
+                "bos_id", "eos_id")
+_ARCHITECTURE_DEFAULTS: dict[str, Any] = dict(
+    rope_theta=10_000.0, norm_eps=1e-5, tie_embeddings=True, max_seq_len=131_072,
+    attention="causal", positions="global", init_std=0.02)
+
+
+def _architecture(default: Any = None) -> Any:
+    """An architecture field: set from a preset or a config.json, never by a run file's `model:`
+    section (which changes them through `overrides`)."""
+    return field(default=default, metadata={"run_file": False})
+
+
 @dataclass
 class ModelArgs:
-    n_layer: int
-    n_head: int
-    n_kv_head: int
-    dim: int
-    ffn_dim: int
-    vocab_size: int
-    rope_theta: float = 10_000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    max_seq_len: int = 131_072
-    attention: str = "causal"  # causal | document
-    positions: str = "global"  # global | reset
-    init_std: float = 0.02
-    bos_id: int | None = None
-    eos_id: int | None = None
-    head_dim: int = field(init=False)
+    """The student model: a run file's `model:` section and the built-in student's architecture.
+
+    Read from a run file, a ModelArgs is a request (`resolved` False): a preset, what to change in
+    it, and None where the data or the start model decides (vocab_size "dataset", the packing
+    mode's attention and positions, the start model's rope_theta). `stages.model_args_for` resolves
+    it for one dataset; `from_preset` and config.json give resolved ones, the only kind the
+    Student and the HF export read. The same fields also say how an HF student is trained.
+    """
+
+    # What a run file's `model:` section sets (None: decided by the preset, the data or the
+    # start model).
+    preset: str | None = "tiny"  # None: not from a preset (a config.json)
+    rope_theta: float | None = None  # None: the start model's (init_from / HF student), else 10k
+    rope: dict[str, Any] = field(default_factory=dict)  # an HF student's rope_parameters to merge
+    vocab_size: int | str | None = None  # None: the preset's; "dataset": the teacher's
+    attention: str | None = None  # causal | document; None: match the dataset's packing mode
+    positions: str | None = None  # global | reset
+    force_mode: bool = False  # train with a mask/positions that differ from the data's
+    tokenizer: str | None = None  # student tokenizer dir, for the vocabulary check
+    checkpoint_layers: int = 0  # activation checkpointing of the first n layers
+    compile: bool = False  # torch.compile each block (CUDA)
+    init_seed: int = 0  # random initialisation (stages without init_from)
+    overrides: dict[str, Any] = field(default_factory=dict)  # any other architecture field
+    # The rest of the architecture (`resolved` once n_layer is set).
+    n_layer: int | None = _architecture()
+    n_head: int | None = _architecture()
+    n_kv_head: int | None = _architecture()
+    dim: int | None = _architecture()
+    ffn_dim: int | None = _architecture()
+    norm_eps: float | None = _architecture()
+    tie_embeddings: bool | None = _architecture()
+    max_seq_len: int | None = _architecture()
+    init_std: float | None = _architecture()
+    bos_id: int | None = _architecture()
+    eos_id: int | None = _architecture()
+    head_dim: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.overrides) - set(ARCHITECTURE))
+        if unknown:
+            raise ValueError(f"overrides {unknown} are not ModelArgs fields; known: "
+                             f"{sorted(ARCHITECTURE)}")
+        if not self.resolved:
+            return
+        for name, default in _ARCHITECTURE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         if self.dim % self.n_head:
             raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -70,14 +115,20 @@ class ModelArgs:
             raise ValueError("only tied input/output embeddings are supported (the paper's student)")
         self.head_dim = self.dim // self.n_head
 
+    @property
+    def resolved(self) -> bool:
+        """An architecture the Student can be built from (not a run file's request)."""
+        return self.n_layer is not None
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelArgs":
         if name not in PRESETS:
             raise KdcacheError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(preset=name, **{**PRESETS[name], **overrides})
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        """The architecture as plain values (a checkpoint's hyperparameters)."""
+        return {name: getattr(self, name) for name in ARCHITECTURE}
 
     def n_params(self, embedding: bool = True) -> int:
         """Parameter count; `embedding=False` leaves out the (tied) embedding matrix once."""
@@ -395,7 +446,7 @@ def args_from_hf_config(config: dict[str, Any], where: str) -> ModelArgs:
         theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
         extra = config.get("kdcache", {})
         args = ModelArgs(
-            n_layer=config["num_hidden_layers"], n_head=config["num_attention_heads"],
+            preset=None, n_layer=config["num_hidden_layers"], n_head=config["num_attention_heads"],
             n_kv_head=config.get("num_key_value_heads") or config["num_attention_heads"],
             dim=config["hidden_size"], ffn_dim=config["intermediate_size"],
             vocab_size=config["vocab_size"], rope_theta=float(theta or 10_000.0),

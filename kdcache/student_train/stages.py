@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from kdcache.errors import KdcacheError
@@ -53,34 +53,10 @@ class TrainConfigError(KdcacheError):
     """A training config file is malformed (unknown key, wrong type, missing field)."""
 
 
-# One config story: a run file is read into these typed dataclasses (and DataConfig, LossConfig,
-# OptimConfig beside the code they configure) by `_build`, field by field from their type hints;
-# nothing downstream sees a dict. `ModelConfig` is the stage's choice of student (a preset and
-# what to change in it, or "match the data"); `ModelArgs` (model.py), built from it once the
-# dataset is known, is the one type that describes the student's architecture.
-@dataclass
-class ModelConfig:
-    preset: str = "tiny"
-    rope_theta: float | None = None  # None: the start model's (init_from / HF student), else 10k
-    rope: dict[str, Any] = field(default_factory=dict)  # an HF student's rope_parameters to merge
-    vocab_size: int | str | None = None  # None: the preset's; "dataset": the teacher's
-    attention: str | None = None  # None: match the dataset's packing mode
-    positions: str | None = None
-    force_mode: bool = False  # train with a mask/positions that differ from the data's
-    tokenizer: str | None = None  # student tokenizer dir, for the vocabulary check
-    checkpoint_layers: int = 0  # activation checkpointing of the first n layers
-    compile: bool = False  # torch.compile each block (CUDA)
-    init_seed: int = 0  # random initialisation (stages without init_from)
-    overrides: dict[str, Any] = field(default_factory=dict)  # any other ModelArgs field
-
-    def __post_init__(self) -> None:
-        settable = {f.name for f in fields(ModelArgs) if f.init}
-        unknown = sorted(set(self.overrides) - settable)
-        if unknown:
-            raise ValueError(f"overrides {unknown} are not ModelArgs fields; known: "
-                             f"{sorted(settable)}")
-
-
+# One config story: a run file is read into typed dataclasses (ModelArgs, DataConfig, LossConfig,
+# OptimConfig beside the code they configure, and the ones below) by `_build`, field by field from their
+# type hints; nothing downstream sees a dict. A stage's `model:` section is a ModelArgs request,
+# resolved for the dataset by `model_args_for`.
 @dataclass
 class TrainerConfig:
     max_steps: int = 100
@@ -100,7 +76,7 @@ class TrainerConfig:
 class StageConfig:
     name: str
     data: DataConfig
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelArgs = field(default_factory=ModelArgs)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -134,7 +110,7 @@ def _build(cls, values: Any, where: str):
         values = {}
     if not isinstance(values, dict):
         raise TrainConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    known = {f.name for f in fields(cls) if f.init}
+    known = {f.name for f in fields(cls) if f.init and f.metadata.get("run_file", True)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise TrainConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -273,7 +249,8 @@ def model_args_for(stage: StageConfig, header, where: str, start_theta: float | 
         value = header.packing.get(key)
         if value is not None and key not in overrides:
             overrides[key] = int(value)
-    args = ModelArgs.from_preset(cfg.preset, **overrides)
+    # the request, resolved: the same choices, with the architecture they give on this data
+    args = replace(cfg, **ModelArgs.from_preset(cfg.preset, **overrides).as_dict())
     verdict = check_vocab(student_vocab(args.vocab_size, student_tokenizer_dir(stage, header),
                                         f"preset {cfg.preset}"),
                           teacher_vocab(header, where))

@@ -259,11 +259,6 @@ def test_foreign_rehashed_shard_fails_the_preflight(clean, copy, other):
     assert not verify_dataset(root).ok
 
 
-def test_preflight_passes_a_clean_dataset(clean):
-    for name in ("qrank-topk", "qrank-sampled", "raw-topk"):
-        preflight(open_dataset(clean / name), hashes=True)
-
-
 def test_window_index_outside_the_shard_range_fails_the_preflight(copy):
     root = copy()
     manifest = _manifest(root)
