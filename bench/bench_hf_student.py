@@ -87,7 +87,7 @@ DEFAULT_CELLS = (
 # it fits in what is left of --budget-s.
 EST_S = {("16k", "kdcache"): 50, ("16k", "kdcache-flex"): 70, ("16k", "hf"): 15,
          ("16k", "liger"): 15, ("131k", "kdcache"): 80, ("131k", "hf"): 40,
-         ("131k", "liger"): 40}
+         ("131k", "liger"): 40, ("131k", "kdcache-flex"): 80}
 CKPT_131K_FALLBACK = {"qwen3-0.6b": 12, "llama-3.2-1b": 9}
 VARIANTS = ("kdcache", "kdcache-flex", "hf", "liger")
 
@@ -330,6 +330,9 @@ def compare(runs: dict, cuda: bool) -> dict:
                 item["peak_ratio_16k_vs_that_baseline"] = ours["peak_gib"] / best["peak_gib"]
                 item["peak_ratio_16k_vs_lowest_baseline"] = ours["peak_gib"] / min(
                     b["peak_gib"] for _, b in base)
+        flex = runs.get(f"{model}/16k/kdcache-flex", {})
+        if "seconds" in flex and base:
+            item["speedup_16k_kdcache_flex"] = min(b["seconds"] for _, b in base) / flex["seconds"]
         for variant in ("kdcache", "hf", "liger"):
             cell = runs.get(f"{model}/131k/{variant}")
             if cell is not None:
