@@ -5,6 +5,9 @@ prompt-logprobs path and the hf engine, and the targets checked against the hf e
     python bench/gpu_vllm_dump.py gpu1b         # every figure on gpu-1b (+ agreement check)
     python bench/gpu_vllm_dump.py big           # the 8B-shaped teacher, 32k windows, k=64
     python bench/gpu_vllm_dump.py smoke         # the same code on a tiny teacher (CPU or GPU)
+    python bench/gpu_vllm_dump.py writer        # builds gpu-1b if missing; whole dump vs ceiling,
+                                                # k = 16/64/256, 8k and 32k, causal then document
+    python bench/gpu_vllm_dump.py writer-smoke  # the same on a tiny teacher (CPU: tests the path)
 
 Writes JSON lines to $OUT/gpu_vllm_dump.jsonl (and prints them). Engines run one at a time in
 this process (kdcache.teacher_dump.bench), memory released between them. Teachers are random
@@ -188,6 +191,43 @@ def engine_only() -> None:
           "top1_equal": round(float(np.concatenate(top1).mean()), 5)})
 
 
+def writer(smoke: bool = False) -> None:
+    """The whole dump (engine + validation + qrank encoding + shard writes) over the ceiling at
+    k = 16, 64, 256, 8k and 32k windows, causal then document; no baseline, no hf (the writer
+    is what these cells measure). Encode-thread scaling on this host first."""
+    import subprocess
+    from dataclasses import replace
+
+    from kdcache.teacher_dump.bench import BenchConfig
+    from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+    model = TINY if smoke else GPU_1B
+    t0 = time.perf_counter()
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        preset = TeacherConfig.preset("tiny", max_positions=2048) if smoke \
+            else TeacherConfig.preset("gpu-1b")
+        build_teacher(model, preset, log=lambda m: None)
+    emit({"step": "teacher", "name": "tiny" if smoke else "gpu-1b",
+          "seconds": round(time.perf_counter() - t0, 1)})
+    encode = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "bench_encode.py")]
+    for k, window, n in ((64, 2048, 2), (256, 4096, 1)) if smoke else ((64, 32768, 2),
+                                                                       (256, 32768, 2)):
+        proc = subprocess.run(encode + ["--threads", "1,2" if smoke else "1,4,8,16", "--k",
+                                        str(k), "--window", str(window), "--windows", str(n),
+                                        "--rounds", "1" if smoke else "2"],
+                              capture_output=True, text=True, timeout=300)
+        emit({"step": "encode_threads", **json.loads(proc.stdout.strip().splitlines()[-1])}
+             if proc.returncode == 0 else {"step": "encode_threads", "error": proc.stderr[-2000:]})
+    dtype = "float32" if smoke else "bfloat16"
+    short, long = (256, 512) if smoke else (8192, 32768)
+    base = BenchConfig(model=model, dtype=dtype, rounds=1 if smoke else 3, baseline=False)
+    cfgs = [replace(base, mode=mode, window=window, windows=n, k=k)
+            for mode in ("causal", "document") for window, n in ((short, 8), (long, 2))
+            for k in (16, 64, 256)]
+    run_series(model, cfgs, "tiny" if smoke else "gpu-1b")
+
+
 def big() -> None:
     from kdcache.teacher_dump.bench import BenchConfig
 
@@ -211,6 +251,8 @@ def main() -> None:
         big()
     elif step == "engine-only":
         engine_only()
+    elif step in ("writer", "writer-smoke"):
+        writer(smoke=step == "writer-smoke")
     elif step == "smoke":
         from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
 

@@ -50,6 +50,7 @@ class ExecutionConfig:
     max_retries: int = 3  # retries of a shard whose actor died
     progress: bool = True  # a progress bar on stderr
     in_process: bool = False  # one engine in this process, no Ray (a single machine)
+    engines_per_gpu: int = 1  # > 1: single-GPU engines share GPUs (asked for, never by default)
 
 
 @dataclass(frozen=True)
@@ -76,16 +77,27 @@ class DumpConfig:
                               ("--tensor-parallel", t.tensor_parallel),
                               ("--pipeline-parallel", t.pipeline_parallel),
                               ("--windows-per-shard", self.windows_per_shard),
+                              ("--engines-per-gpu", self.execution.engines_per_gpu),
                               ("--k", t.k)):
             if value < 1:
                 raise DumpError(f"{option} must be at least 1, got {value}")
         x = self.execution
-        if x.in_process and (x.workers != 1 or x.ray_address):
+        if x.in_process and (x.workers != 1 or x.ray_address or x.engines_per_gpu != 1):
             raise DumpError("--no-ray runs one engine in this process: it takes neither "
-                            f"--workers {x.workers} nor --ray-address; drop one or the other")
+                            f"--workers {x.workers}, --engines-per-gpu {x.engines_per_gpu} nor "
+                            "--ray-address; drop one or the other")
         if t.gpu_memory_utilization is not None and not 0 < t.gpu_memory_utilization <= 1:
             raise DumpError("--gpu-memory-utilization is a fraction of each GPU's memory in "
                             f"(0, 1], got {t.gpu_memory_utilization}")
+        share = x.engines_per_gpu
+        if share > 1 and t.tensor_parallel * t.pipeline_parallel > 1:
+            raise DumpError("--engines-per-gpu shares a GPU between single-GPU engines; it cannot "
+                            "be combined with --tensor-parallel or --pipeline-parallel")
+        if share > 1 and self.engine == "vllm" and (t.gpu_memory_utilization is None
+                                                    or t.gpu_memory_utilization > 1 / share):
+            raise DumpError(f"--engines-per-gpu {share}: each vLLM engine takes its "
+                            "--gpu-memory-utilization share of the GPU (vLLM's default 0.9); "
+                            f"pass --gpu-memory-utilization {1 / share:.2f} or less")
 
     @classmethod
     def from_options(cls, *, model: str, corpus: str, out: str, k: int = 64,
@@ -101,7 +113,8 @@ class DumpConfig:
                      ray_address: str | None = None, max_retries: int = 3,
                      kv_cache_gib: float = 1.0, device: str = "auto",
                      progress: bool = True, draws: int = 0,
-                     temperature: float = 1.0, in_process: bool = False) -> "DumpConfig":
+                     temperature: float = 1.0, in_process: bool = False,
+                     engines_per_gpu: int = 1) -> "DumpConfig":
         """The config of the CLI's options (same names as the `kdcache dump` flags).
         `draws` > 0 makes a `sampled` dataset (RS-KD: that many draws per position at
         `temperature`, stored as counts) instead of top-k."""
@@ -120,7 +133,8 @@ class DumpConfig:
             out=out, engine=engine, windows_per_shard=windows_per_shard, codec=codec,
             execution=ExecutionConfig(workers=workers, ray_address=ray_address,
                                       max_retries=max_retries, progress=progress,
-                                      in_process=in_process))
+                                      in_process=in_process,
+                                      engines_per_gpu=engines_per_gpu))
 
     def options(self) -> dict[str, Any]:
         """The flat options this config was built from (inverse of `from_options`)."""
@@ -140,12 +154,12 @@ class DumpConfig:
                     gpu_memory_utilization=t.gpu_memory_utilization,
                     ray_address=x.ray_address, max_retries=x.max_retries,
                     kv_cache_gib=t.kv_cache_gib, device=t.device, progress=x.progress,
-                    in_process=x.in_process)
+                    in_process=x.in_process, engines_per_gpu=x.engines_per_gpu)
 
     # settings that do not change the targets (recorded in plan.json, not compared)
     EXECUTION_OPTIONS = ("out", "workers", "tensor_parallel", "pipeline_parallel",
                          "gpu_memory_utilization", "ray_address", "max_retries", "kv_cache_gib",
-                         "device", "progress", "in_process")
+                         "device", "progress", "in_process", "engines_per_gpu")
 
     def identity(self) -> dict[str, Any]:
         d = self.options()

@@ -225,7 +225,8 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
     x = cfg.execution
     init_ray(x.ray_address)
     pool = ActorPool(cfg.engine, cfg.teacher, x.workers, x.ray_address, cfg.out, state.header,
-                     state.table, actors)  # waits for the engines to start
+                     state.table, actors,
+                     engines_per_gpu=x.engines_per_gpu)  # waits for the engines to start
     state.engines = pool.placements
     if state.table is None:
         _fit_codec_table(cfg, state, pool)

@@ -134,19 +134,21 @@ def unwrap_task_error(exc: BaseException) -> BaseException:
 class EnginePlacement:
     """The Ray resources of one engine: one bundle, on one node."""
 
-    gpus: int = 0  # GPUs of the engine's group (tensor x pipeline parallel); 0: a CPU engine
+    gpus: float = 0  # GPUs of the engine's group (tensor x pipeline parallel); 0: a CPU engine;
+    #                  a fraction only when asked for (--engines-per-gpu)
     cpus: float = 1.0
 
     def bundle(self) -> dict[str, float]:
         return {"CPU": self.cpus, **({"GPU": float(self.gpus)} if self.gpus else {})}
 
 
-def engine_placement(engine_cfg: EngineConfig) -> EnginePlacement:
+def engine_placement(engine_cfg: EngineConfig, engines_per_gpu: int = 1) -> EnginePlacement:
     """GPUs for the engine when the cluster has GPUs and the engine may use them."""
     import ray
 
     if ray.cluster_resources().get("GPU", 0) > 0 and engine_cfg.device != "cpu":
-        return EnginePlacement(gpus=engine_cfg.tensor_parallel * engine_cfg.pipeline_parallel)
+        group = engine_cfg.tensor_parallel * engine_cfg.pipeline_parallel
+        return EnginePlacement(gpus=group if engines_per_gpu == 1 else 1 / engines_per_gpu)
     return EnginePlacement()
 
 
@@ -158,7 +160,7 @@ def check_capacity(placement: EnginePlacement, workers: int) -> None:
         return
     node_gpus = sorted((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]),
                        reverse=True)
-    fits = sum(g // placement.gpus for g in node_gpus)
+    fits = sum(int(g / placement.gpus + 1e-9) for g in node_gpus)
     if fits < workers:
         raise DumpError(
             f"--workers {workers} engines of {placement.gpus} GPU(s) each (tensor x pipeline "
@@ -202,10 +204,10 @@ class ActorPool:
 
     def __init__(self, engine_name: str, engine_cfg: EngineConfig, workers: int,
                  ray_address: str | None, out: str, header, table: bytes | None,
-                 actors=None) -> None:
+                 actors=None, engines_per_gpu: int = 1) -> None:
         import ray
 
-        self.placement = engine_placement(engine_cfg)
+        self.placement = engine_placement(engine_cfg, engines_per_gpu)
         if actors is None:
             check_capacity(self.placement, workers)
         cpus = ray.cluster_resources().get("CPU", 1)

@@ -25,19 +25,23 @@ def main(teacher_dir: str, out: str) -> None:
         cluster.add_node(num_cpus=2, num_gpus=2)
         cluster.wait_for_nodes()
 
-        def config(workers: int, path: str) -> DumpConfig:
-            return DumpConfig.from_options(
-                model=teacher_dir, corpus="builtin", out=path, k=8, window=256,
-                mode="document", engine="hf", builtin_documents=24, windows_per_shard=2,
-                workers=workers, tensor_parallel=2, ray_address=cluster.address,
-                progress=False, codec="raw")
+        def config(workers: int, path: str, **options) -> DumpConfig:
+            return DumpConfig.from_options(**{
+                "model": teacher_dir, "corpus": "builtin", "out": path, "k": 8, "window": 256,
+                "mode": "document", "engine": "hf", "builtin_documents": 24,
+                "windows_per_shard": 2, "workers": workers, "tensor_parallel": 2,
+                "ray_address": cluster.address, "progress": False, "codec": "raw", **options})
 
         result: dict = {}
-        try:  # 4 groups of 2 GPUs do not fit on nodes of 4 and 2 GPUs
-            run_dump(config(4, out + "-refused"), log=lambda m: None)
-            result["refused"] = None
-        except KdcacheError as exc:
-            result["refused"] = str(exc)
+        for key, cfg in (  # 4 groups of 2 GPUs do not fit on nodes of 4 and 2 GPUs; asked to
+                ("refused", config(4, out + "-refused")),  # share, 13 halves of 6 GPUs neither
+                ("refused_shared", config(13, out + "-refused-shared", tensor_parallel=1,
+                                          engines_per_gpu=2))):
+            try:
+                run_dump(cfg, log=lambda m: None)
+                result[key] = None
+            except KdcacheError as exc:
+                result[key] = str(exc)
         summary = run_dump(config(3, out), log=lambda m: None)
         result["summary"] = summary
         print(json.dumps(result))

@@ -71,3 +71,21 @@ def test_ray_and_library_messages_only_with_verbose(tmp_path, teacher_dir):
     json.loads(quiet.stdout)
     loud = dump("loud", "--verbose")
     assert loud.returncode == 0 and "Started a local Ray instance" in loud.stderr
+
+
+def test_dump_gpu_sharing_is_refused_unless_it_fits(tmp_path, teacher_dir, capsys):
+    """Engines share a GPU only when asked (--engines-per-gpu), and only with a memory share
+    that lets them fit; refused before anything is written."""
+    base = ["dump", "--model", teacher_dir, "--corpus", "builtin", "--out", str(tmp_path / "o"),
+            "--json", "--engines-per-gpu", "2"]
+    assert main(base) == 2
+    assert "--gpu-memory-utilization 0.50 or less" in capsys.readouterr().err
+    assert main(base + ["--gpu-memory-utilization", "0.45", "--tensor-parallel", "2"]) == 2
+    assert "cannot be combined with --tensor-parallel" in capsys.readouterr().err
+    assert main(base[:-2] + ["--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+    assert main(base + ["--gpu-memory-utilization", "0.45", "--no-ray"]) == 2
+    assert "--engines-per-gpu 2" in capsys.readouterr().err
+    assert main(base[:-1] + ["0"]) == 2
+    assert "--engines-per-gpu must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -276,6 +276,7 @@ def test_tensor_parallel_groups_are_placed_on_a_multi_node_cluster(read_all, ass
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "room for 3" in result["refused"] and "--workers 4" in result["refused"]
+    assert "room for 12" in result["refused_shared"]  # --engines-per-gpu 2: half a GPU each
     engines = result["summary"]["engines"]
     assert len(engines) == 3 and all(len(e["gpu_ids"]) == 2 for e in engines)
     by_node: dict[str, list[str]] = {}
