@@ -76,8 +76,8 @@ def test_blocks_write_the_one_pass_blob(k, m, monkeypatch):
     table = RankTable.from_sample(V, ids[: max(1, m // 2)]).to_bytes() if m else None
     codec = QRankCodec(kind="topk", k=k, vocab_size=V, table=table)
     inline = codec.encode(ids, lp)
-    monkeypatch.setattr(qrank_topk, "MIN_BLOCK_ROWS", 2)
-    monkeypatch.setattr(qrank_topk, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(qrank_topk, "MIN_BLOCK", 2 * k)
+    monkeypatch.setattr(qrank_topk, "CHUNK", 3 * k)
     for threads in (2, 3):
         assert codec.encode(ids, lp, pool=block_pool(threads)) == inline
     units = int.from_bytes(inline[6:8], "little")
@@ -95,7 +95,7 @@ def test_rate_control_picks_the_same_step_on_blocks(monkeypatch):
     for kl_target in (1e-5, 2e-4, 7e-4, 3e-3):
         codec = QRankCodec(kind="topk", k=32, vocab_size=V, kl_target=kl_target)
         inline = codec.encode(ids, lp)
-        monkeypatch.setattr(qrank_topk, "MIN_BLOCK_ROWS", 2)
+        monkeypatch.setattr(qrank_topk, "MIN_BLOCK", 64)
         assert codec.encode(ids, lp, pool=block_pool(3)) == inline
         monkeypatch.undo()
 

@@ -34,8 +34,15 @@ if TYPE_CHECKING:
 ESCAPE = 15  # a dq nibble of 15 means 15 + the next value of the escape stream
 SQRT_UNIT = 1e-4  # the blob header stores sqrt_step in these units (u16)
 SQRT_LADDER = (100, 125, 150, 175, 200, 225, 250, 275, 300, 350, 400, 500)
-MIN_BLOCK_ROWS = 512  # below this a block's numpy calls cost more in overhead than they gain
-CHUNK_ROWS = 128  # numpy steps run on this many rows at a time: their temporaries stay in cache
+# Sizes in entries (rows x k): a block smaller than MIN_BLOCK costs more in per-call overhead
+# (and GIL hand-offs, which the engine's thread needs too) than it gains; numpy steps run on
+# CHUNK entries at a time so that their float64 temporaries stay in cache.
+MIN_BLOCK = 1 << 17
+CHUNK = 1 << 15
+
+
+def _rows_of(entries: int, k: int, least: int) -> int:
+    return max(least, entries // max(1, k))
 
 
 def exp_shifted_levels(levels: np.ndarray) -> np.ndarray:
@@ -278,8 +285,9 @@ class _Rows:
         self.weights = np.empty((m, k), dtype=np.float64) if rate_control else None
 
     def prepare(self, a: int, b: int) -> None:
-        for c in range(a, b, CHUNK_ROWS):
-            self._prepare(c, min(c + CHUNK_ROWS, b))
+        step = _rows_of(CHUNK, self.values.shape[1], 1)
+        for c in range(a, b, step):
+            self._prepare(c, min(c + step, b))
 
     def _prepare(self, a: int, b: int) -> None:
         values = self.values[a:b]
@@ -336,7 +344,8 @@ def encode_topk_streams(codec: "QRankCodec", ids: np.ndarray, values: np.ndarray
     """(sqrt_step units, total extra bits, the six byte streams, packed extra bits) of one
     window's valid rows: ids int [m, k], values float32 [m, k]."""
     m, k = ids.shape
-    blocks = split(m, 2 * pool.workers, multiple=2, minimum=MIN_BLOCK_ROWS)
+    blocks = split(m, 2 * pool.workers, multiple=2, minimum=_rows_of(MIN_BLOCK, k, 2))
+    chunk = _rows_of(CHUNK, k, 1)
     rows = _Rows(values, rate_control=codec.kl_target is not None and m > 0 and k > 1)
     pool.map(lambda ab: rows.prepare(*ab), blocks)
     units = _choose_sqrt_step(codec, rows, blocks, pool)
@@ -356,8 +365,8 @@ def encode_topk_streams(codec: "QRankCodec", ids: np.ndarray, values: np.ndarray
         codes = np.empty((b - a, k), dtype=np.int64)
         quantize_rows(rows.rel[a:b], rows.half_exp[a:b], rows.argmax[a:b], q._y_top,
                       q.threshold, e_half_t, q.sqrt_step, q.step_max, codes)
-        for c in range(a, b, CHUNK_ROWS):
-            d = min(c + CHUNK_ROWS, b)
+        for c in range(a, b, chunk):
+            d = min(c + chunk, b)
             rows.top[c:d] = _keep_mass_at_most_one(rows.top[c:d], codes[c - a:d - a], levels)
         ranks = codec.rank_table.ranks(ids[a:b])
         sort_and_symbolize(codes, ranks, a, dq, nibbles, first, syms, nbits, extra,
