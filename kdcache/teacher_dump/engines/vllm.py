@@ -36,7 +36,6 @@ import numpy as np
 from kdcache.teacher_dump.engines.base import (EngineConfig, EngineError, TeacherEngine,
                                                WindowTargets, empty_targets, finish_targets,
                                                segments_for_mode)
-from kdcache.teacher_dump.engines import vllm_topk
 from kdcache.teacher_dump.pack import PackedWindow
 from kdcache.vllm_start import configure_vllm_env, start_llm, stop_llm
 
@@ -89,6 +88,9 @@ class VLLMEngine(TeacherEngine):
         if cfg.max_num_batched_tokens is not None:
             common["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         if cfg.vllm_path == "pooler":
+            # vllm_topk subclasses vLLM's Pooler when imported: vLLM only where it runs
+            from kdcache.teacher_dump.engines import vllm_topk
+
             settings = {"max_k": cfg.k, "max_draws": cfg.draws,
                         "block_elements": cfg.chunk_elements}
             self.llm = start_llm(
@@ -141,9 +143,11 @@ class VLLMEngine(TeacherEngine):
     def _pooler(self, prompts, where, out, sampled) -> None:
         from vllm import PoolingParams
 
+        from kdcache.teacher_dump.engines.vllm_topk import request_kwargs, split_result
+
         k, draws = self.cfg.k, self.cfg.draws
         # draws are seeded per (dump seed, window, request start): a resumed shard redraws the same
-        params = [PoolingParams(extra_kwargs=vllm_topk.request_kwargs(
+        params = [PoolingParams(extra_kwargs=request_kwargs(
             k, draws, self.cfg.temperature,
             seed=zlib.crc32(f"{self.cfg.seed}:{index}:{start}".encode())))
             for _, start, _, index in where]
@@ -155,7 +159,7 @@ class VLLMEngine(TeacherEngine):
                 raise EngineError(f"vLLM's top-k pooler returned {tuple(data.shape)} for a "
                                   f"{end - start}-token request, expected "
                                   f"{(end - start, 2 * k + 2 * draws)}")
-            ids, lps, d_ids, d_cnt = vllm_topk.split_result(data, k, draws)
+            ids, lps, d_ids, d_cnt = split_result(data, k, draws)
             out[w][0][start:end], out[w][1][start:end] = ids, lps
             if draws:
                 sampled[w][0][start:end] = d_ids
