@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from kdcache.replicate.presets import get_preset
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -32,7 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from kdcache.replicate.pipeline import run_replicate
-    from kdcache.replicate.presets import get_preset
 
     overrides = {} if args.seeds is None else {"seeds": args.seeds}
     preset = get_preset(args.preset, **overrides)
