@@ -1,48 +1,65 @@
 """Training-step speed of transformers students: kdcache's path vs the usual ways, side by side.
 
-One JSON line (and --json-out). For each model shape and token count, full training steps
-(forward, backward, gradient clipping, fused AdamW; fp32 master weights under bf16 autocast) are
-timed with CUDA events after warm-up; peak memory is torch.cuda.max_memory_allocated over the
-timed steps (weights, optimizer state and activations included).
+Every cell is one (model, shape, variant): full training steps (forward, backward, gradient
+clipping, fused AdamW; fp32 master weights under bf16 autocast) timed with CUDA events after
+warm-up; peak memory is torch.cuda.max_memory_allocated over the timed steps (weights, optimizer
+state and activations included). After each cell one JSON line is appended to
+OUT_DIR/bench_hf_student.jsonl and the whole result rewritten to OUT_DIR/bench_hf_student.json,
+so a call cut short keeps the finished cells. A cell that fails (CUDA out of memory included)
+records its error, frees its memory and the next cell runs. No cell starts when its estimated
+cost would pass --budget-s (seconds since start); it is recorded as skipped.
 
-  hf      the transformers model trained the usual way: attn_implementation="sdpa",
-          model(input_ids, labels=...) (full logits + CE). On out-of-memory: retried with
-          gradient checkpointing (recorded).
-  liger   the same model's decoder, then Liger's fused linear cross-entropy on its final hidden
-          states and lm_head weight (bf16, as ours): no full logits.
-  kdcache kdcache.student_train.hf_student.HFStudent: the same transformers model, its decoder
-          layers torch.compile'd, FlexAttention with a document block mask (through the model's
-          own attention interface), and the fused sparse-KL loss (KD + CE, alpha 0.5, top-64
-          teacher targets) on the final hidden states and the model's own lm_head.
+Variants (the same transformers model object and step in each):
+  hf            attn_implementation="sdpa", model(input_ids, labels=...) (full logits + CE); at
+                131k the documents are given the usual transformers way, as position ids that
+                restart per document (transformers builds the dense document mask itself). At
+                16k an out-of-memory run is retried with gradient checkpointing (recorded).
+  liger         the same decoder, then Liger's fused linear cross-entropy on its final hidden
+                states and lm_head weight (bf16, as ours): no full logits.
+  kdcache       kdcache.student_train.hf_student.HFStudent: the same model, each decoder layer
+                torch.compile'd, attention through the model's own interface (SDPA's causal kernel
+                for the one-document 16k row, FlexAttention with a document block mask at 131k),
+                the fused sparse-KL loss (KD + CE, alpha 0.5, top-64 targets) on the final hidden
+                states and the model's own lm_head. At 131k the first layers are checkpointed
+                (--ckpt131k; `auto` sizes it from the 16k cell's memory); retried with all layers
+                on out-of-memory.
+  kdcache-flex  kdcache with FlexAttention forced for the causal row (a causal BlockMask).
 
-Shapes: `16k` (one 16,384-token causal row: every variant), `131k` (one 131,072-token row of
-packed short documents: document mask, global positions; kdcache only; the others need a dense
-131k x 131k mask (16 GiB of booleans, and attention over all of it) and full logits).
-Models (random init): qwen3-0.6b (V = 151,936, tied) and llama-3.2-1b (V = 128,256, tied,
-llama3 RoPE scaling).
+Shapes: `16k` (one 16,384-token causal row) and `131k` (one 131,072-token row of packed short
+documents, ~600 tokens each: document mask, global positions for kdcache). Models (random init):
+qwen3-0.6b (V = 151,936, tied) and llama-3.2-1b (V = 128,256, tied, llama3 RoPE scaling).
 
 MFU = model FLOPs / (seconds x the bf16 matmul rate measured in the same run), model FLOPs =
 6 x (parameters without the input embedding, plus lm_head) x tokens + attention FLOPs over the
 unmasked 128 x 128 blocks only (3 x 4 x heads x head_dim x 128^2 per block and layer).
 Recomputation (checkpointed layers) is not model work and is not counted.
 
-On CPU (`make bench`) it runs a tiny Qwen3 at 512 tokens (hf and kdcache) to show the script
-works; the figures that matter come from the GPU:
-  python3 bench/bench_hf_student.py --json-out $OUT/bench_hf_student.json
+GPU (one call; Liger from the wheel carried in .whl/, unpacked onto sys.path by the script):
+  python3 bench/bench_hf_student.py --out-dir $OUT
+CPU (`make bench`): tiny Qwen3 and Llama, 256 and 2,048 tokens, to show every cell works (Liger
+only under TRITON_INTERPRET=1); its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import glob
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
+import traceback
+import zipfile
 
-import numpy as np
-import torch
+T_START = time.time()
+# Less fragmentation after a cell ran out of memory, and more room at 131k (before CUDA starts).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -51,18 +68,39 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from bench_train import (BLOCK, attention_blocks, doc_lengths, make_batch,  # noqa: E402
                          matmul_tflops, seg_from_lengths, timed_steps)
 
-from kdcache.student_train.hf_student import HFStudent  # noqa: E402
+from kdcache.student_train.hf_student import FLEX_IMPL, HFStudent  # noqa: E402
 from kdcache.student_train.module import LossConfig, distillation_loss  # noqa: E402
+
+MODELS = ("qwen3-0.6b", "llama-3.2-1b")
+# Most important first: the 16k comparison and 131k kdcache of the first model, then kdcache on
+# the second model (its 131k cell sized from its 16k cell) and its baselines, then the baselines
+# at 131k (expected to fail), then the FlexAttention causal variant.
+DEFAULT_CELLS = (
+    "qwen3-0.6b/16k/kdcache", "qwen3-0.6b/16k/hf", "qwen3-0.6b/16k/liger",
+    "qwen3-0.6b/131k/kdcache",
+    "llama-3.2-1b/16k/kdcache", "llama-3.2-1b/131k/kdcache",
+    "llama-3.2-1b/16k/hf", "llama-3.2-1b/16k/liger",
+    "qwen3-0.6b/131k/liger", "llama-3.2-1b/131k/liger",
+    "qwen3-0.6b/131k/hf", "llama-3.2-1b/131k/hf", "qwen3-0.6b/16k/kdcache-flex",
+)
+# Seconds a cell is expected to take on the H200 (compilation included): a cell starts only if
+# it fits in what is left of --budget-s.
+EST_S = {("16k", "kdcache"): 50, ("16k", "kdcache-flex"): 70, ("16k", "hf"): 15,
+         ("16k", "liger"): 15, ("131k", "kdcache"): 80, ("131k", "hf"): 40,
+         ("131k", "liger"): 40, ("131k", "kdcache-flex"): 80}
+CKPT_131K_FALLBACK = {"qwen3-0.6b": 12, "llama-3.2-1b": 9}
+VARIANTS = ("kdcache", "kdcache-flex", "hf", "liger")
 
 
 def model_config(name: str, cuda: bool):
     import transformers as tf
 
-    if not cuda:  # CPU smoke size
-        return tf.Qwen3Config(vocab_size=4096, hidden_size=128, intermediate_size=256,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=32, tie_word_embeddings=True, max_position_embeddings=4096)
     if name == "qwen3-0.6b":
+        if not cuda:  # CPU smoke size
+            return tf.Qwen3Config(vocab_size=4096, hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                                  max_position_embeddings=16_384)
         return tf.Qwen3Config(vocab_size=151_936, hidden_size=1024, intermediate_size=3072,
                               num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                               head_dim=128, rms_norm_eps=1e-6, tie_word_embeddings=True,
@@ -72,11 +110,16 @@ def model_config(name: str, cuda: bool):
         rope = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0,
                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
+        if not cuda:
+            return tf.LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=512,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                                  max_position_embeddings=16_384, rope_parameters=rope)
         return tf.LlamaConfig(vocab_size=128_256, hidden_size=2048, intermediate_size=8192,
                               num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                               head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
                               max_position_embeddings=131_072, rope_parameters=rope)
-    raise ValueError(name)
+    raise ValueError(f"unknown model {name!r}; known: {MODELS}")
 
 
 def build_model(config, device: str):
@@ -104,74 +147,144 @@ def optimizer_for(model, device: str):
                              fused=True if device == "cuda" else None)
 
 
-def train_step(loss_fn, model, optimizer):
-    def step():
-        loss = loss_fn()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
+def reset_positions(seg: torch.Tensor) -> torch.Tensor:
+    """Position ids restarting at each document: how transformers is told about packing."""
+    index = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    change = torch.ones_like(seg, dtype=torch.bool)
+    change[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    starts = torch.where(change, index, torch.zeros_like(index)).cummax(1).values
+    return index - starts
 
 
-def run_variant(variant: str, config, seg_rows: np.ndarray, *, device: str, k: int,
-                ckpt: int, warmup: int, steps: int) -> dict:
+def load_liger(wheel_glob: str):
+    """Liger's fused linear CE, from an installed liger_kernel or a carried pure-Python wheel
+    unpacked onto sys.path (the GPU machine has no network)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        wheels = sorted(glob.glob(os.path.join(ROOT, wheel_glob)))
+        if not wheels:
+            raise RuntimeError(f"liger_kernel not importable and no wheel at {wheel_glob}") from None
+        target = tempfile.mkdtemp(prefix="liger-")
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            wheel.extractall(target)
+        sys.path.insert(0, target)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    return LigerFusedLinearCrossEntropyLoss
+
+
+def run_cell(variant: str, config, seg_rows: np.ndarray, *, device: str, k: int, ckpt: int,
+             warmup: int, steps: int, liger_cls=None) -> dict:
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     model = build_model(config, device)
     optimizer = optimizer_for(model, device)
     batch = make_batch(config, seg_rows, k, device)
+    packed = not bool((batch["seg_ids"] == 0).all())
     entry: dict = {}
     if variant == "hf":
         tokens = batch["tokens"]
+        kwargs = {}
+        if packed:  # the usual transformers way: positions restarting per document
+            kwargs["position_ids"] = reset_positions(batch["seg_ids"])
+            labels = tokens.clone()
+            labels[:, 1:][batch["seg_ids"][:, 1:] != batch["seg_ids"][:, :-1]] = -100
+        else:
+            labels = tokens
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             entry["gradient_checkpointing"] = True
 
         def loss_fn():
             with amp:
-                return model(input_ids=tokens, labels=tokens).loss
+                return model(input_ids=tokens, labels=labels, **kwargs).loss
     elif variant == "liger":
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        flce = LigerFusedLinearCrossEntropyLoss()
+        flce = liger_cls()
         tokens = batch["tokens"]
-        labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], 1).reshape(-1)
+        kwargs = {"position_ids": reset_positions(batch["seg_ids"])} if packed else {}
+        labels = batch["labels"].reshape(-1)  # next token, -100 at each document's end
         decoder = model.model
+        dt = torch.bfloat16 if device == "cuda" else torch.float32
 
         def loss_fn():
             with amp:
-                hidden = decoder(input_ids=tokens, use_cache=False).last_hidden_state
+                hidden = decoder(input_ids=tokens, use_cache=False, **kwargs).last_hidden_state
             d = hidden.shape[-1]
-            dt = torch.bfloat16 if device == "cuda" else hidden.dtype
             return flce(model.lm_head.weight.to(dt), hidden.reshape(-1, d).to(dt), labels)
-    elif variant == "kdcache":
-        attention = "causal" if bool((batch["seg_ids"] == 0).all()) else "document"
-        student = HFStudent(model, attention=attention, positions="global")
+    elif variant in ("kdcache", "kdcache-flex"):
+        student = HFStudent(model, attention="document" if packed else "causal",
+                            positions="global")
+        if variant == "kdcache-flex":
+            student.attn_implementation = FLEX_IMPL
         student.set_checkpoint_layers(ckpt)
         if device == "cuda":
             student.compile_blocks()
         loss_cfg = LossConfig(alpha=0.5)
-        entry["attention"] = attention
         entry["ckpt_layers"] = ckpt
+        loss_dtype = torch.bfloat16 if device == "cuda" else None
 
         def loss_fn():
             with amp:
-                return distillation_loss(student, batch, loss_cfg,
-                                         torch.bfloat16 if device == "cuda" else None)["loss"]
+                out = distillation_loss(student, batch, loss_cfg, loss_dtype)["loss"]
+            entry["attention"] = student.config._attn_implementation
+            return out
     else:
-        raise ValueError(variant)
+        raise ValueError(f"unknown variant {variant!r}")
     losses = []
 
-    def loss_logged():
+    def step():
         loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-        return loss
 
-    seconds, peak = timed_steps(train_step(loss_logged, model, optimizer), device, warmup, steps)
-    entry.update(seconds=seconds, peak_gib=peak,
+    warmup_s: list[float] = []
+    seconds, peak = timed_steps(step, device, warmup, steps, warmup_s)
+    n_params = sum(p.numel() for p in model.parameters())
+    entry.update(seconds=seconds, peak_gib=peak, warmup_s=warmup_s, steps=steps,
                  loss_first_last=[float(losses[0]), float(losses[-1])],
-                 flop_params=flop_params(model))
+                 flop_params=flop_params(model), params=n_params)
+    if device == "cuda":
+        # weights + optimizer state held between steps; the grads (fp32) come on top at the peak
+        entry["static_gib"] = torch.cuda.memory_allocated() / 2**30
+        entry["grads_gib"] = 4 * n_params / 2**30
+        entry["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     return entry
+
+
+def auto_ckpt(measured: dict | None, config, tokens: int, total_gib: float) -> int | None:
+    """Fewest checkpointed layers at `tokens` that fit, from the kdcache 16k cell's peak: its
+    activations scale with tokens, a checkpointed layer keeps only its fp32 input (plus one
+    layer's activations live again in its backward)."""
+    if not measured or "peak_gib" not in measured or measured.get("ckpt_layers"):
+        return None
+    layers = int(config.num_hidden_layers)
+    fixed = measured["static_gib"] + measured["grads_gib"]
+    act = (measured["peak_gib"] - fixed) * tokens / measured["tokens"] / layers  # per layer
+    kept = tokens * config.hidden_size * 4 / 2**30
+    for n in range(layers + 1):
+        if fixed + (layers - n) * act + n * kept + act + 8.0 <= total_gib:
+            return n
+    return layers
+
+
+def sdpa_backend(config, device: str, length: int) -> str:
+    """The kernel SDPA picks for this model's causal training attention (what `hf` and the
+    one-document `kdcache` rows run), as transformers calls it (GQA without repeat_kv)."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        shape = (1, config.num_attention_heads, length, config.head_dim)
+        kv_shape = (1, config.num_key_value_heads, length, config.head_dim)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        q = torch.empty(shape, device=device, dtype=dtype, requires_grad=True)
+        k = torch.empty(kv_shape, device=device, dtype=dtype, requires_grad=True)
+        choice = int(torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=True))
+        names = {int(v): n for n, v in SDPBackend.__members__.items()}
+        return names.get(choice, str(choice))
+    except Exception as exc:  # informational only
+        return f"unknown ({type(exc).__name__}: {str(exc)[:100]})"
 
 
 def shape_rows(shape: str, length: int, rng) -> np.ndarray:
@@ -179,110 +292,245 @@ def shape_rows(shape: str, length: int, rng) -> np.ndarray:
         return np.zeros((1, length), dtype=np.int64)
     if shape == "131k":
         return seg_from_lengths(doc_lengths(rng, 8 * length))[None]
-    raise ValueError(shape)
+    raise ValueError(f"unknown shape {shape!r}")
 
 
 def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def add_rates(entry: dict, config, seg_rows: np.ndarray, tflops: float | None) -> None:
+    tokens = int(seg_rows.size)
+    blocks = attention_blocks(seg_rows)
+    attn = (3 * 4 * config.num_attention_heads * config.head_dim * BLOCK * BLOCK * blocks
+            * config.num_hidden_layers)
+    flops = 6 * entry["flop_params"] * tokens + attn
+    entry["tokens_per_s"] = tokens / entry["seconds"]
+    entry["model_tflops"] = flops / entry["seconds"] / 1e12
+    entry["mfu"] = entry["model_tflops"] / tflops if tflops else None
+    entry["mfu_vs_989"] = entry["model_tflops"] / 989.0 if tflops else None
+
+
+def compare(runs: dict, cuda: bool) -> dict:
+    """Per model: kdcache at 16k against the faster baseline, and who ran at 131k."""
+    summary = {}
+    for model in MODELS:
+        ours = runs.get(f"{model}/16k/kdcache", {})
+        base = [(v, runs.get(f"{model}/16k/{v}", {})) for v in ("hf", "liger")]
+        base = [(v, b) for v, b in base if "seconds" in b]
+        item = {}
+        if "seconds" in ours and base:
+            name, best = min(base, key=lambda vb: vb[1]["seconds"])
+            item["best_baseline_16k"] = name
+            item["speedup_16k"] = best["seconds"] / ours["seconds"]
+            if cuda:
+                item["peak_ratio_16k_vs_that_baseline"] = ours["peak_gib"] / best["peak_gib"]
+                item["peak_ratio_16k_vs_lowest_baseline"] = ours["peak_gib"] / min(
+                    b["peak_gib"] for _, b in base)
+        flex = runs.get(f"{model}/16k/kdcache-flex", {})
+        if "seconds" in flex and base:
+            item["speedup_16k_kdcache_flex"] = min(b["seconds"] for _, b in base) / flex["seconds"]
+        for variant in ("kdcache", "hf", "liger"):
+            cell = runs.get(f"{model}/131k/{variant}")
+            if cell is not None:
+                item[f"131k_{variant}"] = ("ran" if "seconds" in cell else
+                                           cell.get("error") or cell.get("skipped"))
+        if "mfu" in runs.get(f"{model}/131k/kdcache", {}):
+            item["mfu_131k"] = runs[f"{model}/131k/kdcache"]["mfu"]
+        if item:
+            summary[model] = item
+    return summary
+
+
+class Cells:
+    """Runs the cells in order with their retries; what they share: options, the result so far
+    (the 131k checkpointing is sized from the 16k cell), the token rows, Liger once loaded."""
+
+    def __init__(self, opts, cuda: bool, result: dict, ckpt_given: dict[str, int],
+                 tflops: float | None) -> None:
+        self.opts, self.cuda, self.result, self.ckpt_given = opts, cuda, result, ckpt_given
+        self.tflops = tflops
+        self.device = "cuda" if cuda else "cpu"
+        self.total_gib = (torch.cuda.get_device_properties(0).total_memory / 2**30
+                          if cuda else 0.0)
+        self.rows_by_shape: dict[str, np.ndarray] = {}
+        self.liger_cls, self.liger_error = None, None
+
+    def liger(self):
+        if self.liger_cls is None and self.liger_error is None:
+            try:
+                self.liger_cls = load_liger(self.opts.liger_wheel)
+            except Exception as exc:  # reported in every Liger cell
+                self.liger_error = f"Liger unavailable ({type(exc).__name__}): {str(exc)[:300]}"
+        if self.liger_error or (not self.cuda and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise RuntimeError(self.liger_error or "Liger's Triton kernels need CUDA or "
+                               "TRITON_INTERPRET=1")
+        return self.liger_cls
+
+    def left_s(self) -> float:
+        return self.opts.budget_s - (time.time() - T_START)
+
+    def attempt(self, variant: str, config, seg_rows, ckpt: int, warmup: int,
+                steps: int) -> tuple[dict, bool]:
+        """(entry, out_of_memory); the failed run's memory is freed before returning."""
+        entry, oom = None, False
+        try:
+            liger_cls = self.liger() if variant == "liger" else None
+            entry = run_cell(variant, config, seg_rows, device=self.device, k=self.opts.k,
+                             ckpt=ckpt, warmup=warmup, steps=steps, liger_cls=liger_cls)
+        except Exception as exc:  # keep timing the other cells; report what broke
+            # cuBLAS / cuDNN workspaces report running out as a RuntimeError
+            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+            if oom:
+                entry = {"error": f"out of memory: {str(exc)[:200]}", "ckpt_layers": ckpt}
+            else:
+                traceback.print_exc()
+                entry = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        free()  # outside the except blocks: the failed run's frames are gone
+        return entry, oom
+
+    def run(self, model_name: str, shape: str, variant: str, ckpt_text: str,
+            estimate: float) -> dict:
+        """One cell: out of memory -> every layer checkpointed (kdcache; hf at 16k); another
+        failure of kdcache at 16k -> FlexAttention for the causal row (the path measured before)."""
+        config = model_config(model_name, self.cuda)
+        if shape not in self.rows_by_shape:
+            self.rows_by_shape[shape] = shape_rows(shape, self.opts.length,
+                                                   np.random.default_rng(0))
+        seg_rows = self.rows_by_shape[shape]
+        layers = int(config.num_hidden_layers)
+        warmup, steps = self.opts.warmup, self.opts.steps
+        if shape == "131k" and variant in ("hf", "liger") and self.cuda:
+            warmup, steps = 0, 1  # expected to fail; if not, one step is measured
+        ckpt = int(ckpt_text) if ckpt_text else 0
+        if not ckpt_text and shape == "131k" and variant.startswith("kdcache"):
+            ckpt = self.ckpt_given.get(model_name)
+            if ckpt is None and self.cuda:
+                ckpt = auto_ckpt(self.result["runs"].get(f"{model_name}/16k/kdcache"), config,
+                                 int(seg_rows.size), self.total_gib)
+            if ckpt is None:
+                ckpt = CKPT_131K_FALLBACK[model_name]
+            ckpt = min(ckpt, layers)
+        retry = variant.startswith("kdcache") or (variant == "hf" and shape == "16k")
+        entry, oom = self.attempt(variant, config, seg_rows, ckpt, warmup, steps)
+        if oom and retry and ckpt < layers and self.left_s() + 30 >= estimate:
+            print(f"{model_name}/{shape}/{variant}: out of memory with {ckpt} checkpointed "
+                  f"layers; once more with all {layers}", file=sys.stderr, flush=True)
+            first = entry
+            entry, _ = self.attempt(variant, config, seg_rows, layers, warmup, steps)
+            entry["first_attempt"] = first
+        elif ("error" in entry and not oom and variant == "kdcache" and shape == "16k"
+              and self.cuda and self.left_s() + 30 >= EST_S[("16k", "kdcache-flex")]):
+            print(f"{model_name}/{shape}/{variant}: {entry['error'][:80]}; once more with "
+                  "FlexAttention", file=sys.stderr, flush=True)
+            first = entry
+            entry, _ = self.attempt("kdcache-flex", config, seg_rows, ckpt, warmup, steps)
+            entry["first_attempt"] = {"variant": "kdcache", **first}
+        entry.update(tokens=int(seg_rows.size), documents=int(seg_rows.max()) + 1)
+        if "seconds" in entry:
+            add_rates(entry, config, seg_rows, self.tflops)
+        return entry
 
 
 def main() -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="qwen3-0.6b,llama-3.2-1b")
-    parser.add_argument("--runs", default="16k:hf,16k:liger,16k:kdcache,131k:kdcache",
-                        help="comma list of SHAPE:VARIANT[:CHECKPOINTED_LAYERS]")
-    parser.add_argument("--length", type=int, default=16_384 if cuda else 512,
+    parser.add_argument("--cells", default=",".join(DEFAULT_CELLS),
+                        help="comma list of MODEL/SHAPE/VARIANT[:CHECKPOINTED_LAYERS], in order")
+    parser.add_argument("--length", type=int, default=16_384 if cuda else 256,
                         help="tokens of the 16k shape (131k is 8x this)")
-    parser.add_argument("--ckpt131k", default="qwen3-0.6b=14,llama-3.2-1b=8",
-                        help="checkpointed layers at 131k per model (retried with all on OOM)")
+    parser.add_argument("--ckpt131k", default="auto",
+                        help="checkpointed layers of kdcache at 131k: 'auto' (from the 16k "
+                        "cell's memory) or MODEL=N,...")
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3 if cuda else 2)
-    parser.add_argument("--json-out")
+    parser.add_argument("--steps", type=int, default=3 if cuda else 1)
+    parser.add_argument("--budget-s", type=float, default=330.0 if cuda else 1e9,
+                        help="start no cell whose estimated cost passes this many seconds "
+                        "since start")
+    parser.add_argument("--liger-wheel", default=".whl/liger_kernel-*.whl")
+    parser.add_argument("--out-dir", default=os.environ.get("OUT"),
+                        help="where bench_hf_student.jsonl / .json go (default $OUT)")
     opts = parser.parse_args()
     device = "cuda" if cuda else "cpu"
     if cuda:
         from torch import _dynamo
 
-        _dynamo.config.automatic_dynamic_shapes = False
+        _dynamo.config.automatic_dynamic_shapes = False  # one static compile per shape
         _dynamo.config.cache_size_limit = 64
-    else:
-        opts.runs = ",".join(r for r in opts.runs.split(",") if "liger" not in r)
-        opts.models = opts.models.split(",")[0]
-    ckpt131k = dict(item.split("=") for item in opts.ckpt131k.split(",") if item)
     import transformers
 
+    ckpt_given = {} if opts.ckpt131k == "auto" else {
+        m: int(n) for m, n in (item.split("=") for item in opts.ckpt131k.split(",") if item)}
     tflops = matmul_tflops(device)
     result = {"bench": "hf_student_train_step", "date": time.strftime("%Y-%m-%d"),
               "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
-              "matmul_bf16_tflops": tflops, "k": opts.k, "runs": {}}
+              "matmul_bf16_tflops": tflops, "k": opts.k, "tokens_16k": opts.length,
+              "budget_s": opts.budget_s,
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+              "sdpa_causal_backend_16k": {m: sdpa_backend(model_config(m, cuda), device,
+                                                          opts.length) for m in MODELS},
+              "runs": {}}
+    jsonl = json_path = None
+    if opts.out_dir:
+        os.makedirs(opts.out_dir, exist_ok=True)
+        jsonl = os.path.join(opts.out_dir, "bench_hf_student.jsonl")
+        json_path = os.path.join(opts.out_dir, "bench_hf_student.json")
+        open(jsonl, "w").close()
 
-    def save():
-        if opts.json_out:
-            with open(opts.json_out, "w") as handle:
+    def save(key: str, entry: dict) -> None:
+        line = json.dumps({"cell": key, **entry})
+        print(line, file=sys.stderr, flush=True)
+        result["runs"][key] = entry
+        result["summary"] = compare(result["runs"], cuda)
+        result["elapsed_s"] = round(time.time() - T_START, 1)
+        if jsonl:
+            with open(jsonl, "a") as handle:
+                handle.write(line + "\n")
+            with open(json_path + ".tmp", "w") as handle:
                 handle.write(json.dumps(result) + "\n")
+            os.replace(json_path + ".tmp", json_path)
 
-    for model_name in opts.models.split(","):
-        config = model_config(model_name, cuda)
-        rng = np.random.default_rng(0)
-        rows_by_shape = {s: shape_rows(s, opts.length, rng) for s in ("16k", "131k")}
-        for spec in opts.runs.split(","):
-            shape, variant, *rest = spec.split(":")
-            default_ckpt = int(ckpt131k.get(model_name, 0)) if shape == "131k" else 0
-            ckpt = int(rest[0]) if rest else default_ckpt
-            seg_rows = rows_by_shape[shape]
-            key = f"{model_name}/{shape}/{variant}"
-            t0 = time.time()
-            entry = None
-            for attempt in range(2):
-                try:
-                    entry = run_variant(variant, config, seg_rows, device=device, k=opts.k,
-                                        ckpt=ckpt, warmup=opts.warmup, steps=opts.steps)
-                    break
-                except torch.OutOfMemoryError as exc:
-                    entry = {"error": f"out of memory: {str(exc)[:160]}", "ckpt_layers": ckpt}
-                except Exception as exc:  # keep timing the others; report what broke
-                    import traceback
-
-                    traceback.print_exc()
-                    entry = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-                    break
-                free()
-                if attempt == 0:  # out of memory: once more with (more) recomputation
-                    print(f"{key}: out of memory with {ckpt} checkpointed layers; retrying "
-                          "with all", file=sys.stderr, flush=True)
-                    ckpt = config.num_hidden_layers
+    cells = Cells(opts, cuda, result, ckpt_given, tflops)
+    last_model = None
+    for spec in [c for c in opts.cells.split(",") if c]:
+        cell, _, ckpt_text = spec.partition(":")
+        t0 = time.time()
+        parts = cell.split("/")
+        if len(parts) != 3 or parts[0] not in MODELS or parts[1] not in ("16k", "131k") or \
+                parts[2] not in VARIANTS:
+            save(cell, {"error": f"bad cell {spec!r}: MODEL/SHAPE/VARIANT with MODEL in "
+                        f"{MODELS}, SHAPE 16k or 131k, VARIANT in {VARIANTS}"})
+            continue
+        model_name, shape, variant = parts
+        estimate = EST_S[(shape, variant)] if cuda else 0
+        if cells.left_s() < estimate:
+            save(cell, {"skipped": f"time budget: {time.time() - T_START:.0f} s gone, "
+                        f"~{estimate} s needed, budget {opts.budget_s:.0f} s"})
+            continue
+        if variant == "kdcache-flex" and not cuda:
+            save(cell, {"skipped": "FlexAttention training needs CUDA (no CPU backward)"})
+            continue
+        if cuda and last_model not in (None, model_name):
+            torch._dynamo.reset()  # the previous model's compiled layers cannot serve this one
+        last_model = model_name
+        try:
+            entry = cells.run(model_name, shape, variant, ckpt_text, estimate)
+        except Exception as exc:  # the bench itself goes on: record and continue
+            traceback.print_exc()
+            entry = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
             free()
-            tokens = int(seg_rows.size)
-            entry.update(tokens=tokens, wall_s=round(time.time() - t0, 1))
-            if "seconds" in entry:
-                blocks = attention_blocks(seg_rows)
-                attn = (3 * 4 * config.num_attention_heads * config.head_dim * BLOCK * BLOCK
-                        * blocks * config.num_hidden_layers)
-                flops = 6 * entry["flop_params"] * tokens + attn
-                entry["tokens_per_s"] = tokens / entry["seconds"]
-                entry["model_tflops"] = flops / entry["seconds"] / 1e12
-                entry["mfu"] = entry["model_tflops"] / tflops if tflops else None
-                entry["mfu_vs_989"] = entry["model_tflops"] / 989.0 if cuda else None
-            result["runs"][key] = entry
-            print(json.dumps({key: entry}), file=sys.stderr, flush=True)
-            save()
-        runs = result["runs"]
-        ours = runs.get(f"{model_name}/16k/kdcache", {})
-        base = [runs.get(f"{model_name}/16k/{v}", {}) for v in ("hf", "liger")]
-        base = [b for b in base if "seconds" in b]
-        if "seconds" in ours and base:
-            best = min(base, key=lambda b: b["seconds"])
-            ours["speedup_vs_best_baseline"] = best["seconds"] / ours["seconds"]
-            if cuda:
-                ours["peak_ratio_vs_that_baseline"] = ours["peak_gib"] / best["peak_gib"]
-                ours["peak_ratio_vs_lowest_baseline"] = ours["peak_gib"] / min(
-                    b["peak_gib"] for b in base)
-    save()
+        entry.update(model=model_name, shape=shape, variant=variant,
+                     wall_s=round(time.time() - t0, 1))
+        save(cell, entry)
+    result["elapsed_s"] = round(time.time() - T_START, 1)
+    if json_path:
+        with open(json_path, "w") as handle:
+            handle.write(json.dumps(result) + "\n")
     print(json.dumps(result))
     return 0
 

@@ -118,10 +118,17 @@ def make_batch(args: ModelArgs, seg_rows: np.ndarray, k: int, device: str, seed:
     return {name: t.to(device) for name, t in batch.items()}
 
 
-def timed_steps(step, device: str, warmup: int, steps: int) -> tuple[float, float]:
-    """Median seconds per step and peak GiB over the timed steps."""
+def timed_steps(step, device: str, warmup: int, steps: int,
+                warmup_s: list[float] | None = None) -> tuple[float, float]:
+    """Median seconds per step and peak GiB over the timed steps (each warm-up step's wall
+    seconds, compilation included, appended to `warmup_s` when given)."""
     for _ in range(warmup):
+        t0 = time.perf_counter()
         step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if warmup_s is not None:
+            warmup_s.append(round(time.perf_counter() - t0, 2))
     times = []
     if device == "cuda":
         torch.cuda.synchronize()

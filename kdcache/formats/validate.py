@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdcache.errors import TargetValidationError
+from kdcache.formats.codecs.blocks import INLINE, BlockPool, split
 from kdcache.formats.manifest import DatasetHeader
 from kdcache.formats.packing import default_valid
 from kdcache.formats.window import WindowRecord
@@ -17,11 +18,13 @@ from kdcache.formats.window import WindowRecord
 _LOGPROB_MAX = 1e-4
 _ORDER_SLACK = 1e-5
 _WEIGHT_SUM_TOL = 1e-3
+_BLOCK_ROWS = 1024  # rows checked per block on a pool
 
 
-def validate_window(rec: WindowRecord, header: DatasetHeader, *,
-                    where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Check one window; return its valid rows' (ids int64 [m, k], values float32 [m, k])."""
+def validate_window(rec: WindowRecord, header: DatasetHeader, *, where: str,
+                    pool: BlockPool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Check one window; return its valid rows' (ids int64 [m, k], values float32 [m, k]).
+    With a `pool`, the row checks run on its threads in blocks of rows."""
     tag = f"{where}: window {rec.window_index}"
 
     def fail(msg: str) -> None:
@@ -69,13 +72,26 @@ def validate_window(rec: WindowRecord, header: DatasetHeader, *,
     if not np.issubdtype(ids.dtype, np.integer):
         fail(f"ids must be integers, got {ids.dtype}")
 
-    ids_v = ids[valid].astype(np.int64, copy=False)
-    vals_v = values[valid].astype(np.float32, copy=False)
     rows = np.flatnonzero(valid)
-    if header.kind == "topk":
-        check_topk_rows(ids_v, vals_v, rows, header.vocab_size, fail)
-    else:
-        _check_sampled(ids_v, vals_v, rows, header.vocab_size, fail)
+    ids_v = np.empty((rows.size, ids.shape[1]), dtype=np.int64)
+    vals_v = np.empty((rows.size, ids.shape[1]), dtype=np.float32)
+    check = check_topk_rows if header.kind == "topk" else _check_sampled
+
+    def block(ab: tuple[int, int]) -> TargetValidationError | None:
+        a, b = ab
+        ids_v[a:b] = ids[rows[a:b]]
+        vals_v[a:b] = values[rows[a:b]]
+        try:
+            check(ids_v[a:b], vals_v[a:b], rows[a:b], header.vocab_size, fail)
+        except TargetValidationError as exc:
+            return exc
+        return None
+
+    # Row blocks on the encoder's threads; the first failing block's error is raised.
+    blocks = split(rows.size, 2 * pool.workers, minimum=_BLOCK_ROWS) if pool else [(0, rows.size)]
+    for exc in (pool or INLINE).map(block, blocks):
+        if exc is not None:
+            raise exc
     return ids_v, vals_v
 
 

@@ -30,6 +30,7 @@ from kdcache.errors import FormatError
 from kdcache.formats import storage
 from kdcache.formats.card import write_card
 from kdcache.formats.codecs import TargetCodec, get_codec, make_codec
+from kdcache.formats.codecs.blocks import block_pool
 from kdcache.formats.manifest import (MANIFEST_NAME, SHARD_DIR, TABLE_PATH, DatasetHeader,
                                       ShardInfo, build_manifest, dump_manifest, parse_manifest)
 from kdcache.formats.shard import shard_schema, window_batch
@@ -93,13 +94,14 @@ def read_stored_codec_table(root: str) -> bytes | None:
 
 
 ENCODE_THREADS_ENV = "KDCACHE_ENCODE_THREADS"
+MAX_DEFAULT_ENCODE_THREADS = 16
+WINDOWS_ENCODING = 4  # windows validated/encoded at once; each spreads over the block pool
 
 
 def default_encode_threads() -> int:
-    """Threads that validate and encode windows while the caller produces the next ones: the
+    """Threads that validate and encode while the caller produces the next windows: the
     codec's numpy, numba (nogil) and zstd work releases the GIL. KDCACHE_ENCODE_THREADS, else
-    up to 8 of this process's CPUs: beyond 8 the gain flattens (BENCHMARKS.md, encode threads;
-    bench/bench_encode.py)."""
+    this process's CPUs, up to 16 (BENCHMARKS.md, encode threads; bench/bench_encode.py)."""
     env = os.environ.get(ENCODE_THREADS_ENV)
     if env:
         try:
@@ -110,26 +112,31 @@ def default_encode_threads() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(MAX_DEFAULT_ENCODE_THREADS, cpus))
 
 
 def _encoded(windows: Iterable[WindowRecord], header: DatasetHeader, codec: TargetCodec,
              where: str, threads: int) -> Iterator[tuple[WindowRecord, np.ndarray, bytes]]:
-    """(record, validated ids, blob) in input order. With threads > 1, up to 2 x threads windows
-    are validated and encoded in a pool while `windows` (a teacher, say) produces the next."""
+    """(record, validated ids, blob) in input order. With threads > 1, each window's rows are
+    validated and encoded in blocks on the process's pool of `threads` threads (a GPU teacher
+    hands over a few long windows at a time), and up to WINDOWS_ENCODING windows at once
+    (2 x that queued) while `windows` (a teacher, say) produces the next."""
+    pool = block_pool(threads)
+
     def prepare(rec: WindowRecord) -> tuple[WindowRecord, np.ndarray, bytes]:
-        ids, values = validate_window(rec, header, where=where)
-        return rec, ids, codec.encode(ids, values)
+        ids, values = validate_window(rec, header, where=where, pool=pool)
+        return rec, ids, codec.encode(ids, values, pool=pool)
 
     if threads <= 1:
         yield from map(prepare, windows)
         return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kdcache-encode") as pool:
+    at_once = min(threads, WINDOWS_ENCODING)
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="kdcache-encode") as windows_pool:
         pending: deque = deque()
         try:
             for rec in windows:
-                pending.append(pool.submit(prepare, rec))
-                while len(pending) > 2 * threads:
+                pending.append(windows_pool.submit(prepare, rec))
+                while len(pending) > 2 * at_once:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

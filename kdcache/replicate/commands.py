@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", default=None,
                    help="JSONL of short documents (field 'text') instead of the built-in ones")
     p.add_argument("--seeds", type=int, default=None, help="override the preset's seeds per arm")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="override the preset's independent steps run at once (own processes)")
     p.add_argument("--json", action="store_true", help="print the findings as one JSON line")
     p.set_defaults(handler=_run)
 
@@ -35,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from kdcache.replicate.pipeline import run_replicate
 
-    overrides = {} if args.seeds is None else {"seeds": args.seeds}
+    overrides = {k: v for k, v in (("seeds", args.seeds), ("parallel", args.parallel))
+                 if v is not None}
     preset = get_preset(args.preset, **overrides)
     report = run_replicate(args.out, preset, teacher_dir=args.teacher, corpus=args.corpus,
                            log=(lambda m: None) if args.json else print)

@@ -23,31 +23,49 @@ from kdcache.replicate.presets import Preset
 from kdcache.replicate.store import cached_json
 
 
+def needle_config(preset: Preset) -> dict:
+    """The needle test every model takes (JSON: it also travels to task processes)."""
+    return {"tasks": ["passkey"], "lengths": list(preset.needle_lengths),
+            "depths": list(preset.needle_depths), "samples": preset.needle_samples,
+            "max_new_tokens": 8, "engine": "hf", "dtype": preset.dtype,
+            "device": "cuda" if preset.device.startswith("cuda") else "cpu", "seed": 0}
+
+
+def needle_record(model: str, config: dict) -> dict:
+    """One model's passkey accuracy by needle distance, with every sample's score."""
+    cfg = NeedleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    entry = run_needle([model], cfg)["models"][0]["tasks"]["passkey"]
+    return {"model": model, "accuracy": entry["accuracy"], "by_distance": entry["by_distance"],
+            "samples": [{k: s[k] for k in ("length", "depth", "distance", "score")}
+                        for s in entry["samples"]]}
+
+
+def eval_models(teachers: dict[str, str], students: dict[str, list[dict]]) -> dict[str, str]:
+    """Every model the evaluation scores: name -> HF directory (students: their last stage)."""
+    models = {f"teacher-{k}": v for k, v in teachers.items()}
+    for arm, runs in students.items():
+        for r in runs:
+            models[f"{arm}/seed{r['seed']}"] = r["stage2"]
+    return models
+
+
+def needle_path(out: str, name: str) -> str:
+    return os.path.join(out, "eval", "needle-" + name.replace("/", "-") + ".json")
+
+
 def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
                  students: dict[str, list[dict]], data: dict[str, str], holdout: int, *,
                  log: Callable[[str], None] = print) -> dict:
     edir = os.path.join(out, "eval")
     os.makedirs(edir, exist_ok=True)
     device = "cuda" if preset.device.startswith("cuda") else "cpu"
-    needle_cfg = NeedleConfig(tasks=("passkey",), lengths=tuple(preset.needle_lengths),
-                              depths=tuple(preset.needle_depths), samples=preset.needle_samples,
-                              max_new_tokens=8, engine="hf", dtype=preset.dtype, device=device,
-                              seed=0)
-    models = {f"teacher-{k}": v for k, v in teachers.items()}
-    for arm, runs in students.items():
-        for r in runs:
-            models[f"{arm}/seed{r['seed']}"] = r["stage2"]
+    models = eval_models(teachers, students)
 
     def needle_of(name: str, path: str) -> dict:
         log(f"replicate: needle {name}")
-        result = run_needle([path], needle_cfg)
-        entry = result["models"][0]["tasks"]["passkey"]
-        return {"model": path, "accuracy": entry["accuracy"], "by_distance": entry["by_distance"],
-                "samples": [{k: s[k] for k in ("length", "depth", "distance", "score")}
-                            for s in entry["samples"]]}
+        return needle_record(path, needle_config(preset))
 
-    needle = {name: cached_json(os.path.join(edir, "needle-" + name.replace("/", "-") + ".json"),
-                            lambda n=name, p=path: needle_of(n, p))
+    needle = {name: cached_json(needle_path(out, name), lambda n=name, p=path: needle_of(n, p))
               for name, path in models.items()}
     student_paths = [p for n, p in models.items() if not n.startswith("teacher-")]
 

@@ -16,7 +16,9 @@
 6. the report (report.py).
 
 Each step writes its result under DIR and is skipped when it is there, so an interrupted run
-resumes; the steps run in this process (the dumps on a local Ray cluster).
+resumes. Independent steps (the teachers; the dumps; the students; each model's needle test) are
+tasks (tasks.py), run in this process one after the other, or `preset.parallel` at a time in
+processes of their own sharing the GPU; the dumps run their engine in-process (no Ray).
 """
 
 from __future__ import annotations
@@ -29,15 +31,14 @@ from typing import Any, Callable
 from kdcache.errors import KdcacheError
 from kdcache.formats.reader import open_dataset
 from kdcache.formats.storage import atomic_write_bytes, resolve
-from kdcache.replicate.evaluation import evaluate_all
+from kdcache.replicate.evaluation import eval_models, evaluate_all, needle_config, needle_path
 from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
 from kdcache.replicate.store import cached_json, save_json
+from kdcache.replicate.tasks import Task, run_tasks
 from kdcache.replicate.teacher import train_retrieval_teacher
 from kdcache.student_train.stages import parse_run, run
 from kdcache.teacher_dump.corpus import builtin_corpus
-from kdcache.teacher_dump.plan import DumpConfig
-from kdcache.teacher_dump.runner import run_dump
 
 HOLDOUT_FRACTION = 8  # the last 1/8 of the long windows are never trained on
 
@@ -69,12 +70,13 @@ def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -
             "max_tokens": preset.doc_max_tokens}
 
 
-def _dump(teacher: str, corpus: str, out: str, window: int, mode: str, preset: Preset) -> dict:
-    cfg = DumpConfig.from_options(model=teacher, corpus=corpus, out=out, k=preset.k,
-                                  window=window, mode=mode, engine="hf", device=preset.device,
-                                  dtype=preset.dtype, workers=1, windows_per_shard=8,
-                                  progress=False)
-    return run_dump(cfg, log=lambda m: None)
+def dump_options(teacher: str, corpus: str, out: str, window: int, mode: str,
+                 preset: Preset) -> dict:
+    """`DumpConfig.from_options` of one dump: the hf engine (the only one that serves
+    `document-global`), in this process (no Ray: one small engine, maybe on a GPU box)."""
+    return dict(model=teacher, corpus=corpus, out=out, k=preset.k, window=window, mode=mode,
+                engine="hf", device=preset.device, dtype=preset.dtype, workers=1,
+                windows_per_shard=8, progress=False, in_process=True)
 
 
 def _n_windows(path: str) -> int:
@@ -131,20 +133,27 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     save_json(os.path.join(out, "preset.json"), asdict(preset))
     steps: dict[str, Any] = {}
 
+    def run_all(tasks: list[Task]) -> None:
+        run_tasks(tasks, parallel=preset.parallel, log_dir=os.path.join(out, "logs"), log=log)
+
     # 1. teachers
     teachers = {"main": teacher_dir or os.path.join(out, "teacher")}
-    if teacher_dir is None:
-        log(f"replicate: training the teacher ({preset.teacher_seconds:.0f} s, retrieval up to "
-            f"{preset.teacher_context} tokens)")
-        steps["teacher"] = train_retrieval_teacher(
-            teachers["main"], preset.teacher_model, context=preset.teacher_context,
-            seconds=preset.teacher_seconds, device=preset.device, log=log)
+    contexts = {"main": preset.teacher_context}
     if any(arm_parts(a)[2] == "shortteacher" for a in preset.arms):
         teachers["shortteacher"] = os.path.join(out, "teacher-short")
-        log(f"replicate: training the short-context teacher (contexts <= {preset.short_context})")
-        steps["teacher_short"] = train_retrieval_teacher(
-            teachers["shortteacher"], preset.teacher_model, context=preset.short_context,
-            seconds=preset.teacher_seconds, device=preset.device, log=log)
+        contexts["shortteacher"] = preset.short_context
+    trained = {who: path for who, path in teachers.items() if who != "main" or not teacher_dir}
+    log(f"replicate: training {len(trained)} teacher(s), {preset.teacher_seconds:.0f} s each "
+        f"(retrieval up to {', '.join(str(contexts[w]) for w in trained)} tokens)")
+    teacher_args = {who: dict(out_dir=path, model=preset.teacher_model, context=contexts[who],
+                              seconds=preset.teacher_seconds, device=preset.device)
+                    for who, path in trained.items()}
+    run_all([Task("teacher", f"teacher-{who}", args,
+                  os.path.join(args["out_dir"], "kdcache_retrieval.json"))
+             for who, args in teacher_args.items()])
+    for who, args in teacher_args.items():  # each is done: this reads its record
+        steps["teacher" if who == "main" else "teacher_short"] = \
+            train_retrieval_teacher(**args, log=log)
 
     # 2. short documents only
     corpus_path = corpus or os.path.join(out, "corpus-short.jsonl")
@@ -165,13 +174,15 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     if "causal" in sources:
         plan["long-causal"] = ("main", preset.long_window, "causal")
         plan["short-causal"] = ("main", preset.short_window, "causal")
-    data: dict[str, str] = {}
+    data = {name: os.path.join(out, "data", f"{who}-{mode}-{window}")
+            for name, (who, window, mode) in plan.items()}
+    dumps = {}
     for name, (who, window, mode) in plan.items():
-        path = os.path.join(out, "data", f"{who}-{mode}-{window}")
-        data[name] = path
-        if not os.path.exists(os.path.join(path, "manifest.json")):
-            log(f"replicate: dump {who} teacher, {mode}, window {window}")
-            _dump(teachers[who], corpus_path, path, window, mode, preset)
+        dumps.setdefault(data[name], Task(
+            "dump", f"dump-{who}-{mode}-{window}",
+            dump_options(teachers[who], corpus_path, data[name], window, mode, preset),
+            os.path.join(data[name], "manifest.json")))
+    run_all(list(dumps.values()))
     n_long = _n_windows(data["long-main"])
     holdout = max(1, n_long // HOLDOUT_FRACTION)
     if n_long - holdout < 1:
@@ -179,18 +190,25 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
                              "an eighth; use more documents")
 
     # 4. students
+    runs = {(arm, seed): (os.path.join(out, "students", arm, f"seed{seed}"))
+            for arm in preset.arms for seed in range(preset.seeds)}
+    specs = {key: student_run(key[0], key[1], data, run_dir, preset, holdout,
+                              tokenizer=teachers["main"]) for key, run_dir in runs.items()}
+    run_all([Task("student", f"student-{arm}-seed{seed}",
+                  {"run": specs[(arm, seed)], "source": f"replicate:{arm}"},
+                  os.path.join(runs[(arm, seed)], "stage2", "summary.json"))
+             for arm, seed in runs])
     students: dict[str, list[dict]] = {}
-    for arm in preset.arms:
-        for seed in range(preset.seeds):
-            run_dir = os.path.join(out, "students", arm, f"seed{seed}")
-            log(f"replicate: student {arm} seed {seed}")
-            summaries = run(parse_run(student_run(arm, seed, data, run_dir, preset, holdout,
-                                                  tokenizer=teachers["main"]),
-                                      source=f"replicate:{arm}"))
-            students.setdefault(arm, []).append(
-                {"seed": seed, "stage1": summaries[0]["hf_dir"], "stage2": summaries[-1]["hf_dir"],
-                 "final_loss": summaries[-1].get("final_loss")})
+    for (arm, seed), spec in specs.items():  # each is done: this reads its stages' summaries
+        summaries = run(parse_run(spec, source=f"replicate:{arm}"))
+        students.setdefault(arm, []).append(
+            {"seed": seed, "stage1": summaries[0]["hf_dir"], "stage2": summaries[-1]["hf_dir"],
+             "final_loss": summaries[-1].get("final_loss")})
 
-    # 5. evaluation
+    # 5. evaluation (the needle test of each model as a task; the rest reads the results)
+    run_all([Task("needle", "needle-" + name.replace("/", "-"),
+                  {"model": path, "config": needle_config(preset),
+                   "out": needle_path(out, name)}, needle_path(out, name))
+             for name, path in eval_models(teachers, students).items()])
     evaluation = evaluate_all(out, preset, teachers, students, data, holdout, log=log)
     return write_report(out, preset, steps, teachers, students, evaluation)

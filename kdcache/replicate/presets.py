@@ -54,6 +54,7 @@ class Preset:
     dtype: str = "float32"
     batch_windows: int = 1
     lr: float = 3e-3
+    parallel: int = 1  # independent steps at once, each its own process (tasks.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,13 +74,13 @@ PRESETS: dict[str, Preset] = {
         teacher_model=dict(vocab_size=2048, tokenizer_vocab=2048, hidden_size=512,
                            intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4,
                            max_positions=65536),
-        teacher_seconds=300.0, teacher_context=16384, short_context=2048, doc_max_tokens=2048,
-        corpus_documents=60_000, short_window=2048, long_window=16384, student_preset="tiny-4l",
+        teacher_seconds=240.0, teacher_context=16384, short_context=2048, doc_max_tokens=2048,
+        corpus_documents=40_000, short_window=2048, long_window=16384, student_preset="tiny-4l",
         student_overrides={}, stage1_steps=300, stage2_steps=150, seeds=3, k=32,
         needle_lengths=(1024, 2048, 4096, 8192, 16384, 24576), needle_depths=(0.1, 0.5, 0.9),
         needle_samples=8, probe_block=2048, probe_repeats=8,
         arms=MAIN_ARMS + tuple(CAUSAL_ARMS), device="cuda", dtype="bfloat16",
-        batch_windows=2, lr=2e-3),
+        batch_windows=2, lr=2e-3, parallel=6),
 }
 
 
@@ -100,6 +101,8 @@ def get_preset(name: str, **overrides: Any) -> Preset:
                            f"{preset.long_window})")
     if preset.seeds < 1:
         raise KdcacheError("seeds must be >= 1")
+    if preset.parallel < 1:
+        raise KdcacheError("parallel must be >= 1")
     return preset
 
 

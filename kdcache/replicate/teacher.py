@@ -2,9 +2,10 @@
 plus passkey retrieval sequences up to its context length.
 
 Nothing can transfer from a teacher that cannot retrieve, so the experiment trains its own and
-measures it first. Each step is one batch of equal-length sequences: every other step a batch of
-built-in text crops, otherwise passkey prompts (needle_tasks, the evaluation's own task, at random
-lengths up to `context` and random depths, with fresh keys) followed by the answer and EOS. The
+measures it first. Each step is one batch of about `tokens_per_step` tokens of equal-length
+sequences: every other step built-in text crops (language modelling), otherwise passkey prompts
+(needle_tasks, the evaluation's own task, at random lengths up to `context` and random depths,
+with fresh keys) followed by the answer and EOS, trained on the answer. The
 short-context teacher of the causal test is the same recipe (same seed: same tokenizer, same
 initial weights, same data order) with `context` = the short window, so the two teachers differ
 only in the longest context they were trained on.
@@ -33,8 +34,10 @@ def passkey_lengths(context: int) -> list[int]:
     return sorted({context >> s for s in range(6) if context >> s >= MIN_PASSKEY})
 
 
-def _passkey_batches(tokenizer, context: int, batch: int, seed: int):
-    """Endless batches [B, L] of passkey prompt + answer + EOS, L drawn per batch."""
+def _passkey_batches(tokenizer, context: int, tokens: int, seed: int):
+    """Endless (ids, labels) batches [B, L] of passkey prompt + answer + EOS: L drawn per batch,
+    B = tokens // L rows, labels only on the answer and EOS (the haystack is the same kind of
+    text the text batches train on; here the gradient is the retrieval's alone)."""
     import torch
 
     rng = random.Random(seed)
@@ -43,14 +46,18 @@ def _passkey_batches(tokenizer, context: int, batch: int, seed: int):
     lengths = passkey_lengths(context)
     while True:
         length = rng.choice(lengths)
-        rows = []
-        for _ in range(batch):
+        rows, labels = [], []
+        for _ in range(max(1, tokens // length)):
             sample = build_sample(tokenizer, haystack, "passkey", "numbers", length - 8,
                                   rng.random(), rng)
-            answer = tokenizer(" " + sample.answers[0] + ".", add_special_tokens=False)
-            ids = list(sample.input_ids) + list(answer["input_ids"]) + [eos]
-            rows.append((ids + [eos] * length)[:length])
-        yield torch.tensor(rows, dtype=torch.long)
+            answer = list(tokenizer(" " + sample.answers[0] + ".",
+                                    add_special_tokens=False)["input_ids"]) + [eos]
+            prompt = list(sample.input_ids)
+            ids = (prompt + answer + [eos] * length)[:length]
+            target = ([-100] * len(prompt) + answer + [-100] * length)[:length]
+            rows.append(ids)
+            labels.append(target)
+        yield torch.tensor(rows, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
 def _text_batches(tokenizer, documents: int, seq_len: int, batch: int, seed: int):
@@ -63,7 +70,8 @@ def _text_batches(tokenizer, documents: int, seq_len: int, batch: int, seed: int
     g = torch.Generator().manual_seed(seed)
     while True:
         starts = torch.randint(0, len(data) - seq_len, (batch,), generator=g)
-        yield torch.stack([data[s:s + seq_len] for s in starts.tolist()])
+        crops = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
+        yield crops, crops
 
 
 def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds: float,
@@ -87,25 +95,18 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     seq_len = min(256, context)
     text = _text_batches(tok, 2000, seq_len, max(1, tokens_per_step // seq_len), seed)
     retrieval = bool(passkey_lengths(context))
-    keys = {}
+    passkeys = _passkey_batches(tok, context, tokens_per_step, seed) if retrieval else None
     steps, losses = 0, []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        if steps % 2 == 0 or not retrieval:
-            batch = next(text)
-        else:
-            # passkey batches hold about tokens_per_step tokens at the longest length
-            rows = max(1, tokens_per_step // context)
-            if rows not in keys:
-                keys[rows] = _passkey_batches(tok, context, rows, seed + rows)
-            batch = next(keys[rows])
-        batch = batch.to(device)
+        batch, labels = next(text) if steps % 2 == 0 or passkeys is None else next(passkeys)
+        batch, labels = batch.to(device), labels.to(device)
         if autocast is not None:
             with autocast:
-                loss = net(input_ids=batch, labels=batch, use_cache=False).loss
+                loss = net(input_ids=batch, labels=labels, use_cache=False).loss
         else:
-            loss = net(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = net(input_ids=batch, labels=labels, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

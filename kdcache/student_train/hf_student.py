@@ -13,8 +13,9 @@ document rule as `and_mask_function`), so sliding windows, the attention impleme
 format and each layer type's mask are the model's. The mask is always passed in, never inferred:
 transformers would otherwise guess packed sequences from position ids that reset, which with
 global positions silently drops document isolation. On CUDA the implementation is FlexAttention
-with a document block mask (only unmasked blocks are computed); on CPU SDPA with an explicit 4-D
-boolean mask (FlexAttention has no CPU backward).
+with a document block mask (only unmasked blocks are computed), except for batches of one document
+per row in models without sliding layers: no mask is needed there and SDPA's fused causal kernel
+is faster; on CPU SDPA with an explicit 4-D boolean mask (FlexAttention has no CPU backward).
 
 What is refused (`refusal_reasons`): logit soft-capping, logit scales, attention soft-capping,
 layer types other than full and sliding attention, non-causal models, and any model whose logits
@@ -129,8 +130,16 @@ def register_attention() -> None:
     AttentionMaskInterface.register(FLEX_IMPL, flex_attention_mask)
 
 
-def implementation_for(device: torch.device) -> str:
-    return FLEX_IMPL if device.type == "cuda" else "sdpa"
+def implementation_for(device: torch.device, config=None, one_document: bool = False) -> str:
+    """The attention implementation for a batch: on CUDA FlexAttention, except for a batch of one
+    document per row in a model without sliding layers, which needs no mask at all and gets
+    SDPA's fused causal kernel (cuDNN / FlashAttention, faster than a causal BlockMask and the
+    kernel the usual transformers path runs); on the CPU SDPA with an explicit mask."""
+    if device.type != "cuda":
+        return "sdpa"
+    if one_document and config is not None and set(layer_types(config)) == {"full_attention"}:
+        return "sdpa"
+    return FLEX_IMPL
 
 
 def _document_rule(seg_ids: torch.Tensor):
@@ -140,13 +149,19 @@ def _document_rule(seg_ids: torch.Tensor):
     return same_document
 
 
-def document_masks(config, inputs_embeds: torch.Tensor, seg_ids: torch.Tensor):
+def one_document_per_row(seg_ids: torch.Tensor) -> bool:
+    """True when every row is one segment without padding: the model's plain causal mask."""
+    return bool((seg_ids == seg_ids[:, :1]).all())
+
+
+def document_masks(config, inputs_embeds: torch.Tensor, seg_ids: torch.Tensor,
+                   one_document: bool | None = None):
     """The attention mask(s) for segment ids [B, T], in the model's own format: None for one
     segment per row (the model's plain causal mask), else a 4-D mask or BlockMask, or a dict
     {layer type: mask} for models that mix full and sliding layers."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    if bool((seg_ids == seg_ids[:, :1]).all()):
+    if one_document_per_row(seg_ids) if one_document is None else one_document:
         return None
     rule = _document_rule(seg_ids)
     kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=None,
@@ -223,6 +238,7 @@ class HFStudent(nn.Module):
         self.source = source
         model.config.use_cache = False
         self.checkpoint_layers = 0
+        self.attn_implementation: str | None = None  # None: per batch (implementation_for)
 
     # --- the head the loss applies
     @property
@@ -250,7 +266,13 @@ class HFStudent(nn.Module):
         return rope_theta_of(self.config)
 
     def decoder_layers(self) -> list[nn.Module]:
-        return [m for m in self.decoder.modules() if hasattr(m, "gradient_checkpointing")]
+        """The decoder's layers (transformers' GradientCheckpointingLayer instances), not the
+        decoder itself: compiling that would unroll every layer into one graph (minutes of
+        compilation at 28 layers) and checkpoint flags on it would count it as a layer."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in self.decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+        return layers or list(getattr(self.decoder, "layers", []))
 
     # --- speed knobs (CUDA training)
     def set_checkpoint_layers(self, n: int) -> None:
@@ -283,11 +305,13 @@ class HFStudent(nn.Module):
             seg_ids = torch.where(seg_ids < 0, seg_ids, torch.zeros_like(seg_ids))
         if positions is None:
             positions = self.position_ids(seg_ids)
-        impl = implementation_for(tokens.device)
+        one_document = one_document_per_row(seg_ids)
+        impl = self.attn_implementation or implementation_for(tokens.device, self.config,
+                                                              one_document)
         if self.config._attn_implementation != impl:
             self.config._attn_implementation = impl
         embeds = self.model.get_input_embeddings()(tokens)
-        mask = document_masks(self.config, embeds, seg_ids)
+        mask = document_masks(self.config, embeds, seg_ids, one_document)
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                            use_cache=False)
         return out.last_hidden_state

@@ -66,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vLLM's share of each of its GPUs' memory (default: vLLM's, 0.9)")
     p.add_argument("--ray-address", default=None, help="join a Ray cluster (default: local)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="one engine in this process, without Ray (one machine, --workers 1)")
     p.add_argument("--seed", type=int, default=0, help="packing seed")
     p.add_argument("--drop-long-docs", action="store_true",
                    help="drop documents longer than the window instead of splitting them")
@@ -195,7 +197,7 @@ def _run_dump(args: argparse.Namespace) -> int:
         tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
         gpu_memory_utilization=args.gpu_memory_utilization, ray_address=args.ray_address,
         max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json,
-        draws=_sampled_draws(args), temperature=args.temperature)
+        draws=_sampled_draws(args), temperature=args.temperature, in_process=args.no_ray)
     summary = run_dump(cfg, log=(lambda m: None) if args.json else print,
                        overwrite=args.overwrite)
     print(json.dumps(summary) if args.json else format_summary(summary))

@@ -51,6 +51,7 @@ class ExecutionConfig:
     ray_address: str | None = None  # None: a local Ray
     max_retries: int = 3  # retries of a shard whose actor died
     progress: bool = True  # a progress bar on stderr
+    in_process: bool = False  # one engine in this process, no Ray (a single machine)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class DumpConfig:
                               ("--k", t.k)):
             if value < 1:
                 raise DumpError(f"{option} must be at least 1, got {value}")
+        x = self.execution
+        if x.in_process and (x.workers != 1 or x.ray_address):
+            raise DumpError("--no-ray runs one engine in this process: it takes neither "
+                            f"--workers {x.workers} nor --ray-address; drop one or the other")
         if t.gpu_memory_utilization is not None and not 0 < t.gpu_memory_utilization <= 1:
             raise DumpError("--gpu-memory-utilization is a fraction of each GPU's memory in "
                             f"(0, 1], got {t.gpu_memory_utilization}")
@@ -98,7 +103,7 @@ class DumpConfig:
                      ray_address: str | None = None, max_retries: int = 3,
                      kv_cache_gib: float = 1.0, device: str = "auto",
                      progress: bool = True, draws: int = 0,
-                     temperature: float = 1.0) -> "DumpConfig":
+                     temperature: float = 1.0, in_process: bool = False) -> "DumpConfig":
         """The config of the CLI's options (same names as the `kdcache dump` flags).
         `draws` > 0 makes a `sampled` dataset (RS-KD: that many draws per position at
         `temperature`, stored as counts) instead of top-k."""
@@ -116,7 +121,8 @@ class DumpConfig:
                                  draws=draws, temperature=temperature),
             out=out, engine=engine, windows_per_shard=windows_per_shard, codec=codec,
             execution=ExecutionConfig(workers=workers, ray_address=ray_address,
-                                      max_retries=max_retries, progress=progress))
+                                      max_retries=max_retries, progress=progress,
+                                      in_process=in_process))
 
     def options(self) -> dict[str, Any]:
         """The flat options this config was built from (inverse of `from_options`)."""
@@ -135,12 +141,13 @@ class DumpConfig:
                     pipeline_parallel=t.pipeline_parallel,
                     gpu_memory_utilization=t.gpu_memory_utilization,
                     ray_address=x.ray_address, max_retries=x.max_retries,
-                    kv_cache_gib=t.kv_cache_gib, device=t.device, progress=x.progress)
+                    kv_cache_gib=t.kv_cache_gib, device=t.device, progress=x.progress,
+                    in_process=x.in_process)
 
     # settings that do not change the targets (recorded in plan.json, not compared)
     EXECUTION_OPTIONS = ("out", "workers", "tensor_parallel", "pipeline_parallel",
                          "gpu_memory_utilization", "ray_address", "max_retries", "kv_cache_gib",
-                         "device", "progress")
+                         "device", "progress", "in_process")
 
     def identity(self) -> dict[str, Any]:
         d = self.options()

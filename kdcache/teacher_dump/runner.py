@@ -7,7 +7,8 @@
    layout must be reproduced exactly by this run's packing (else the corpus changed under us).
 2. Resume (`_resume_state`). Shards recorded in `progress/` (or in a finished manifest) are done;
    the rest are to do. Resume is "run it again".
-3. Schedule (`_schedule`). Start (or join) Ray; `workers` actors each hold one engine
+3. Schedule (`_schedule`; `_schedule_in_process` without Ray: one engine in this process, the
+   same shard pipeline, shards in order). Start (or join) Ray; `workers` actors each hold one engine
    (workers.py). The driver packs windows again, streaming, and hands each not-yet-complete
    shard to an idle actor; at most one shard per actor is in flight, so the driver's memory is
    bounded by `workers` shards whatever the corpus size. The actor computes targets and writes
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -44,7 +45,7 @@ from kdcache.teacher_dump.pack import PackedWindow, PackStats, TeacherTokenizer,
 from kdcache.teacher_dump.plan import (PROGRESS_DIR, DumpConfig, DumpError, Plan, check_against,
                                        check_teacher_limits, completed_shards, discard_dataset,
                                        load_plan, mark_done, teacher_fingerprint, write_plan)
-from kdcache.teacher_dump.workers import (SHARDS_PER_ACTOR, ActorPool, init_ray,
+from kdcache.teacher_dump.workers import (SHARDS_PER_ACTOR, ActorPool, DumpWorker, init_ray,
                                           unwrap_task_error, window_to_dict)
 
 __all__ = ["DumpError", "format_summary", "iter_shards", "make_plan", "run_dump"]
@@ -144,7 +145,9 @@ def run_dump(cfg: DumpConfig, *, actors: list | None = None,
     t_start = time.perf_counter()
     state = _plan_run(cfg, overwrite)
     _resume_state(cfg, state)
-    if state.todo:
+    if state.todo and cfg.execution.in_process:
+        _schedule_in_process(cfg, state, on_shard_done)
+    elif state.todo:
         _schedule(cfg, state, actors, on_shard_done, log)
     return _finish(cfg, state, time.perf_counter() - t_start)
 
@@ -295,6 +298,61 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
         if bar is not None:
             bar.close()
         pool.shutdown()
+
+
+def _schedule_in_process(cfg: DumpConfig, state: _RunState,
+                         on_shard_done: Callable[[str, dict, Any], None] | None) -> None:
+    """The shards to do, in order, on one engine in this process (no Ray): each shard is
+    written while the engine computes the next, and recorded once it is in place."""
+    worker = DumpWorker(cfg.engine, asdict(cfg.teacher))
+    pending: deque[tuple[str, Any]] = deque()  # (shard, future of its ShardInfo), in order
+    bar = None
+
+    def record(name: str, future) -> None:
+        info = asdict(future.result())
+        mark_done(cfg.out, name, info)
+        state.done[name] = info
+        state.written.append(name)
+        if bar is not None:
+            bar.update(tokens_of[name])
+        if on_shard_done is not None:
+            on_shard_done(name, info, worker)
+
+    try:
+        worker.configure(cfg.out, asdict(state.header), state.table)
+        state.engines = [worker.where_local()]
+        if state.table is None:
+            first = next(iter_shards(cfg, state.tokenizer, CorpusStats(), PackStats()))[1][0]
+            ids, _, valid = worker.topk([window_to_dict(first)])[0]
+            codec = begin_dataset(cfg.out, state.header,
+                                  sample_ids=np.asarray(ids)[np.asarray(valid)])
+            state.table = codec.table
+            worker.configure(cfg.out, asdict(state.header), state.table)
+        tokens_of = {s["name"]: s["tokens"] for s in state.plan.shards}
+        bar = _progress(cfg, sum(tokens_of.values()),
+                        sum(tokens_of[n] for n in state.done))
+        for name, wins in iter_shards(cfg, state.tokenizer, CorpusStats(), PackStats()):
+            if name in state.done:
+                continue
+            pending.append((name, worker.start_shard(name, wins)))
+            while pending and pending[0][1].done():
+                record(*pending.popleft())
+        while pending:
+            record(*pending.popleft())
+    except BaseException:
+        # stop cleanly: shards already computed finish writing and are recorded for the resume
+        for name, future in pending:
+            try:
+                info = asdict(future.result())
+                mark_done(cfg.out, name, info)
+                state.done[name] = info
+            except BaseException:
+                pass
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        worker.close()
 
 
 def _finish(cfg: DumpConfig, state: _RunState, seconds: float) -> dict[str, Any]:

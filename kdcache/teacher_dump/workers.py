@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -71,20 +72,37 @@ class DumpWorker:
                 "node_ip": ray.util.get_node_ip_address(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
+    def where_local(self) -> dict[str, Any]:
+        """The same for an engine run in the caller's process without Ray: its visible GPUs."""
+        gpus = [] if getattr(self.engine, "device", "") == "cpu" else _visible_gpus()
+        return {"pid": os.getpid(), "node_id": "local", "node_ip": "127.0.0.1", "gpu_ids": gpus}
+
     def topk(self, windows: list[dict]) -> list[tuple]:
         """Raw engine output (ids, logprobs, valid) per window; for tests and benches."""
         out = self._thread.call(self.engine.topk, [PackedWindow(**w) for w in windows])
         return [(t.ids, t.logprobs, t.valid) for t in out]
 
+    def start_shard(self, name: str, windows: list[PackedWindow]) -> Future:
+        """Compute a shard's targets (returns once the engine is done with it); the future
+        holds its ShardInfo once the shard is written behind the next shard's engine calls."""
+        return self._thread.call(self.pipeline.start, self.out, name, windows, self.header,
+                                 self.codec)
+
     def run_shard(self, name: str, windows: list[dict]) -> dict:
-        wins = [PackedWindow(**w) for w in windows]
-        written = self._thread.call(self.pipeline.start, self.out, name, wins, self.header,
-                                    self.codec)
-        return asdict(written.result())
+        return asdict(self.start_shard(name, [PackedWindow(**w) for w in windows]).result())
 
     def close(self) -> None:
         self.pipeline.close()
         self._thread.close()
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+
+    count = torch.cuda.device_count()
+    visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if g.strip()]
+    return visible[:count] if visible else [str(i) for i in range(count)]
 
 
 # ---------------------------------------------------------------------------- Ray plumbing

@@ -348,9 +348,9 @@ def test_qrank_dataset_through_writer_reader_and_verify(tmp_path):
 
 @pytest.mark.parametrize("units", [50, 250, 900])
 def test_rate_control_kernel_matches_the_numpy_formula(units):
-    """qrank_kernels.renormalised_kl (the rate control's inner loop) against the plain numpy
-    quantise -> decode -> renormalise -> KL it replaces."""
-    from kdcache.formats.codecs import qrank_kernels as kern
+    """qrank_topk.row_kl (the rate control's inner loop) against the plain numpy quantise ->
+    decode -> renormalise -> KL it replaces."""
+    from kdcache.formats.codecs import qrank_topk
 
     rng = np.random.default_rng(units)
     m, k = 300, 24
@@ -369,6 +369,9 @@ def test_rate_control_kernel_matches_the_numpy_formula(units):
     q = levels[codes].astype(np.float64)
     q -= np.log(np.exp(q).sum(axis=1, keepdims=True))
     expected = float((np.exp(p) * (p - q)).sum(axis=1).mean())
-    got = kern.renormalised_kl(p, np.exp(p), rel, half_exp, quantizer._y_top, quantizer.threshold,
-                               quantizer.sqrt_step, quantizer.step_max, levels)
+    rows = np.empty(m)
+    qrank_topk.row_kl(p, np.exp(p), rel, half_exp, quantizer._y_top, quantizer.threshold,
+                      quantizer.sqrt_step, quantizer.step_max, levels,
+                      qrank_topk.exp_shifted_levels(levels), rows)
+    got = qrank_topk.mean_in_order(rows)
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-15) and expected > 0

@@ -57,4 +57,4 @@ def test_encode_threads_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="KDCACHE_ENCODE_THREADS"):
         default_encode_threads()
     monkeypatch.delenv("KDCACHE_ENCODE_THREADS")
-    assert 1 <= default_encode_threads() <= 8
+    assert 1 <= default_encode_threads() <= 16

@@ -66,18 +66,8 @@ def test_arms_differ_only_in_what_they_name():
     assert "force_mode" not in runs["kd-phasewise"]["defaults"]["model"]
 
 
-@pytest.fixture
-def own_ray():
-    """The pipeline's dumps start a local Ray cluster in this process: stop it afterwards."""
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 @pytest.mark.slow
-def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path, own_ray):
+def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
     from kdcache.replicate.pipeline import run_replicate
 
     preset = get_preset("smoke")
@@ -113,3 +103,35 @@ def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path, own_ra
     # a second run finds every step done and rewrites the same findings
     again = run_replicate(out, preset, log=lambda m: None)
     assert again["findings"] == json.loads(json.dumps(findings, default=str))
+
+
+@pytest.mark.slow
+def test_tasks_in_processes_of_their_own_finish_or_stop_the_run_with_the_log(tmp_path):
+    """Steps run `parallel` at a time in their own processes: done ones are skipped next time; a
+    failing one stops the run with its name and the end of its log, nothing marked done."""
+    from kdcache.replicate.pipeline import dump_options
+    from kdcache.replicate.tasks import Task, TaskError, run_tasks
+    from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+    teacher = str(tmp_path / "teacher")
+    build_teacher(teacher, TeacherConfig.preset("tiny", train_seconds=0), log=lambda m: None)
+    preset = get_preset("smoke")
+    good = [Task("dump", f"dump-{mode}", dict(dump_options(teacher, "builtin", str(tmp_path / mode),
+                                                           256, mode, preset),
+                                              builtin_documents=12),
+                 str(tmp_path / mode / "manifest.json")) for mode in ("document", "causal")]
+    logs = str(tmp_path / "logs")
+    seen: list[str] = []
+    run_tasks(good, parallel=2, log_dir=logs, log=seen.append)
+    assert all(os.path.exists(t.done) for t in good)
+    assert sum("done in" in m for m in seen) == 2
+    seen.clear()
+    run_tasks(good, parallel=2, log_dir=logs, log=seen.append)  # both done: nothing runs
+    assert seen == []
+
+    bad = dict(good[0].args, model=str(tmp_path / "no-teacher"), out=str(tmp_path / "d"))
+    with pytest.raises(TaskError, match=r"dump dump-bad failed[\s\S]*directory not found"):
+        run_tasks([Task("dump", "dump-bad", bad, str(tmp_path / "d" / "manifest.json"))],
+                  parallel=2, log_dir=logs, log=lambda m: None)
+    assert os.path.exists(os.path.join(logs, "dump-bad.log"))
+    assert not os.path.exists(tmp_path / "d" / "manifest.json")

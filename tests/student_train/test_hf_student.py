@@ -97,6 +97,38 @@ def test_fused_loss_on_the_models_own_head_matches_full_logits(tiny_dirs, arch):
         assert err < 1e-3, (name, err)
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_speed_knobs_act_on_the_decoder_layers_only(arch):
+    """Compiling and checkpointing touch each decoder layer, never the decoder itself (compiling
+    that unrolls all layers into one graph); a one-document CUDA batch of a model without sliding
+    layers gets SDPA's causal kernel, anything needing a mask FlexAttention."""
+    from kdcache.student_train.hf_student import FLEX_IMPL, implementation_for
+
+    student = student_from_config(tiny_config(arch))
+    layers = student.decoder_layers()
+    assert len(layers) == student.config.num_hidden_layers
+    assert student.decoder not in layers and all(type(m).__name__.endswith("DecoderLayer")
+                                                 for m in layers)
+    tokens, seg = _packed_batch(5)
+    student.train()
+    student(tokens, seg).square().mean().backward()
+    plain = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    student.set_checkpoint_layers(1)
+    assert [m.gradient_checkpointing for m in layers] == [True] + [False] * (len(layers) - 1)
+    student(tokens, seg).square().mean().backward()  # the first layer recomputed: same gradients
+    for a, b in zip(student.parameters(), plain):
+        torch.testing.assert_close(a.grad, b, rtol=1e-5, atol=1e-7)
+    student.compile_blocks()  # lazy: nothing compiles until a CUDA forward
+    assert all(m._compiled_call_impl is not None for m in layers)
+    assert student.decoder._compiled_call_impl is None
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    sliding = "sliding_attention" in set(student.config.layer_types)
+    assert implementation_for(cuda, student.config, True) == (FLEX_IMPL if sliding else "sdpa")
+    assert implementation_for(cuda, student.config, False) == FLEX_IMPL
+    assert implementation_for(cpu, student.config, False) == "sdpa"
+
+
 def _mask_like(student, tokens, seg):
     from kdcache.student_train.hf_student import document_masks
 

@@ -285,3 +285,36 @@ def test_tensor_parallel_groups_are_placed_on_a_multi_node_cluster(read_all, ass
     assert all(len(set(g)) == len(g) for g in by_node.values())  # no GPU shared
     assert result["summary"]["tensor_parallel"] == 2
     assert_same_dataset(reference[0], str(out))
+
+
+def test_in_process_dump_equals_the_ray_dump_and_resumes(small_dump_config, read_all,
+                                                         assert_same_dataset, reference, tmp_path,
+                                                         teacher_dir):
+    """--no-ray: one engine in this process writes the same dataset as Ray's actors; stopped
+    after a shard, the shard computed behind it is still recorded, and the rerun ends equal."""
+    out = tmp_path / "local"
+
+    def stop_after_one(name, info, worker):
+        raise _Interrupt
+
+    cfg = small_dump_config(teacher_dir, out, workers=1, in_process=True)
+    with pytest.raises(_Interrupt):
+        run_dump(cfg, on_shard_done=stop_after_one)
+    assert not os.path.exists(out / "manifest.json")
+    recorded = sorted(os.listdir(out / "progress"))
+    assert len(recorded) >= 1
+    summary = run_dump(cfg)
+    assert summary["shards_skipped"] == len(recorded) and summary["shards_written"] >= 1
+    assert summary["engines"][0]["node_id"] == "local" and summary["engines"][0]["gpu_ids"] == []
+    assert_same_dataset(reference[0], str(out))
+    # the default codec: its table fitted on the in-process engine's first window, as with Ray
+    qrank = tmp_path / "qrank"
+    run_dump(small_dump_config(teacher_dir, qrank, workers=1, in_process=True, codec=None))
+    assert os.path.getsize(qrank / "codec" / "table.bin") > 0
+
+
+def test_in_process_refuses_ray_options(small_dump_config, tmp_path, teacher_dir):
+    for kw in ({"workers": 2}, {"ray_address": "10.0.0.1:6379"}):
+        with pytest.raises(KdcacheError, match="--no-ray"):
+            small_dump_config(teacher_dir, tmp_path / "x", in_process=True, **kw)
+    assert not os.path.exists(tmp_path / "x")

@@ -22,9 +22,12 @@ dataset's bytes per token.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kdcache.formats.codecs.blocks import BlockPool
 
 TARGET_KINDS = ("topk", "sampled")
 
@@ -61,8 +64,10 @@ class TargetCodec(ABC):
         return None
 
     @abstractmethod
-    def encode(self, ids: np.ndarray, values: np.ndarray) -> bytes:
-        """Encode m valid rows ([m, k] ids and values) into bytes."""
+    def encode(self, ids: np.ndarray, values: np.ndarray, *,
+               pool: "BlockPool | None" = None) -> bytes:
+        """Encode m valid rows ([m, k] ids and values) into bytes. `pool`: threads the codec
+        may spread this one window's work over (blocks.py); the bytes must not depend on it."""
 
     @abstractmethod
     def decode(self, blob: bytes | memoryview, m: int) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,9 @@ import zstandard
 
 from kdcache.formats.codecs import qrank_kernels as kern
 from kdcache.formats.codecs.base import TargetCodec, id_dtype
-from kdcache.formats.codecs.quantize import MAX_CODE, LogProbQuantizer
+from kdcache.formats.codecs.blocks import INLINE, BlockPool
+from kdcache.formats.codecs.qrank_topk import SQRT_UNIT, encode_topk_streams, exp_shifted_levels
+from kdcache.formats.codecs.quantize import LogProbQuantizer
 from kdcache.formats.codecs.rank_table import RankTable
 
 _MAGIC = b"QRK"
@@ -54,10 +56,7 @@ _VERSION = 1
 _HEAD = struct.Struct("<3sBBBHIIQB")
 _STREAM = struct.Struct("<IIB")
 _KIND_CODE = {"topk": 0, "sampled": 1}
-_SQRT_UNIT = 1e-4  # the blob header stores sqrt_step in these units (u16)
-_SQRT_LADDER = (100, 125, 150, 175, 200, 225, 250, 275, 300, 350, 400, 500)
 _FLAG_COUNTS = 1  # sampled: weights stored as counts of `draws`
-_ESCAPE = 15  # a dq nibble of 15 means 15 + the next value of the escape stream
 
 
 def _padded(stream: bytes) -> np.ndarray:
@@ -87,9 +86,9 @@ class QRankCodec(TargetCodec):
         # (de)compressors are per thread, the quantiser cache is locked.
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._quantizers: dict[int, tuple[LogProbQuantizer, np.ndarray]] = {}
+        self._quantizers: dict[int, tuple[LogProbQuantizer, np.ndarray, np.ndarray]] = {}
         self.step_max = float(step_max)
-        self.sqrt_units = int(round(float(sqrt_step) / _SQRT_UNIT))
+        self.sqrt_units = int(round(float(sqrt_step) / SQRT_UNIT))
         self.quantizer = self._quantizer(self.sqrt_units)[0]  # validates the parameters
         self.kl_target = None if kl_target is None else float(kl_target)
         if self.kl_target is not None and not self.kl_target > 0:
@@ -128,47 +127,18 @@ class QRankCodec(TargetCodec):
             zd = self._local.zd = zstandard.ZstdDecompressor()
         return zd
 
-    def _quantizer(self, units: int) -> tuple[LogProbQuantizer, np.ndarray]:
-        """Quantiser and its decode table for sqrt_step = units * 1e-4 (cached, a few kept)."""
+    def _quantizer(self, units: int) -> tuple[LogProbQuantizer, np.ndarray, np.ndarray]:
+        """Quantiser, its decode table and the rate control's exp of it (qrank_topk) for
+        sqrt_step = units * 1e-4 (cached, a few kept)."""
         with self._lock:
             entry = self._quantizers.get(units)
             if entry is None:
-                q = LogProbQuantizer(step_max=self.step_max, sqrt_step=units * _SQRT_UNIT)
+                q = LogProbQuantizer(step_max=self.step_max, sqrt_step=units * SQRT_UNIT)
                 if len(self._quantizers) >= 8:
                     self._quantizers.pop(next(iter(self._quantizers)))
-                entry = self._quantizers[units] = (q, q.levels())
+                levels = q.levels()
+                entry = self._quantizers[units] = (q, levels, exp_shifted_levels(levels))
             return entry
-
-    def _choose_sqrt_step(self, values: np.ndarray, top_lp: np.ndarray) -> int:
-        """Largest sqrt_step on the ladder whose mean renormalised KL on these rows is within
-        kl_target (rate-distortion control: spend the KL budget, not more); units of 1e-4."""
-        if self.kl_target is None or values.shape[0] == 0 or values.shape[1] == 1:
-            return self.sqrt_units
-        ladder = [u for u in _SQRT_LADDER if u * _SQRT_UNIT < self.step_max] or [self.sqrt_units]
-        p = values.astype(np.float64)
-        p -= p.max(axis=1, keepdims=True)
-        p -= np.log(np.exp(p).sum(axis=1, keepdims=True))
-        weights = np.exp(p)
-        rel = np.minimum(values - top_lp[:, None], 0.0).astype(np.float64)
-        half_exp = np.exp(rel / 2.0)  # shared by every candidate step
-
-        def kl(units: int) -> float:
-            # Decoded log-probs are top + levels[code]; the row's top cancels in renormalising.
-            quantizer, levels = self._quantizer(units)
-            return float(kern.renormalised_kl(p, weights, rel, half_exp, quantizer._y_top,
-                                              quantizer.threshold, quantizer.sqrt_step,
-                                              quantizer.step_max, levels))
-
-        i = int(np.argmin([abs(u - self.sqrt_units) for u in ladder]))
-        if kl(ladder[i]) <= self.kl_target:
-            while i + 1 < len(ladder) and kl(ladder[i + 1]) <= self.kl_target:
-                i += 1
-        else:
-            while i > 0:
-                i -= 1
-                if kl(ladder[i]) <= self.kl_target:
-                    break
-        return ladder[i]
 
     @classmethod
     def build_table(cls, *, vocab_size: int, token_counts: np.ndarray | None = None,
@@ -178,66 +148,19 @@ class QRankCodec(TargetCodec):
         return RankTable.from_sample(vocab_size, sample_ids, token_counts).to_bytes()
 
     # ---- encode -------------------------------------------------------------------------
-    def encode(self, ids: np.ndarray, values: np.ndarray) -> bytes:
+    def encode(self, ids: np.ndarray, values: np.ndarray, *, pool: BlockPool | None = None) -> bytes:
         ids = np.asarray(ids)
         m = ids.shape[0]
         if ids.shape != (m, self.k) or np.shape(values) != (m, self.k):
             raise ValueError(f"qrank: expected [m, {self.k}] ids and values, got {ids.shape} "
                              f"and {np.shape(values)}")
         if self.kind == "topk":
-            return self._encode_topk(ids, np.asarray(values, dtype=np.float32))
+            return self._encode_topk(ids, np.asarray(values, dtype=np.float32), pool or INLINE)
         return self._encode_sampled(ids, np.asarray(values, dtype=np.float32))
 
-    def _encode_topk(self, ids: np.ndarray, values: np.ndarray) -> bytes:
-        m, k = ids.shape
-        # Each row's top log-prob on a fine absolute grid (it sets the top-k mass, so the tail
-        # mass), the other entries quantised *relative* to it: the KL over the renormalised top-k
-        # depends on ratios p_j / p_top only, so the budget then holds whatever the top-k mass.
-        top = np.clip(np.rint(-values.max(axis=1) / kern.TOP_STEP), 0, MAX_CODE).astype(np.int64)
-        top_lp = (-top.astype(np.float32) * np.float32(kern.TOP_STEP)).astype(np.float32)
-        units = self._choose_sqrt_step(values, top_lp)
-        quantizer, levels = self._quantizer(units)
-        codes = quantizer.encode(np.minimum(values - top_lp[:, None], 0.0))
-        codes[np.arange(m), values.argmax(axis=1)] = 0  # the top entry decodes to top_lp exactly
-        top = self._keep_mass_at_most_one(top, codes, levels)
-        ranks = self.rank_table.ranks(ids)
-        order = np.argsort((codes << 31) | ranks, axis=1, kind="stable")
-        codes = np.take_along_axis(codes, order, axis=1).T  # column-major from here on
-        ranks = np.take_along_axis(ranks, order, axis=1).T
-        dq = np.diff(codes, axis=0)
-        first = np.ones((k, m), dtype=bool)
-        first[1:] = dq > 0
-        gaps = np.zeros_like(ranks)
-        gaps[1:] = ranks[1:] - ranks[:-1] - 1
-        syms, nbits, extra = kern.symbolize(np.where(first, ranks, gaps).ravel())
-        words = kern.pack_bits(nbits, extra)
-        col_bits = np.concatenate([[0], np.cumsum(nbits.reshape(k, m).sum(axis=1))])
-        nibbles = np.zeros((k - 1, m + m % 2), dtype=np.uint8)
-        nibbles[:, :m] = np.minimum(dq, _ESCAPE)
-        flat_dq, flat_first = dq.ravel(), first.ravel()
-        streams = [top.astype("<u2").tobytes(),
-                   (nibbles[:, 0::2] << 4 | nibbles[:, 1::2]).tobytes(),
-                   (flat_dq[flat_dq >= _ESCAPE] - _ESCAPE).astype("<u2").tobytes(),
-                   syms[flat_first].tobytes(), syms[~flat_first].tobytes(),
-                   col_bits.astype("<u8").tobytes()]
-        return self._pack(m, 0, int(nbits.sum()), streams, words.tobytes(), param=units)
-
-    @staticmethod
-    def _keep_mass_at_most_one(top: np.ndarray, codes: np.ndarray,
-                               levels: np.ndarray) -> np.ndarray:
-        """Lower a row's top (whole 1/64-nat steps) where rounding would make its decoded top-k
-        mass exceed 1: the tail mass 1 - sum(p) must stay >= 0. A common shift of the row leaves
-        the renormalised distribution, hence the KL, unchanged."""
-        for _ in range(3):  # float32 rounding of the decoded sum may need one more step
-            top_lp = -top.astype(np.float32) * np.float32(kern.TOP_STEP)
-            decoded = top_lp[:, None] + levels[codes]  # float32, exactly as the decoder adds
-            mass = np.exp(decoded.astype(np.float64)).sum(axis=1)
-            over = mass > 1.0
-            if not over.any():
-                break
-            need = np.ceil(np.log(mass[over]) / kern.TOP_STEP).astype(np.int64)
-            top[over] = np.minimum(top[over] + np.maximum(need, 1), MAX_CODE)
-        return top
+    def _encode_topk(self, ids: np.ndarray, values: np.ndarray, pool: BlockPool) -> bytes:
+        units, total_bits, streams, bits = encode_topk_streams(self, ids, values, pool)
+        return self._pack(ids.shape[0], 0, total_bits, streams, bits, param=units, pool=pool)
 
     def _encode_sampled(self, ids: np.ndarray, weights: np.ndarray) -> bytes:
         m, k = ids.shape
@@ -258,8 +181,11 @@ class QRankCodec(TargetCodec):
         return self._pack(m, flags, int(nbits.sum()), streams, words.tobytes())
 
     def _pack(self, m: int, flags: int, total_bits: int, streams: list[bytes],
-              bits: bytes, param: int = 0) -> bytes:
-        stored = [self._zc.compress(s) if s else b"" for s in streams] + [bits]
+              bits: bytes, param: int = 0, pool: BlockPool = INLINE) -> bytes:
+        # Largest streams first, so the pool's threads finish together.
+        order = sorted(range(len(streams)), key=lambda i: -len(streams[i]))
+        packed = pool.map(lambda i: self._zc.compress(streams[i]) if streams[i] else b"", order)
+        stored = [packed[order.index(i)] for i in range(len(streams))] + [bits]
         table = b"".join(_STREAM.pack(len(z), len(raw), int(i < len(streams) and bool(raw)))
                          for i, (z, raw) in enumerate(zip(stored, streams + [bits])))
         head = _HEAD.pack(_MAGIC, _VERSION, _KIND_CODE[self.kind], flags, param, m, self.k,
@@ -325,8 +251,8 @@ class QRankCodec(TargetCodec):
         if int(col_bits[-1]) != total_bits or len(bits) != 8 * (total_bits // 64 + 2):
             raise ValueError(f"qrank: {total_bits} extra bits in the header, col_bits ends at "
                              f"{int(col_bits[-1])}, bits stream of {len(bits)} bytes")
-        if not 0 < units * _SQRT_UNIT < self.step_max:
-            raise ValueError(f"qrank: blob's sqrt_step {units * _SQRT_UNIT} is not in (0, step_max)")
+        if not 0 < units * SQRT_UNIT < self.step_max:
+            raise ValueError(f"qrank: blob's sqrt_step {units * SQRT_UNIT} is not in (0, step_max)")
         levels = self._quantizer(units)[1]
         if len(fsyms) + len(gsyms) != n_entries or len(bits) % 8 or len(dq_esc) % 2:
             raise ValueError("qrank: symbol or bit stream sizes do not add up")

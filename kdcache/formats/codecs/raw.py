@@ -10,6 +10,7 @@ import numpy as np
 import zstandard
 
 from kdcache.formats.codecs.base import TargetCodec, id_dtype
+from kdcache.formats.codecs.blocks import BlockPool
 
 
 class RawCodec(TargetCodec):
@@ -20,7 +21,8 @@ class RawCodec(TargetCodec):
         super().__init__(level=level, **kwargs)
         self.level = level
 
-    def encode(self, ids: np.ndarray, values: np.ndarray) -> bytes:
+    def encode(self, ids: np.ndarray, values: np.ndarray, *,
+               pool: BlockPool | None = None) -> bytes:  # one zstd frame: nothing to spread
         m = ids.shape[0]
         # -1 padding (sampled targets) is stored as vocab_size, which no real id reaches.
         stored = np.where(ids < 0, self.vocab_size, ids).astype(id_dtype(self.vocab_size + 1))

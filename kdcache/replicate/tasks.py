@@ -1,0 +1,119 @@
+"""The experiment's independent steps (a teacher, a dump, a student, a model's needle test) as
+tasks, run one after the other or `parallel` at a time.
+
+A task is a kind, a name and JSON arguments; `execute` runs one in this process. With
+`parallel` > 1 every task runs in a process of its own (`python -m kdcache.replicate.tasks
+SPEC.json`; its output in DIR/logs/NAME.log): the experiment's models are small, one of them
+leaves most of a GPU idle, and several at once share it. A task writes its result under DIR and
+is skipped once `done` exists, so whoever runs the pipeline afterwards (this process) reads the
+results as if it had computed them itself, and an interrupted run resumes task by task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kdcache.errors import KdcacheError
+from kdcache.replicate.evaluation import needle_record
+from kdcache.replicate.store import save_json
+from kdcache.replicate.teacher import train_retrieval_teacher
+from kdcache.student_train.stages import parse_run, run
+from kdcache.teacher_dump.plan import DumpConfig
+from kdcache.teacher_dump.runner import run_dump
+
+
+class TaskError(KdcacheError):
+    """A step of the experiment failed (its log says why)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # "teacher", "dump", "student" or "needle"
+    name: str  # unique within the run: names its log file
+    args: dict[str, Any]
+    done: str  # the file whose existence means the task has finished
+
+
+def execute(kind: str, args: dict[str, Any]) -> None:
+    """Run one task here (its result lands where its `done` file says)."""
+    if kind == "teacher":
+        train_retrieval_teacher(**args, log=print)
+    elif kind == "dump":
+        run_dump(DumpConfig.from_options(**args), log=lambda m: None)
+    elif kind == "student":
+        run(parse_run(args["run"], source=args["source"]))
+    elif kind == "needle":
+        save_json(args["out"], needle_record(args["model"], args["config"]))
+    else:
+        raise TaskError(f"unknown task kind {kind!r}")
+
+
+def run_tasks(tasks: list[Task], *, parallel: int, log_dir: str,
+              log: Callable[[str], None] = print) -> None:
+    """Run the tasks whose `done` file is missing, `parallel` at a time (1: in this process)."""
+    todo = deque(t for t in tasks if not os.path.exists(t.done))
+    if parallel <= 1:
+        for t in todo:
+            log(f"replicate: {t.kind} {t.name}")
+            execute(t.kind, t.args)
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    running: dict[str, tuple[Task, subprocess.Popen, Any, float]] = {}
+    try:
+        while todo or running:
+            while todo and len(running) < parallel:
+                t = todo.popleft()
+                spec = os.path.join(log_dir, t.name + ".json")
+                save_json(spec, {"kind": t.kind, "args": t.args})
+                handle = open(os.path.join(log_dir, t.name + ".log"), "w")
+                proc = subprocess.Popen([sys.executable, "-m", "kdcache.replicate.tasks", spec],
+                                        stdout=handle, stderr=subprocess.STDOUT)
+                running[t.name] = (t, proc, handle, time.perf_counter())
+                log(f"replicate: {t.kind} {t.name} started ({len(running)} running, "
+                    f"{len(todo)} waiting)")
+            time.sleep(0.5)
+            for name, (t, proc, handle, started) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                del running[name]
+                if proc.returncode != 0 or not os.path.exists(t.done):
+                    raise TaskError(f"replicate: {t.kind} {name} failed (exit "
+                                    f"{proc.returncode}); its log ({handle.name}) ends:\n"
+                                    + _tail(handle.name))
+                log(f"replicate: {t.kind} {name} done in {time.perf_counter() - started:.0f} s")
+    finally:  # an error or Ctrl-C: stop the others; their steps rerun on resume
+        for t, proc, handle, _ in running.values():
+            proc.terminate()
+        for t, proc, handle, _ in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            handle.close()
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[0]) as fh:
+        spec = json.load(fh)
+    execute(spec["kind"], spec["args"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
