@@ -34,7 +34,8 @@ MFU = model FLOPs / (seconds x the bf16 matmul rate measured in the same run), m
 unmasked 128 x 128 blocks only (3 x 4 x heads x head_dim x 128^2 per block and layer).
 Recomputation (checkpointed layers) is not model work and is not counted.
 
-GPU (one call; Liger from the wheel carried in .whl/, unpacked onto sys.path by the script):
+GPU (one call; zstandard and Liger, when not installed, from the wheels carried in .whl/,
+unpacked onto sys.path by the script):
   python3 bench/bench_hf_student.py --out-dir $OUT
 CPU (`make bench`): tiny Qwen3 and Llama, 256 and 2,048 tokens, to show every cell works (Liger
 only under TRITON_INTERPRET=1); its figures mean nothing.
@@ -64,6 +65,31 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+WHEELS = os.path.join(ROOT, ".whl")  # carried wheels: the GPU machine has no network
+
+
+def import_or_unpack(module: str, wheel_prefix: str):
+    """Import `module`, else unpack its wheel from .whl/ (the one for this Python, or a pure
+    one) onto sys.path and import it from there."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+        wheels = [w for w in sorted(glob.glob(os.path.join(WHEELS, wheel_prefix + "-*.whl")))
+                  if tag in os.path.basename(w) or "py3-none-any" in w]
+        if not wheels:
+            raise RuntimeError(f"{module} not importable and no {wheel_prefix} wheel for "
+                               f"{tag} in {WHEELS}") from None
+        target = tempfile.mkdtemp(prefix=f"whl-{wheel_prefix}-")
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            wheel.extractall(target)
+        sys.path.insert(0, target)
+        return importlib.import_module(module)
+
+
+import_or_unpack("zstandard", "zstandard")  # kdcache's codecs import it at the top
 
 from bench_train import (BLOCK, attention_blocks, doc_lengths, make_batch,  # noqa: E402
                          matmul_tflops, seg_from_lengths, timed_steps)
@@ -156,20 +182,11 @@ def reset_positions(seg: torch.Tensor) -> torch.Tensor:
     return index - starts
 
 
-def load_liger(wheel_glob: str):
-    """Liger's fused linear CE, from an installed liger_kernel or a carried pure-Python wheel
-    unpacked onto sys.path (the GPU machine has no network)."""
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        wheels = sorted(glob.glob(os.path.join(ROOT, wheel_glob)))
-        if not wheels:
-            raise RuntimeError(f"liger_kernel not importable and no wheel at {wheel_glob}") from None
-        target = tempfile.mkdtemp(prefix="liger-")
-        with zipfile.ZipFile(wheels[-1]) as wheel:
-            wheel.extractall(target)
-        sys.path.insert(0, target)
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+def load_liger():
+    """Liger's fused linear CE, installed or from the carried pure-Python wheel."""
+    import_or_unpack("liger_kernel", "liger_kernel")
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
     return LigerFusedLinearCrossEntropyLoss
 
 
@@ -362,7 +379,7 @@ class Cells:
     def liger(self):
         if self.liger_cls is None and self.liger_error is None:
             try:
-                self.liger_cls = load_liger(self.opts.liger_wheel)
+                self.liger_cls = load_liger()
             except Exception as exc:  # reported in every Liger cell
                 self.liger_error = f"Liger unavailable ({type(exc).__name__}): {str(exc)[:300]}"
         if self.liger_error or (not self.cuda and os.environ.get("TRITON_INTERPRET") != "1"):
@@ -451,7 +468,6 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=330.0 if cuda else 1e9,
                         help="start no cell whose estimated cost passes this many seconds "
                         "since start")
-    parser.add_argument("--liger-wheel", default=".whl/liger_kernel-*.whl")
     parser.add_argument("--out-dir", default=os.environ.get("OUT"),
                         help="where bench_hf_student.jsonl / .json go (default $OUT)")
     opts = parser.parse_args()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 # The handlers import what they run inside themselves: `kdcache --help` imports every commands
 # module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
-# (demo also calls the CLI itself, and cli.py imports demo: importing cli here would be a cycle.)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,15 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="override the training steps of every stage")
     p.add_argument("--chat-conversations", type=int, default=160,
                    help="built-in conversations in the chat example (0: skip it)")
-    p.set_defaults(handler=_run_demo)
-
-
-def _available_commands() -> set[str]:
-    from kdcache.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return set(sub.choices)
+    # the commands this build registered: cli registers every component's beside this one
+    p.set_defaults(handler=lambda args: _run_demo(args, set(subparsers.choices)))
 
 
 def _step(name: str, argv: list[str], log: list[dict]) -> subprocess.CompletedProcess:
@@ -87,11 +79,10 @@ def _chat_example(args: argparse.Namespace, out: Path, teacher: Path, log: list[
                             str(data), "--out", str(out / "chat-eval")], log)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace, have: set[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, data, student = out / "teacher", out / "dataset", out / "student"
-    have = _available_commands()
     log: list[dict] = []
     skipped: list[str] = []
 

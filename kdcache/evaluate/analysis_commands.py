@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from kdcache.evaluate.probe import PROBE_MODES
+from kdcache.evaluate import rope_plan
+from kdcache.evaluate.diff import diff_checkpoints
+from kdcache.evaluate.models import EvalError, check_model_dir
+from kdcache.evaluate.probe import PROBE_MODES, ProbeConfig, run_probe
 
 # The handlers import what they run inside themselves: `kdcache --help` imports every commands
 # module, and pyarrow, numba, torch, vLLM or Ray at module level would make it take seconds.
+# The modules above import none of them at their top (torch is imported where a model runs).
 
 
 def register(subparsers) -> None:
@@ -41,8 +45,6 @@ def _add_probe_input(p) -> None:
 
 
 def _read_text(path: str | None) -> str | None:
-    from kdcache.evaluate.models import EvalError
-
     if path is None:
         return None
     try:
@@ -82,8 +84,6 @@ def _register_probe(subparsers) -> None:
 
 def _run_probe(args) -> int:
     from kdcache.evaluate import plots
-    from kdcache.evaluate.probe import ProbeConfig, run_probe
-    from kdcache.evaluate.models import EvalError, check_model_dir
     from kdcache.evaluate.report import one_line, table, write_json
 
     check_model_dir(args.model)
@@ -148,8 +148,6 @@ def _run_diff(args) -> int:
     from tqdm.auto import tqdm
 
     from kdcache.evaluate import plots
-    from kdcache.evaluate.diff import diff_checkpoints
-    from kdcache.evaluate.probe import ProbeConfig
     from kdcache.evaluate.report import one_line, table, write_json
 
     cfg = ProbeConfig(block_tokens=args.block, repeats=args.repeats, modes=("document-global",),
@@ -202,15 +200,13 @@ def _register_rope_plan(subparsers) -> None:
 
 
 def _run_rope_plan(args) -> int:
-    from kdcache.evaluate.rope_plan import parse_stages, plan
-    from kdcache.evaluate.models import EvalError
     from kdcache.evaluate.report import one_line, table, write_json
 
     if args.head_dim <= 0 or args.head_dim % 2:
         raise EvalError(f"--head-dim must be a positive even number, got {args.head_dim}")
     if args.stages:
         try:
-            stages = parse_stages(args.stages)
+            stages = rope_plan.parse_stages(args.stages)
         except ValueError as exc:
             raise EvalError(f"--stages: {exc}") from None
     elif args.context:
@@ -219,7 +215,7 @@ def _run_rope_plan(args) -> int:
         raise EvalError("give --context (and optionally --theta) or --stages")
     if any(length < 1 or (theta is not None and theta <= 1) for length, theta in stages):
         raise EvalError("contexts must be >= 1 and thetas > 1")
-    result = plan(args.head_dim, stages, context=args.context, robust=args.robust)
+    result = rope_plan.plan(args.head_dim, stages, context=args.context, robust=args.robust)
     if args.out:
         from kdcache.evaluate.plots import plot_rope_plan
 

@@ -19,7 +19,7 @@ _HOMES = {
     "open_dataset": "reader", "LogitDataset": "reader", "hf_iterable_dataset": "hf",
     "verify_dataset": "verify",
     "DatasetWriter": "writer", "begin_dataset": "writer", "shard_name": "writer",
-    "write_shard": "writer", "finish_dataset": "writer", "make_codec": "writer",
+    "write_shard": "writer", "finish_dataset": "writer", "make_codec": "codecs",
     "read_stored_codec_table": "writer",
     "get_codec": "codecs", "default_codec": "codecs",
 }

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from kdcache.formats import storage
+from kdcache.formats import card_figure, storage
 from kdcache.formats.manifest import CARD_NAME
 from kdcache.formats.packing import MODES
 
@@ -188,18 +188,16 @@ def _lineage_line(step: dict[str, Any]) -> str:
 def write_card(root: str, manifest: dict[str, Any]) -> None:
     """Draw the figure from a sample of the written shards, then write README.md (both atomic).
     The card is informative: a figure that cannot be drawn is reported, never fatal."""
-    from kdcache.formats.card_figure import render_figure, sample_targets
-
     fs, base = storage.resolve(root)
     figure: dict[str, Any]
     try:
-        sample = sample_targets(root, manifest)
+        sample = card_figure.sample_targets(root, manifest)
         if sample.rows == 0:
             figure = {"missing": "the sampled windows hold no valid rows"}
         else:
             name = manifest.get("teacher", {}).get("name", "teacher")
-            png = render_figure(sample, f"{name}: {manifest['targets']['kind']} targets, "
-                                        f"k={manifest['targets']['k']}")
+            title = f"{name}: {manifest['targets']['kind']} targets, k={manifest['targets']['k']}"
+            png = card_figure.render_figure(sample, title)
             storage.atomic_write_bytes(fs, storage.join(base, FIGURE_PATH), png)
             figure = {"path": FIGURE_PATH, "rows": sample.rows, "windows": sample.windows}
     except Exception as exc:  # informative only: a plotting failure must not lose a dataset

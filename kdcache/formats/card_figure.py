@@ -18,6 +18,9 @@ import numpy as np
 import pyarrow.ipc as ipc
 
 from kdcache.formats import storage
+from kdcache.formats.codecs import make_codec
+from kdcache.formats.manifest import DatasetHeader
+from kdcache.formats.shard import batch_fields
 
 SAMPLE_WINDOWS = 32
 SAMPLE_ROWS = 1 << 17
@@ -58,10 +61,6 @@ def _positions(n: int, offsets: np.ndarray, mode: str) -> np.ndarray:
 def sample_targets(root: str, manifest: dict[str, Any], *, max_windows: int = SAMPLE_WINDOWS,
                    max_rows: int = SAMPLE_ROWS) -> TargetSample:
     """Decoded valid rows of up to `max_windows` windows spread evenly over the dataset."""
-    from kdcache.formats.manifest import DatasetHeader
-    from kdcache.formats.shard import batch_fields
-    from kdcache.formats.writer import make_codec
-
     fs, base = storage.resolve(root)
     header = DatasetHeader.from_manifest(manifest)
     entry = manifest["codec"].get("table")

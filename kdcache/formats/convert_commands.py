@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from kdcache.errors import KdcacheError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -62,7 +64,6 @@ def _run_convert(args: argparse.Namespace) -> int:
                                      windows_per_shard=args.windows_per_shard,
                                      progress=not args.json)
     else:
-        from kdcache.errors import KdcacheError
         from kdcache.formats.convert.megatron import convert_megatron
 
         if not args.tokens or not args.vocab_size:

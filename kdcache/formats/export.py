@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdcache.errors import KdcacheError
 from kdcache.formats import storage
 from kdcache.formats.reader import LogitDataset, open_dataset
 
@@ -80,8 +81,6 @@ def shard_table(ds: LogitDataset, shard: int) -> pa.Table:
 def export_parquet(path: str, out: str, *, progress: bool = False) -> dict[str, Any]:
     """Write `path`'s windows as Parquet files `part-00000.parquet`, ... in `out` (one per
     shard, each written atomically)."""
-    from kdcache.errors import KdcacheError
-
     ds = open_dataset(path)
     fs, base = storage.resolve(out)
     if fs.exists(base) and fs.ls(base, detail=False):

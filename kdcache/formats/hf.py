@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.export import export_schema, shard_table
+from kdcache.formats.reader import open_dataset
 
 
 def _rows(path: str, shards: list[int]) -> Iterator[dict[str, Any]]:
-    from kdcache.formats.export import shard_table
-    from kdcache.formats.reader import open_dataset
-
     ds = open_dataset(path)
     for s in shards:
         yield from shard_table(ds, s).to_pylist()
@@ -29,9 +28,6 @@ def hf_iterable_dataset(path: str):
     except ImportError:
         raise KdcacheError("Hugging Face datasets is not installed: pip install 'kdcache[hf]' "
                            "(or read kdcache datasets with kdcache.formats.open_dataset)") from None
-    from kdcache.formats.export import export_schema
-    from kdcache.formats.reader import open_dataset
-
     ds = open_dataset(path)
     features = datasets.Features.from_arrow_schema(export_schema(ds))
     return datasets.IterableDataset.from_generator(

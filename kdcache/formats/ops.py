@@ -26,6 +26,7 @@ import xxhash
 from kdcache import __version__
 from kdcache.errors import ConfigMismatchError, FormatError, KdcacheError
 from kdcache.formats import storage
+from kdcache.formats.codecs import available_codecs, make_codec
 from kdcache.formats.manifest import MANIFEST_NAME, DatasetHeader
 from kdcache.formats.reader import LogitDataset, open_dataset
 from kdcache.formats.verify import verify_dataset
@@ -378,9 +379,6 @@ def reencode(src: str, out: str, *, codec: str | None = None, k: int | None = No
     targets keep their k largest entries, which are the first k: rows are stored descending).
     The codec's table is fitted afresh on the first window. Records in the lineage (and returns
     in `stats`) how far the new targets are from the old ones."""
-    from kdcache.formats.codecs import available_codecs
-    from kdcache.formats.writer import make_codec
-
     ds = open_dataset(src)
     _check_out(out, [ds])
     new_codec = codec or ds.header.codec

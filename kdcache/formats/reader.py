@@ -22,6 +22,7 @@ import xxhash
 
 from kdcache.errors import FormatError, KdcacheError, TargetValidationError
 from kdcache.formats import storage
+from kdcache.formats.codecs import make_codec
 from kdcache.formats.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, DatasetHeader, ShardInfo,
                                       check_relative_path, parse_manifest)
 from kdcache.formats.packing import default_valid
@@ -29,7 +30,6 @@ from kdcache.formats.remote import ShardCache
 from kdcache.formats.shard import (ARROW_MAGIC, COLUMNS, batch_fields, read_shard_metadata,
                                    shard_metadata, shard_schema)
 from kdcache.formats.window import Window
-from kdcache.formats.writer import make_codec
 
 _HASH_CHUNK = 64 << 20
 

@@ -29,7 +29,7 @@ from kdcache import __version__
 from kdcache.errors import FormatError
 from kdcache.formats import storage
 from kdcache.formats.card import write_card
-from kdcache.formats.codecs import TargetCodec, get_codec
+from kdcache.formats.codecs import TargetCodec, get_codec, make_codec
 from kdcache.formats.codecs.blocks import block_pool
 from kdcache.formats.manifest import (MANIFEST_NAME, SHARD_DIR, TABLE_PATH, DatasetHeader,
                                       ShardInfo, build_manifest, dump_manifest, parse_manifest)
@@ -55,14 +55,6 @@ def shard_path(shard_name: str) -> str:
     if "/" in shard_name or not shard_name or shard_name.startswith("."):
         raise ValueError(f"invalid shard name {shard_name!r}")
     return f"{SHARD_DIR}/{shard_name}.arrow"
-
-
-def make_codec(header: DatasetHeader, table: bytes | None = None) -> TargetCodec:
-    """The codec instance a dataset's header describes (with its dataset-level table, if any);
-    parameters the header leaves out take the codec's defaults."""
-    cls = get_codec(header.codec)
-    return cls(kind=header.kind, k=header.k, vocab_size=header.vocab_size, table=table,
-               **header.codec_params)
 
 
 def prepare_codec(header: DatasetHeader, *, token_counts: np.ndarray | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from kdcache.replicate.presets import get_preset
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -34,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from kdcache.replicate.pipeline import run_replicate
-    from kdcache.replicate.presets import get_preset
 
     overrides = {k: v for k, v in (("seeds", args.seeds), ("parallel", args.parallel))
                  if v is not None}

@@ -39,6 +39,8 @@ import torch
 
 from kdcache.errors import ConfigMismatchError, KdcacheError, TargetValidationError
 from kdcache.formats.reader import open_dataset
+from kdcache.formats.validate import validate_window
+from kdcache.formats.verify import preflight
 
 IGNORE_INDEX = -100
 log = logging.getLogger("kdcache.train")
@@ -394,9 +396,6 @@ class WindowDataModule(pl.LightningDataModule):
         (all with None) as the writer would (finite, normalised, in-range targets; FORMAT.md's valid rows)
         and against the student's rows; returns the number of windows checked."""
         import time
-
-        from kdcache.formats.validate import validate_window
-        from kdcache.formats.verify import preflight
 
         data = self.data
         started = time.perf_counter()

@@ -56,6 +56,7 @@ class OptimConfig:
     warmup_steps: int = 100
     total_steps: int = 1000  # length of the cosine schedule
     min_lr_ratio: float = 0.1
+    fused: bool | None = None  # fused AdamW; None: on CUDA
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -72,9 +73,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    on_cuda = next(model.parameters()).is_cuda
+    fused = next(model.parameters()).is_cuda if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=True if on_cuda else None)
+                             fused=True if fused else None)
 
 
 def distillation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
@@ -190,6 +191,22 @@ class StudentModule(pl.LightningModule):
             f"step {self.global_step}: the loss is not finite (loss {values['loss']}, kd "
             f"{values['kd']}, ce {values['ce']}){where}; stopped before updating or "
             "exporting any weights. Check the data with `kdcache verify`, or lower optim.lr.")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        # Fused AdamW (CUDA) "handles unscaling", so Lightning's mixed-precision plugin refuses to
+        # clip for it; under bf16 there is no loss scaler and the gradients are the true ones:
+        # clip them here. With a scaler (16-mixed) Lightning's own path applies.
+        plugin = self.trainer.precision_plugin
+        if (gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False)
+                and getattr(plugin, "scaler", None) is None):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)

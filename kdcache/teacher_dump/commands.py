@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from kdcache.errors import ConfigMismatchError
 from kdcache.formats.packing import PACKING_MODES
 
 # The handlers import what they run inside themselves: `kdcache --help` imports every commands
@@ -209,8 +210,6 @@ def _run_dump(args: argparse.Namespace) -> int:
 
 def _sampled_draws(args: argparse.Namespace) -> int:
     """Draws per position for --kind sampled (0 for top-k), checked before anything is written."""
-    from kdcache.errors import ConfigMismatchError
-
     if args.kind == "topk":
         if args.draws is not None:
             raise ConfigMismatchError("--draws needs --kind sampled")

@@ -23,6 +23,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
+from kdcache.formats.window import WindowRecord
+from kdcache.formats.writer import write_shard
 from kdcache.teacher_dump.pack import PackedWindow
 
 ENGINE_CALL_TOKENS = 16384  # windows are sent to the engine in groups of about this many tokens
@@ -49,8 +51,6 @@ def engine_groups(windows: Iterable[PackedWindow],
 def group_records(engine, group: list[PackedWindow]) -> list:
     """The engine's targets for one group, as WindowRecords for the writer (a `sampled` dump,
     engine.cfg.draws > 0, stores the draws: distinct ids and counts / draws)."""
-    from kdcache.formats.window import WindowRecord
-
     sampled = bool(getattr(getattr(engine, "cfg", None), "draws", 0))
     records = []
     for w, t in zip(group, engine.topk(group)):
@@ -80,8 +80,6 @@ class ShardPipeline:
               encode_threads: int | None = None) -> Future:
         """Compute `windows` on this thread and hand them to a writer; the future holds the
         ShardInfo once the shard is written. Blocks while `max_writing` shards are in writing."""
-        from kdcache.formats.writer import write_shard
-
         self._slots.acquire()
         records: queue.Queue = queue.Queue(maxsize=_QUEUED_RECORDS)
         try:

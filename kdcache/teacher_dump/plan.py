@@ -25,8 +25,10 @@ from typing import Any
 
 from kdcache.errors import ConfigMismatchError, FormatError, KdcacheError
 from kdcache.formats import storage
-from kdcache.model_config import max_positions
+from kdcache.formats.card import FIGURE_PATH
+from kdcache.formats.manifest import CARD_NAME, MANIFEST_NAME, SHARD_DIR, TABLE_PATH
 from kdcache.formats.writer import shard_path
+from kdcache.model_config import max_positions
 from kdcache.teacher_dump.corpus import BUILTINS, CorpusSpec
 from kdcache.teacher_dump.engines.base import EngineConfig
 from kdcache.teacher_dump.pack import PackConfig, tokenizer_hash
@@ -229,9 +231,6 @@ def check_teacher_limits(cfg: "DumpConfig") -> None:
 
 def discard_dataset(root: str) -> None:
     """Remove what a dump writes in `root` (for --overwrite); other files are left alone."""
-    from kdcache.formats.card import FIGURE_PATH
-    from kdcache.formats.manifest import CARD_NAME, MANIFEST_NAME, SHARD_DIR, TABLE_PATH
-
     fs, base = storage.resolve(root)
     # manifest first: a half-discarded directory must not read as a finished dataset
     for name in (MANIFEST_NAME, PLAN_NAME, CARD_NAME, TABLE_PATH, FIGURE_PATH):

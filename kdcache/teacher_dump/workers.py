@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.codecs import make_codec
 from kdcache.formats.manifest import DatasetHeader
-from kdcache.formats.writer import make_codec
 from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig
 from kdcache.teacher_dump.pack import PackedWindow

@@ -109,8 +109,16 @@ def test_speed_knobs_act_on_the_decoder_layers_only(arch):
     assert len(layers) == student.config.num_hidden_layers
     assert student.decoder not in layers and all(type(m).__name__.endswith("DecoderLayer")
                                                  for m in layers)
+    tokens, seg = _packed_batch(5)
+    student.train()
+    student(tokens, seg).square().mean().backward()
+    plain = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
     student.set_checkpoint_layers(1)
     assert [m.gradient_checkpointing for m in layers] == [True] + [False] * (len(layers) - 1)
+    student(tokens, seg).square().mean().backward()  # the first layer recomputed: same gradients
+    for a, b in zip(student.parameters(), plain):
+        torch.testing.assert_close(a.grad, b, rtol=1e-5, atol=1e-7)
     student.compile_blocks()  # lazy: nothing compiles until a CUDA forward
     assert all(m._compiled_call_impl is not None for m in layers)
     assert student.decoder._compiled_call_impl is None

@@ -24,7 +24,7 @@ def forge_dataset(root, monkeypatch, tamper, *, vocab=256, header_vocab=None, te
     hostile or buggy producer can share. `tamper(index, record)` edits each window in place."""
     import kdcache.formats.writer as writer
 
-    def unchecked(rec, header, *, where):
+    def unchecked(rec, header, *, where, pool=None):
         return rec.ids[rec.valid].astype(np.int64), rec.values[rec.valid].astype(np.float32)
 
     header = DatasetHeader(kind="topk", k=4, vocab_size=header_vocab or vocab, codec="raw",

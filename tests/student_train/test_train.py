@@ -133,3 +133,25 @@ def test_ddp_gloo_two_processes_then_resume_on_one(doc_dataset, tmp_path, tiny_r
     assert len(seen) == 2
     for (_, got), want in zip(seen, expected):
         assert torch.equal(got[0], want)
+
+
+def test_fused_adamw_under_bf16_clips_gradients(doc_dataset, tmp_path, tiny_run):
+    """Fused AdamW (the CUDA default) "handles unscaling", which Lightning's mixed-precision
+    plugin answers by refusing to clip; under bf16 there is no scaler, so the module clips: a
+    clip of 1e-12 must shrink Adam's first steps (updates ~ g / (sqrt(v) + eps)) to nothing."""
+    from safetensors.torch import load_file
+
+    moved = {}
+    for clip in (0.0, 1e-12):
+        raw = tiny_run([doc_dataset], tmp_path / f"clip{clip}", steps=2, checkpoint_every=2,
+                       precision="bf16-mixed", gradient_clip_val=clip)
+        raw["defaults"]["optim"].update(fused=True, weight_decay=0.0, warmup_steps=0)
+        raw["defaults"]["model"]["init_seed"] = 3
+        summary = run(parse_run(raw))[0]
+        raw["defaults"]["trainer"]["max_steps"] = 0
+        raw["output_dir"] = str(tmp_path / f"start{clip}")
+        start = run(parse_run(raw))[0]
+        a = load_file(os.path.join(summary["hf_dir"], "model.safetensors"))
+        b = load_file(os.path.join(start["hf_dir"], "model.safetensors"))
+        moved[clip] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert moved[0.0] > 1e-4 and moved[1e-12] < moved[0.0] / 100

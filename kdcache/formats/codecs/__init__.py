@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from kdcache.formats.codecs.base import TARGET_KINDS, TargetCodec, id_dtype
+from kdcache.formats.manifest import DatasetHeader
 from kdcache.formats.codecs.qrank import QRankCodec
 from kdcache.formats.codecs.raw import RawCodec
 
@@ -33,5 +34,13 @@ def default_codec(kind: str) -> str:
     return DEFAULT_CODEC[kind]
 
 
+def make_codec(header: DatasetHeader, table: bytes | None = None) -> TargetCodec:
+    """The codec instance a dataset's header describes (with its dataset-level table, if any);
+    parameters the header leaves out take the codec's defaults."""
+    cls = get_codec(header.codec)
+    return cls(kind=header.kind, k=header.k, vocab_size=header.vocab_size, table=table,
+               **header.codec_params)
+
+
 __all__ = ["TARGET_KINDS", "TargetCodec", "id_dtype", "get_codec", "register_codec",
-           "available_codecs", "default_codec", "DEFAULT_CODEC", "RawCodec", "QRankCodec"]
+           "available_codecs", "default_codec", "make_codec", "DEFAULT_CODEC", "RawCodec", "QRankCodec"]

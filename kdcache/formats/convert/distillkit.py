@@ -30,6 +30,7 @@ measured quantisation; raw: exact float32).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -37,8 +38,11 @@ import numpy as np
 
 from kdcache.errors import FormatError, KdcacheError
 from kdcache.formats import storage
+from kdcache.formats.codecs import default_codec
 from kdcache.formats.convert.common import (Document, RepairCounts, conversion_summary,
                                            pack_documents, repair_topk_rows, token_bar)
+from kdcache.formats.manifest import DatasetHeader
+from kdcache.formats.writer import DatasetWriter
 
 CONFIG_NAME = "compression_config.yaml"
 _FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -318,12 +322,6 @@ def convert_distillkit(source: str, out: str, *, config: str | None = None,
     """Convert a DistillKit logit dataset (a folder of Parquet files or one file) into a kdcache
     dataset in `out`; returns a summary. `config` defaults to the folder's
     compression_config.yaml; `window` to the longest sample; `vocab_size` to the config's d."""
-    import time
-
-    from kdcache.formats.codecs import default_codec
-    from kdcache.formats.manifest import DatasetHeader
-    from kdcache.formats.writer import DatasetWriter
-
     t0 = time.perf_counter()
     fs, base = storage.resolve(source)
     if config is None:

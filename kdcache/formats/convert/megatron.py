@@ -37,11 +37,14 @@ import numpy as np
 
 from kdcache.errors import FormatError, KdcacheError
 from kdcache.formats import storage
+from kdcache.formats.codecs import default_codec
 from kdcache.formats.convert import torch_payload
 from kdcache.formats.convert.common import (RepairCounts, conversion_summary, repair_topk_rows,
                                            token_bar)
+from kdcache.formats.manifest import DatasetHeader
 from kdcache.formats.packing import default_valid
 from kdcache.formats.window import WindowRecord
+from kdcache.formats.writer import DatasetWriter
 
 TAR_RE = re.compile(r"^cp(?P<cp>\d+)_dp(?P<dp>\d+)__(?P<iter>\d+)\.tar$")
 MEMBER_RE = re.compile(r"^(?P<iter>\d+)\.pt\.zst$")
@@ -192,10 +195,6 @@ def convert_megatron(source: str, out: str, *, tokens: str, vocab_size: int,
                      windows_per_shard: int = 16, progress: bool = False) -> dict[str, Any]:
     """Convert a directory of Megatron logits-saver tars (plus the samples' token ids) into a
     kdcache dataset; returns a summary."""
-    from kdcache.formats.codecs import default_codec
-    from kdcache.formats.manifest import DatasetHeader
-    from kdcache.formats.writer import DatasetWriter
-
     t0 = time.perf_counter()
     token_rows = _load_tokens(tokens)
     if not 0 < vocab_size < 2 ** 31:

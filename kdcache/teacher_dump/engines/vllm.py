@@ -88,6 +88,7 @@ class VLLMEngine(TeacherEngine):
         if cfg.max_num_batched_tokens is not None:
             common["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         if cfg.vllm_path == "pooler":
+            # vllm_topk subclasses vLLM's Pooler when imported: vLLM only where it runs
             from kdcache.teacher_dump.engines import vllm_topk
 
             settings = {"max_k": cfg.k, "max_draws": cfg.draws,
