@@ -193,8 +193,9 @@ def engine_only() -> None:
 
 def writer(smoke: bool = False) -> None:
     """The whole dump (engine + validation + qrank encoding + shard writes) over the ceiling at
-    k = 16, 64, 256, 8k and 32k windows, causal then document; no baseline, no hf (the writer
-    is what these cells measure). Encode-thread scaling on this host first."""
+    k = 16, 64, 256, 8k and 32k windows, causal then document (a series each, its JSON lines
+    written when it ends); no baseline, no hf (the writer is what these cells measure).
+    Encode-thread scaling on this host first."""
     import subprocess
     from dataclasses import replace
 
@@ -222,10 +223,10 @@ def writer(smoke: bool = False) -> None:
     dtype = "float32" if smoke else "bfloat16"
     short, long = (256, 512) if smoke else (8192, 32768)
     base = BenchConfig(model=model, dtype=dtype, rounds=1 if smoke else 3, baseline=False)
-    cfgs = [replace(base, mode=mode, window=window, windows=n, k=k)
-            for mode in ("causal", "document") for window, n in ((short, 8), (long, 2))
-            for k in (16, 64, 256)]
-    run_series(model, cfgs, "tiny" if smoke else "gpu-1b")
+    for mode in ("causal", "document"):  # one series each: causal's lines land first
+        cfgs = [replace(base, mode=mode, window=window, windows=n, k=k)
+                for window, n in ((short, 8), (long, 2)) for k in (16, 64, 256)]
+        run_series(model, cfgs, "tiny" if smoke else "gpu-1b")
 
 
 def big() -> None:
