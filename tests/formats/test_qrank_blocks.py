@@ -133,3 +133,26 @@ def test_validation_on_blocks_names_the_bad_row(monkeypatch):
     rec.values[3000, 2] = np.nan
     with pytest.raises(TargetValidationError, match="row 3000: log-prob is NaN"):
         validate_window(rec, header, where="w", pool=block_pool(3))
+
+
+def test_a_forked_child_encodes_on_its_own_pool():
+    """The pool's threads do not survive fork(): a child that encodes gets new ones instead of
+    queueing work no thread will run."""
+    import os
+
+    ids, lp = synthetic_targets(np.random.default_rng(2), 2000, V, 16)
+    codec = QRankCodec(kind="topk", k=16, vocab_size=V)
+    pool = block_pool(2)
+    blob = codec.encode(ids, lp, pool=pool)  # the parent's threads exist now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: same bytes from a fresh pool, then leave without cleanup
+        try:
+            same = codec.encode(ids, lp, pool=block_pool(2)) == blob
+            os.write(write, b"1" if same else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    got = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert got == b"1"

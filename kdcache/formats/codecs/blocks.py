@@ -9,6 +9,7 @@ shared by every shard being written: concurrent shards do not multiply the threa
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
@@ -44,6 +45,18 @@ class BlockPool:
 INLINE = BlockPool(1)
 _pools: dict[int, BlockPool] = {}
 _pools_lock = threading.Lock()
+
+
+def _forget_pools_in_child() -> None:
+    """A forked child has none of its parent's pool threads (work queued there would wait
+    forever): it starts its own pools."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 def block_pool(workers: int) -> BlockPool:
