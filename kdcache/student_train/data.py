@@ -336,7 +336,11 @@ class WindowBatches(torch.utils.data.IterableDataset):
                 layouts, lost = cut_layout(window.doc_offsets.numpy().astype(np.int64), cut)
                 rows.extend((sample, layout) for layout in layouts)
                 dropped += lost
-        length = cut or max(sample.tokens.shape[0] for sample, _ in rows)
+        # Every batch of a stage has the window's length (windows of whole documents are often a
+        # little shorter): one static shape, so compiled attention (FlexAttention on CUDA) builds
+        # one kernel per stage instead of one per length, which after torch.compile's recompile
+        # limit fell back to the dense T x T implementation (out of memory at 16k).
+        length = cut or max(data.window, max(sample.tokens.shape[0] for sample, _ in rows))
         batch = pad_rows(rows, length)
         batch["n_tokens"] = int(sum(e - s for _, layout in rows for s, e in layout))
         batch["n_target_rows"] = int((batch["labels"] != IGNORE_INDEX).sum())

@@ -163,3 +163,28 @@ def test_holdout_windows_are_never_trained_on(doc_dataset):
     assert dm.state_dict()["n_windows"] == 9 and dm.steps_per_epoch() == 9
     with pytest.raises(ConfigMismatchError, match="holdout_windows=12"):
         _batches(doc_dataset, holdout_windows=12)
+
+
+def test_every_batch_has_the_window_length_whatever_its_windows_fill(tmp_path):
+    """Windows of whole documents are often shorter than the window: batches are padded to
+    the window all the same (one static shape per stage for compiled attention)."""
+    from kdcache.formats.manifest import DatasetHeader
+    from kdcache.formats.synthetic import synthetic_window
+    from kdcache.formats.writer import DatasetWriter
+
+    rng = np.random.default_rng(0)
+    header = DatasetHeader(kind="topk", k=4, vocab_size=64, codec="raw",
+                           packing={"window": 128, "mode": "document", "bos_id": 1, "eos_id": 2,
+                                    "seed": 0},
+                           teacher={"name": "synthetic", "config_hash": "s",
+                                    "tokenizer_hash": "s"})
+    root = str(tmp_path / "ds")
+    with DatasetWriter(root, header, windows_per_shard=4) as writer:
+        for i, n in enumerate((128, 101, 117, 90)):
+            writer.add(synthetic_window(rng, i, n, 64, 4, doc_len=(8, 40)))
+    batches = _batches(root, seed=0, batch_windows=2)
+    assert len(batches) == 2
+    for batch in batches:
+        assert batch["tokens"].shape[1] == 128
+        pad = batch["seg_ids"] < 0
+        assert pad.any() and (batch["labels"][pad] == IGNORE_INDEX).all()

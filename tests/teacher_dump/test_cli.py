@@ -39,6 +39,7 @@ def test_dump_bad_inputs_are_named(tmp_path, teacher_dir, capsys):
     (["--k", "-3"], "--k must be at least 1"),
     (["--k", "5000"], "--k 5000 exceeds the teacher's vocabulary (1024 ids"),
     (["--workers", "0"], "--workers must be at least 1"),
+    (["--no-ray", "--workers", "2"], "--no-ray runs one engine in this process"),
     (["--window", "2"], "window must be at least 4"),
     (["--window", "131073"], "--window 131073 exceeds the teacher's 131072 positions "
                              "(max_position_embeddings"),
