@@ -28,7 +28,7 @@ def needle_config(preset: Preset) -> dict:
     return {"tasks": ["passkey"], "lengths": list(preset.needle_lengths),
             "depths": list(preset.needle_depths), "samples": preset.needle_samples,
             "max_new_tokens": 8, "engine": "hf", "dtype": preset.dtype,
-            "device": "cuda" if preset.device.startswith("cuda") else "cpu", "seed": 0}
+            "device": preset.torch_device, "seed": 0}
 
 
 def needle_record(model: str, config: dict) -> dict:
@@ -58,7 +58,7 @@ def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
                  log: Callable[[str], None] = print) -> dict:
     edir = os.path.join(out, "eval")
     os.makedirs(edir, exist_ok=True)
-    device = "cuda" if preset.device.startswith("cuda") else "cpu"
+    device = preset.torch_device
     models = eval_models(teachers, students)
 
     def needle_of(name: str, path: str) -> dict:

@@ -29,6 +29,7 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 from kdcache.errors import KdcacheError
+from kdcache.formats.manifest import MANIFEST_NAME
 from kdcache.formats.reader import open_dataset
 from kdcache.formats.storage import atomic_write_bytes, resolve
 from kdcache.replicate.evaluation import eval_models, evaluate_all, needle_config, needle_path
@@ -36,8 +37,8 @@ from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
 from kdcache.replicate.store import cached_json, save_json
 from kdcache.replicate.tasks import Task, run_tasks
-from kdcache.replicate.teacher import train_retrieval_teacher
-from kdcache.student_train.stages import parse_run, run
+from kdcache.replicate.teacher import teacher_record, train_retrieval_teacher
+from kdcache.student_train.stages import parse_run, run, stage_summary_path
 from kdcache.teacher_dump.corpus import builtin_corpus
 
 HOLDOUT_FRACTION = 8  # the last 1/8 of the long windows are never trained on
@@ -50,7 +51,6 @@ class ReplicateError(KdcacheError):
 def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -> dict:
     """Built-in documents of at most `doc_max_tokens` tokens (BOS and EOS included), as JSONL."""
     from transformers import AutoTokenizer
-
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     kept = dropped = 0
@@ -101,9 +101,7 @@ def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset:
         # targets computed with positions from 0 in every document, student at global positions
         model.update(attention="document", positions="global", force_mode=True)
         stage1_data = {"paths": [long_data], "window": preset.short_window}
-    elif source == "causal":
-        stage1_data = {"paths": [short_data]}
-    trainer = {"accelerator": "gpu" if preset.device.startswith("cuda") else "cpu",
+    trainer = {"accelerator": "gpu" if preset.torch_device == "cuda" else "cpu",
                "checkpoint_every": max(preset.stage1_steps, preset.stage2_steps),
                "progress_bar": False, "log_every_n_steps": 5}
     return {
@@ -149,7 +147,7 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
                               seconds=preset.teacher_seconds, device=preset.device)
                     for who, path in trained.items()}
     run_all([Task("teacher", f"teacher-{who}", args,
-                  os.path.join(args["out_dir"], "kdcache_retrieval.json"))
+                  teacher_record(args["out_dir"]))
              for who, args in teacher_args.items()])
     for who, args in teacher_args.items():  # each is done: this reads its record
         steps["teacher" if who == "main" else "teacher_short"] = \
@@ -181,7 +179,7 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
         dumps.setdefault(data[name], Task(
             "dump", f"dump-{who}-{mode}-{window}",
             dump_options(teachers[who], corpus_path, data[name], window, mode, preset),
-            os.path.join(data[name], "manifest.json")))
+            os.path.join(data[name], MANIFEST_NAME)))
     run_all(list(dumps.values()))
     n_long = _n_windows(data["long-main"])
     holdout = max(1, n_long // HOLDOUT_FRACTION)
@@ -196,7 +194,7 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
                               tokenizer=teachers["main"]) for key, run_dir in runs.items()}
     run_all([Task("student", f"student-{arm}-seed{seed}",
                   {"run": specs[(arm, seed)], "source": f"replicate:{arm}"},
-                  os.path.join(runs[(arm, seed)], "stage2", "summary.json"))
+                  stage_summary_path(os.path.join(runs[(arm, seed)], "stage2")))
              for arm, seed in runs])
     students: dict[str, list[dict]] = {}
     for (arm, seed), spec in specs.items():  # each is done: this reads its stages' summaries

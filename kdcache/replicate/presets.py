@@ -57,6 +57,11 @@ class Preset:
     parallel: int = 1  # independent steps at once, each its own process (tasks.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def torch_device(self) -> str:
+        """"cuda" or "cpu": where the preset's models run."""
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(

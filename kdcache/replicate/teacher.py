@@ -74,6 +74,11 @@ def _text_batches(tokenizer, documents: int, seq_len: int, batch: int, seed: int
         yield crops, crops
 
 
+def teacher_record(out_dir: str) -> str:
+    """The JSON record a trained teacher leaves beside its weights (its presence: trained)."""
+    return os.path.join(out_dir, "kdcache_retrieval.json")
+
+
 def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds: float,
                             device: str = "cpu", seed: int = 0, tokens_per_step: int = 8192,
                             log: Callable[[str], None] = print) -> dict:
@@ -81,7 +86,7 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    done = os.path.join(out_dir, "kdcache_retrieval.json")
+    done = teacher_record(out_dir)
     if os.path.exists(done):
         with open(done) as fh:
             return json.load(fh)

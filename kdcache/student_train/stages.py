@@ -365,10 +365,15 @@ def resume_checkpoint(directory: str) -> str | None:
     return None
 
 
+def stage_summary_path(stage_dir: str) -> str:
+    """A finished stage's summary (its presence: the stage is done and is skipped)."""
+    return os.path.join(stage_dir, "summary.json")
+
+
 def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None, *,
               resume: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train one stage to `trainer.max_steps`, export it, return its summary."""
-    summary_path = os.path.join(stage_dir, "summary.json")
+    summary_path = stage_summary_path(stage_dir)
     if resume and os.path.exists(summary_path):
         with open(summary_path) as handle:
             summary = json.load(handle)

@@ -201,17 +201,15 @@ def _resume_state(cfg: DumpConfig, state: _RunState) -> None:
     state.already_final = state.already_final and not state.todo
 
 
-def _fit_codec_table(cfg: DumpConfig, state: _RunState, pool: ActorPool) -> None:
-    """Score the first window, fit the codec's table on its top-k ids, store it, hand it out."""
-    import ray
-
+def _fit_codec_table(cfg: DumpConfig, state: _RunState,
+                     score: Callable[[dict], tuple]) -> None:
+    """Score the first window (`score(window dict)` -> its (ids, logprobs, valid)), fit the
+    codec's table on its top-k ids and store it before any shard is coded with it."""
     first = next(iter_shards(cfg, state.tokenizer, CorpusStats(), PackStats()), None)
     if first is None or not first[1]:
         return
-    ids, _, valid = ray.get(pool.actors[0].topk.remote([window_to_dict(first[1][0])]))[0]
+    ids, _, valid = score(window_to_dict(first[1][0]))
     codec = begin_dataset(cfg.out, state.header, sample_ids=np.asarray(ids)[np.asarray(valid)])
-    if codec.table is not None:
-        pool.set_table(state.header, codec.table)
     state.table = codec.table
 
 
@@ -229,7 +227,10 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
                      engines_per_gpu=x.engines_per_gpu)  # waits for the engines to start
     state.engines = pool.placements
     if state.table is None:
-        _fit_codec_table(cfg, state, pool)
+        _fit_codec_table(cfg, state,
+                         lambda w: ray.get(pool.actors[0].topk.remote([w]))[0])
+        if state.table is not None:
+            pool.set_table(state.header, state.table)
     total_tokens = sum(s["tokens"] for s in state.plan.shards)
     bar = _progress(cfg, total_tokens,
                     sum(s["tokens"] for s in state.plan.shards if s["name"] in state.done))
@@ -323,12 +324,9 @@ def _schedule_in_process(cfg: DumpConfig, state: _RunState,
         worker.configure(cfg.out, asdict(state.header), state.table)
         state.engines = [worker.where_local()]
         if state.table is None:
-            first = next(iter_shards(cfg, state.tokenizer, CorpusStats(), PackStats()))[1][0]
-            ids, _, valid = worker.topk([window_to_dict(first)])[0]
-            codec = begin_dataset(cfg.out, state.header,
-                                  sample_ids=np.asarray(ids)[np.asarray(valid)])
-            state.table = codec.table
-            worker.configure(cfg.out, asdict(state.header), state.table)
+            _fit_codec_table(cfg, state, lambda w: worker.topk([w])[0])
+            if state.table is not None:
+                worker.configure(cfg.out, asdict(state.header), state.table)
         tokens_of = {s["name"]: s["tokens"] for s in state.plan.shards}
         bar = _progress(cfg, sum(tokens_of.values()),
                         sum(tokens_of[n] for n in state.done))
