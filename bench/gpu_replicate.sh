@@ -25,7 +25,7 @@ setup() {
   export PYTHONPATH=/tmp/zs:$SRC HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 }
 
-running() { [ -f "$REP/pid" ] && kill -0 "$(cat "$REP/pid")" 2>/dev/null; }
+running() { pgrep -f "python3 -m kdcache replicate .*--out $REP" > /dev/null; }
 
 collect() {
   tail -15 "$REP/run.log" 2>/dev/null
@@ -42,7 +42,7 @@ case "${1:-run}" in
     running && { echo "already running"; exit 0; }
     date -u +"start %FT%TZ" >> "$REP/run.log"
     (cd "$SRC" && setsid nohup sh -c "python3 -m kdcache replicate --preset ${PRESET:-toy} --out '$REP' $*;
-      echo \"rc=\$? \$(date -u +%FT%TZ)\"" >> "$REP/run.log" 2>&1 < /dev/null & echo $! > "$REP/pid")
+      echo \"rc=\$? \$(date -u +%FT%TZ)\"" >> "$REP/run.log" 2>&1 < /dev/null &)
     sleep 5; tail -5 "$REP/run.log" ;;
   wait)
     end=$(( $(date +%s) + ${2:-500} ))
