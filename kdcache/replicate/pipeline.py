@@ -144,7 +144,9 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     log(f"replicate: training {len(trained)} teacher(s), {preset.teacher_seconds:.0f} s each "
         f"(retrieval up to {', '.join(str(contexts[w]) for w in trained)} tokens)")
     teacher_args = {who: dict(out_dir=path, model=preset.teacher_model, context=contexts[who],
-                              seconds=preset.teacher_seconds, device=preset.device)
+                              seconds=preset.teacher_seconds, device=preset.device,
+                              tokens_per_step=preset.teacher_tokens_per_step,
+                              lr=preset.teacher_lr)
                     for who, path in trained.items()}
     run_all([Task("teacher", f"teacher-{who}", args,
                   teacher_record(args["out_dir"]))

@@ -33,6 +33,8 @@ class Preset:
     teacher_model: dict[str, Any]  # TeacherConfig fields (head_dim 64)
     teacher_seconds: float  # training time of each teacher
     teacher_context: int  # longest retrieval sequence the long teacher trains on
+    teacher_tokens_per_step: int  # tokens in each teacher step (rows x length)
+    teacher_lr: float  # teacher AdamW rate after warmup (teacher.py: the recipe)
     short_context: int  # longest context of the short-context teacher (arm b)
     doc_max_tokens: int  # student documents are at most this long
     corpus_documents: int
@@ -69,7 +71,8 @@ PRESETS: dict[str, Preset] = {
         teacher_model=dict(vocab_size=1024, tokenizer_vocab=1024, hidden_size=128,
                            intermediate_size=384, num_layers=2, num_heads=2, num_kv_heads=1,
                            max_positions=4096),
-        teacher_seconds=20.0, teacher_context=512, short_context=128, doc_max_tokens=96,
+        teacher_seconds=20.0, teacher_context=512, teacher_tokens_per_step=4096,
+        teacher_lr=1e-3, short_context=128, doc_max_tokens=96,
         corpus_documents=240, short_window=128, long_window=512, student_preset="tiny",
         student_overrides={"n_layer": 1}, stage1_steps=12, stage2_steps=12, seeds=1, k=8,
         needle_lengths=(256, 512, 768), needle_depths=(0.2, 0.8), needle_samples=2,
@@ -79,7 +82,11 @@ PRESETS: dict[str, Preset] = {
         teacher_model=dict(vocab_size=2048, tokenizer_vocab=2048, hidden_size=512,
                            intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4,
                            max_positions=65536),
-        teacher_seconds=240.0, teacher_context=16384, short_context=2048, doc_max_tokens=2048,
+        # A 27M-parameter model is launch-bound on an H200 (8k-token steps: ~23 steps/s, most
+        # of the GPU idle), so a step of 64k tokens costs little more time than one of 8k and
+        # holds 8x the passkey samples (256 rows at the first rungs, 4 at 16k).
+        teacher_seconds=240.0, teacher_context=16384, teacher_tokens_per_step=65536,
+        teacher_lr=1e-3, short_context=2048, doc_max_tokens=2048,
         corpus_documents=40_000, short_window=2048, long_window=16384, student_preset="tiny-4l",
         student_overrides={}, stage1_steps=300, stage2_steps=150, seeds=3, k=32,
         needle_lengths=(1024, 2048, 4096, 8192, 16384, 24576), needle_depths=(0.1, 0.5, 0.9),

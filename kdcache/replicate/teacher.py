@@ -2,13 +2,28 @@
 plus passkey retrieval sequences up to its context length.
 
 Nothing can transfer from a teacher that cannot retrieve, so the experiment trains its own and
-measures it first. Each step is one batch of about `tokens_per_step` tokens of equal-length
-sequences: every other step built-in text crops (language modelling), otherwise passkey prompts
-(needle_tasks, the evaluation's own task, at random lengths up to `context` and random depths,
-with fresh keys) followed by the answer and EOS, trained on the answer. The
-short-context teacher of the causal test is the same recipe (same seed: same tokenizer, same
-initial weights, same data order) with `context` = the short window, so the two teachers differ
-only in the longest context they were trained on.
+measures it first. Passkey retrieval is a copy: attend from the question's "The pass key is" to
+the token after the needle's "The pass key is", then copy the key token by token (an induction
+head). Trained from scratch on passkey prompts alone, small models sit on a plateau (they learn
+the answer's format, not the copy: labels on a few answer tokens per long sequence are too
+little signal to find the mechanism). So the recipe is a curriculum:
+
+1. `COPY_STEPS` steps of dense copying (random tokens, then the same tokens again, loss on the
+   repeat): every label is an induction target, and the heads form in ~100 steps;
+2. then each step is passkey prompts (`PASSKEY_SHARE`; needle_tasks, the evaluation's own
+   prompts, fresh keys and random depths, then the answer and EOS; loss on the needle, whose
+   second copy of the key is a short-distance retrieval, and on the answer), built-in text
+   crops (`TEXT_SHARE`: the students distil the teacher's text distribution) or copying again;
+3. passkey lengths climb a ladder, MIN_PASSKEY then powers of two up to `context`: the next rung
+   opens once answers at the longest open rung are right (`PROMOTE` exact-answer accuracy, read
+   off the training batches' own logits, which are fresh keys every step); half the passkey
+   steps train the longest open rung, half revisit a random open one;
+4. every step has about `tokens_per_step` tokens of equal-length rows (more rows at shorter
+   rungs: more samples for the same compute), AdamW with linear warmup then a constant rate.
+
+The short-context teacher of the causal test is the same recipe (same seed: same tokenizer,
+same initial weights) with `context` = the short window, so the two teachers differ only in the
+longest context they were trained on (below MIN_PASSKEY it gets no passkey prompts).
 """
 
 from __future__ import annotations
@@ -24,40 +39,70 @@ from kdcache.evaluate.needle_tasks import Haystack, build_sample
 from kdcache.teacher_dump.corpus import builtin_corpus
 from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
 
-
-MIN_PASSKEY = 192  # a passkey prompt's instruction, needle and question take ~150 tokens
+MIN_PASSKEY = 176  # a passkey prompt's instruction, needle and question take ~150 tokens
+COPY_STEPS = 150  # dense copying first: the induction heads retrieval is made of
+COPY_LEN = 32  # tokens copied per row (2 * COPY_LEN + 1 tokens a row)
+PASSKEY_SHARE, TEXT_SHARE = 0.7, 0.2  # of the steps after the copy phase; the rest copies
+PROMOTE = 0.8  # exact-answer accuracy at the longest open rung that opens the next one
+WARMUP_STEPS = 30
+COPY_LR_SCALE = 1.0  # the copy phase's rate, relative to `lr`
 
 
 def passkey_lengths(context: int) -> list[int]:
-    """Training lengths of passkey sequences: the context and its halvings, down to MIN_PASSKEY
-    (none when the context is shorter: such a teacher learns from text alone)."""
-    return sorted({context >> s for s in range(6) if context >> s >= MIN_PASSKEY})
+    """The ladder of passkey training lengths: MIN_PASSKEY, then the powers of two above it up
+    to `context` (and `context` itself); none when the context is shorter than MIN_PASSKEY
+    (such a teacher learns from text and copying alone)."""
+    if context < MIN_PASSKEY:
+        return []
+    rungs = {MIN_PASSKEY, context}
+    rungs.update(1 << b for b in range(8, context.bit_length()) if 1 << b < context)
+    return sorted(rungs)
 
 
-def _passkey_batches(tokenizer, context: int, tokens: int, seed: int):
-    """Endless (ids, labels) batches [B, L] of passkey prompt + answer + EOS: L drawn per batch,
-    B = tokens // L rows, labels only on the answer and EOS (the haystack is the same kind of
-    text the text batches train on; here the gradient is the retrieval's alone)."""
-    import torch
+class PasskeyBatches:
+    """Batches [B, L] of passkey prompt + answer + EOS with labels on the needle and the answer,
+    and a mask of the answer tokens (to score retrieval from the step's own logits)."""
 
-    rng = random.Random(seed)
-    haystack = Haystack(tokenizer)
-    eos = tokenizer.eos_token_id
-    lengths = passkey_lengths(context)
-    while True:
-        length = rng.choice(lengths)
-        rows, labels = [], []
-        for _ in range(max(1, tokens // length)):
-            sample = build_sample(tokenizer, haystack, "passkey", "numbers", length - 8,
-                                  rng.random(), rng)
-            answer = list(tokenizer(" " + sample.answers[0] + ".",
-                                    add_special_tokens=False)["input_ids"]) + [eos]
+    def __init__(self, tokenizer, tokens_per_step: int, seed: int) -> None:
+        self.tok, self.tokens = tokenizer, tokens_per_step
+        self.haystack = Haystack(tokenizer)
+        self.rng = random.Random(seed)
+
+    def batch(self, length: int):
+        import torch
+
+        eos = self.tok.eos_token_id
+        rows, labels, answers = [], [], []
+        for _ in range(max(1, self.tokens // length)):
+            sample = build_sample(self.tok, self.haystack, "passkey", "numbers", length - 8,
+                                  self.rng.random(), self.rng)
+            answer = list(self.tok(" " + sample.answers[0] + ".",
+                                   add_special_tokens=False)["input_ids"]) + [eos]
             prompt = list(sample.input_ids)
             ids = (prompt + answer + [eos] * length)[:length]
-            target = ([-100] * len(prompt) + answer + [-100] * length)[:length]
+            target = [-100] * length
+            start, end = sample.needle_spans[0]
+            target[start:end] = ids[start:end]
+            target[len(prompt):len(prompt) + len(answer)] = answer
+            mask = [0] * length
+            mask[len(prompt):len(prompt) + len(answer)] = [1] * len(answer)
             rows.append(ids)
-            labels.append(target)
-        yield torch.tensor(rows, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+            labels.append(target[:length])
+            answers.append(mask[:length])
+        return (torch.tensor(rows, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
+                torch.tensor(answers, dtype=torch.bool))
+
+
+def _copy_batch(vocab: int, tokens: int, generator):
+    """Rows of BOS, COPY_LEN random tokens, the same tokens again; labels on the repeat."""
+    import torch
+
+    rows = max(1, tokens // (2 * COPY_LEN + 1))
+    body = torch.randint(3, vocab, (rows, COPY_LEN), generator=generator)
+    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), body, body], 1)  # BOS is id 1
+    labels = ids.clone()
+    labels[:, :COPY_LEN + 1] = -100
+    return ids, labels
 
 
 def _text_batches(tokenizer, documents: int, seq_len: int, batch: int, seed: int):
@@ -74,6 +119,52 @@ def _text_batches(tokenizer, documents: int, seq_len: int, batch: int, seed: int
         yield crops, crops
 
 
+def answers_right(logits, ids, answer_mask) -> list[bool]:
+    """Per row: every answer token is the argmax of the logits before it (greedy decoding of
+    the answer, teacher-forced)."""
+    pred = logits[:, :-1].argmax(-1)
+    wrong = (pred != ids[:, 1:]) & answer_mask[:, 1:]
+    return (~wrong.any(-1)).tolist()
+
+
+class Ladder:
+    """The passkey length curriculum and its trajectory (accuracy and loss per rung)."""
+
+    def __init__(self, lengths: list[int], rng: random.Random) -> None:
+        self.lengths, self.rng, self.open = lengths, rng, 1
+        self.stats = {n: {"steps": 0, "samples": 0, "accuracy": None, "loss": None}
+                      for n in lengths}
+        self.opened: list[dict] = [{"length": lengths[0], "step": 0, "seconds": 0.0}]
+
+    def pick(self) -> int:
+        top = self.lengths[self.open - 1]
+        return top if self.rng.random() < 0.5 else self.rng.choice(self.lengths[:self.open])
+
+    def update(self, length: int, right: list[bool], loss: float, step: int,
+               seconds: float) -> bool:
+        """Record a passkey step; True when it opened the next rung."""
+        s = self.stats[length]
+        acc = sum(right) / len(right)
+        s["steps"] += 1
+        s["samples"] += len(right)
+        # running means over roughly the last 10 steps at this rung
+        s["accuracy"] = acc if s["accuracy"] is None else 0.9 * s["accuracy"] + 0.1 * acc
+        s["loss"] = loss if s["loss"] is None else 0.9 * s["loss"] + 0.1 * loss
+        if (length == self.lengths[self.open - 1] and self.open < len(self.lengths)
+                and s["steps"] >= 5 and s["accuracy"] >= PROMOTE):
+            self.open += 1
+            self.opened.append({"length": self.lengths[self.open - 1], "step": step,
+                                "seconds": round(seconds, 1)})
+            return True
+        return False
+
+    def summary(self) -> dict:
+        return {"lengths": self.lengths, "longest_open": self.lengths[self.open - 1],
+                "opened": self.opened,
+                "by_length": {str(n): {k: (round(v, 4) if isinstance(v, float) else v)
+                                       for k, v in s.items()} for n, s in self.stats.items()}}
+
+
 def teacher_record(out_dir: str) -> str:
     """The JSON record a trained teacher leaves beside its weights (its presence: trained)."""
     return os.path.join(out_dir, "kdcache_retrieval.json")
@@ -81,8 +172,10 @@ def teacher_record(out_dir: str) -> str:
 
 def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds: float,
                             device: str = "cpu", seed: int = 0, tokens_per_step: int = 8192,
+                            lr: float = 3e-3, max_steps: int | None = None,
                             log: Callable[[str], None] = print) -> dict:
-    """Build the teacher into `out_dir` and train it for `seconds`; returns its summary."""
+    """Build the teacher into `out_dir` and train it for `seconds` (or `max_steps`, whichever
+    comes first); returns its summary (also written to teacher_record(out_dir))."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -90,42 +183,72 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     if os.path.exists(done):
         with open(done) as fh:
             return json.load(fh)
+    torch.manual_seed(seed)
     cfg = replace(TeacherConfig(**model), seed=seed, train_seconds=0.0,
                   max_positions=max(model.get("max_positions", 0), 4 * context))
     build_teacher(out_dir, cfg, log=lambda m: None)
     tok = AutoTokenizer.from_pretrained(out_dir)
     net = LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).to(device)
     net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
     seq_len = min(256, context)
     text = _text_batches(tok, 2000, seq_len, max(1, tokens_per_step // seq_len), seed)
-    retrieval = bool(passkey_lengths(context))
-    passkeys = _passkey_batches(tok, context, tokens_per_step, seed) if retrieval else None
-    steps, losses = 0, []
+    lengths = passkey_lengths(context)
+    passkeys = PasskeyBatches(tok, tokens_per_step, seed) if lengths else None
+    ladder = Ladder(lengths, rng) if lengths else None
+    copy_ok = 2 * COPY_LEN + 1 <= context
+    steps, losses = 0, {"text": [], "copy": [], "passkey": []}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        batch, labels = next(text) if steps % 2 == 0 or passkeys is None else next(passkeys)
+    start = time.perf_counter()
+    deadline = start + seconds
+    last_log = start
+    while time.perf_counter() < deadline and (max_steps is None or steps < max_steps):
+        u = rng.random()
+        if copy_ok and (steps < COPY_STEPS or u >= PASSKEY_SHARE + TEXT_SHARE):
+            kind, (batch, labels) = "copy", _copy_batch(cfg.tokenizer_vocab, tokens_per_step, g)
+        elif passkeys is not None and u < PASSKEY_SHARE:
+            length = ladder.pick()
+            kind, (batch, labels, answer_mask) = "passkey", passkeys.batch(length)
+        else:
+            kind, (batch, labels) = "text", next(text)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (steps + 1) / WARMUP_STEPS) * (
+                COPY_LR_SCALE if steps < COPY_STEPS else 1.0)
         batch, labels = batch.to(device), labels.to(device)
         if autocast is not None:
             with autocast:
-                loss = net(input_ids=batch, labels=labels, use_cache=False).loss
+                out = net(input_ids=batch, labels=labels, use_cache=False)
         else:
-            loss = net(input_ids=batch, labels=labels, use_cache=False).loss
+            out = net(input_ids=batch, labels=labels, use_cache=False)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         steps += 1
-        losses.append(float(loss.detach()))
-        if steps % 50 == 0:
+        loss = float(out.loss.detach())
+        losses[kind].append(loss)
+        now = time.perf_counter()
+        if kind == "passkey":
+            right = answers_right(out.logits.detach(), batch, answer_mask.to(device))
+            if ladder.update(length, right, loss, steps, now - start):
+                log(f"replicate: teacher {os.path.basename(out_dir)} step {steps}: passkey "
+                    f"{length} right {ladder.stats[length]['accuracy']:.0%}, now up to "
+                    f"{ladder.lengths[ladder.open - 1]} tokens")
+        if now - last_log >= 30:
+            last_log = now
             log(f"replicate: teacher {os.path.basename(out_dir)} step {steps} "
-                f"loss {sum(losses[-50:]) / 50:.3f}")
+                + " ".join(f"{k} {sum(v[-20:]) / len(v[-20:]):.3f}"
+                           for k, v in losses.items() if v))
     net.eval()
     net.to("cpu").save_pretrained(out_dir, safe_serialization=True)
-    summary = {"out": out_dir, "context": context, "seconds": seconds, "steps": steps,
-               "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4)
-               if losses else None}
+    mean = lambda v: round(sum(v[-20:]) / len(v[-20:]), 4) if v else None  # noqa: E731
+    summary = {"out": out_dir, "context": context, "seconds": seconds,
+               "trained_seconds": round(time.perf_counter() - start, 1), "steps": steps,
+               "tokens_per_step": tokens_per_step, "lr": lr,
+               "final_loss": {k: mean(v) for k, v in losses.items()},
+               "passkey": ladder.summary() if ladder else None}
     with open(done, "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary

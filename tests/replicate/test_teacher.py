@@ -1,0 +1,82 @@
+"""The replicate experiment's retrieval teacher: its curriculum, and that it really retrieves."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from kdcache.replicate.teacher import (MIN_PASSKEY, PROMOTE, Ladder, PasskeyBatches,
+                                       passkey_lengths, teacher_record, train_retrieval_teacher)
+
+SMOKE_MODEL = dict(vocab_size=1024, tokenizer_vocab=1024, hidden_size=128, intermediate_size=384,
+                   num_layers=2, num_heads=2, num_kv_heads=1, max_positions=4096)
+
+
+def test_the_length_ladder_starts_at_the_shortest_prompt_and_ends_at_the_context():
+    assert passkey_lengths(512) == [MIN_PASSKEY, 256, 512]
+    assert passkey_lengths(16384)[0] == MIN_PASSKEY and passkey_lengths(16384)[-1] == 16384
+    assert passkey_lengths(700) == [MIN_PASSKEY, 256, 512, 700]
+    assert passkey_lengths(MIN_PASSKEY - 1) == []  # too short for a prompt: text and copying
+
+
+def test_the_next_rung_opens_only_when_the_longest_open_one_is_answered():
+    ladder = Ladder([176, 256, 512], random.Random(0))
+    assert {ladder.pick() for _ in range(50)} == {176}
+    for step in range(20):  # wrong answers: stays
+        assert not ladder.update(176, [False] * 8, 1.0, step, 1.0)
+    opened = False
+    for step in range(20, 80):
+        opened = ladder.update(176, [True] * 8, 0.1, step, 2.0) or opened
+        if opened:
+            break
+    assert opened and ladder.open == 2 and ladder.stats[176]["accuracy"] >= PROMOTE
+    assert {ladder.pick() for _ in range(200)} == {176, 256}
+    assert not ladder.update(176, [True] * 8, 0.1, 99, 3.0)  # a shorter rung opens nothing
+    summary = ladder.summary()
+    assert summary["longest_open"] == 256 and summary["opened"][-1]["length"] == 256
+    json.dumps(summary)
+
+
+def test_passkey_rows_are_the_evaluation_prompt_with_labels_on_needle_and_answer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+    build_teacher(str(tmp_path), TeacherConfig(**SMOKE_MODEL), log=lambda m: None)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    ids, labels, answer = PasskeyBatches(tok, 1024, seed=0).batch(256)
+    assert ids.shape == labels.shape == answer.shape == (4, 256)
+    for row, lab, ans in zip(ids.tolist(), labels.tolist(), answer.tolist()):
+        text = tok.decode(row)
+        key = text.split("The pass key is ")[1][:5]
+        assert "What is the pass key? The pass key is " + key + ".</s>" in text
+        answer_text = tok.decode([t for t, a in zip(row, ans) if a])
+        assert answer_text == " " + key + ".</s>"
+        labelled = tok.decode([t for t in lab if t != -100])
+        assert labelled.startswith(" The pass key is " + key) and labelled.endswith(key + ".</s>")
+
+
+@pytest.mark.slow
+def test_a_tiny_teacher_learns_to_retrieve_the_passkey(tmp_path):
+    """The recipe, bounded by steps (not time): greedy passkey accuracy on the evaluation's own
+    prompts well above chance (a 5-digit key: ~0) at the short rungs. The old recipe (passkey
+    prompts from the start, labels on the answer only) stays at 0.0 for 900 steps."""
+    from kdcache.replicate.evaluation import needle_record
+
+    out = str(tmp_path / "teacher")
+    record = train_retrieval_teacher(out, SMOKE_MODEL, context=256, seconds=3600,
+                                     tokens_per_step=4096, lr=1e-3, max_steps=TEST_STEPS,
+                                     log=lambda m: None)
+    assert record["steps"] == TEST_STEPS
+    with open(teacher_record(out)) as fh:
+        assert json.load(fh)["passkey"]["by_length"][str(MIN_PASSKEY)]["samples"] > 0
+    needle = needle_record(out, {"tasks": ["passkey"], "lengths": [MIN_PASSKEY, 224],
+                                 "depths": [0.2, 0.5, 0.8], "samples": 4, "max_new_tokens": 8,
+                                 "engine": "hf", "dtype": "float32", "device": "cpu",
+                                 "seed": 0})
+    assert needle["accuracy"] >= 0.5, needle["accuracy"]
+
+
+TEST_STEPS = 700
