@@ -36,8 +36,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,24576")
     ap.add_argument("--samples", type=int, default=None, help="per (length, depth)")
+    ap.add_argument("--device", default=None, help="cuda or cpu; default: the preset's")
+    ap.add_argument("--dtype", default=None, help="float32 or bfloat16; default: the preset's")
     args = ap.parse_args()
-    preset = get_preset(args.preset)
+    preset = get_preset(args.preset, **{k: v for k, v in (("device", args.device),
+                                                          ("dtype", args.dtype)) if v})
     out = os.environ.get("OUT", "out")
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="kdcache-teacher-")

@@ -71,7 +71,7 @@ PRESETS: dict[str, Preset] = {
         teacher_model=dict(vocab_size=1024, tokenizer_vocab=1024, hidden_size=128,
                            intermediate_size=384, num_layers=2, num_heads=2, num_kv_heads=1,
                            max_positions=4096),
-        teacher_seconds=20.0, teacher_context=512, teacher_tokens_per_step=4096,
+        teacher_seconds=20.0, teacher_context=512, teacher_tokens_per_step=2048,
         teacher_lr=1e-3, short_context=128, doc_max_tokens=96,
         corpus_documents=240, short_window=128, long_window=512, student_preset="tiny",
         student_overrides={"n_layer": 1}, stage1_steps=12, stage2_steps=12, seeds=1, k=8,

@@ -45,7 +45,6 @@ COPY_LEN = 32  # tokens copied per row (2 * COPY_LEN + 1 tokens a row)
 PASSKEY_SHARE, TEXT_SHARE = 0.7, 0.2  # of the steps after the copy phase; the rest copies
 PROMOTE = 0.8  # exact-answer accuracy at the longest open rung that opens the next one
 WARMUP_STEPS = 30
-COPY_LR_SCALE = 1.0  # the copy phase's rate, relative to `lr`
 
 
 def passkey_lengths(context: int) -> list[int]:
@@ -204,18 +203,21 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     start = time.perf_counter()
     deadline = start + seconds
     last_log = start
-    while time.perf_counter() < deadline and (max_steps is None or steps < max_steps):
+    def draw(step: int):
+        """The next step's (kind, passkey length or None, ids, labels, answer mask or None)."""
         u = rng.random()
-        if copy_ok and (steps < COPY_STEPS or u >= PASSKEY_SHARE + TEXT_SHARE):
-            kind, (batch, labels) = "copy", _copy_batch(cfg.tokenizer_vocab, tokens_per_step, g)
-        elif passkeys is not None and u < PASSKEY_SHARE:
+        if copy_ok and (step < COPY_STEPS or u >= PASSKEY_SHARE + TEXT_SHARE):
+            return ("copy", None, *_copy_batch(cfg.tokenizer_vocab, tokens_per_step, g), None)
+        if passkeys is not None and u < PASSKEY_SHARE:
             length = ladder.pick()
-            kind, (batch, labels, answer_mask) = "passkey", passkeys.batch(length)
-        else:
-            kind, (batch, labels) = "text", next(text)
+            return ("passkey", length, *passkeys.batch(length))
+        return ("text", None, *next(text), None)
+
+    upcoming = draw(0)
+    while time.perf_counter() < deadline and (max_steps is None or steps < max_steps):
+        kind, length, batch, labels, answer_mask = upcoming
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (steps + 1) / WARMUP_STEPS) * (
-                COPY_LR_SCALE if steps < COPY_STEPS else 1.0)
+            group["lr"] = lr * min(1.0, (steps + 1) / WARMUP_STEPS)
         batch, labels = batch.to(device), labels.to(device)
         if autocast is not None:
             with autocast:
@@ -227,6 +229,9 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         steps += 1
+        # The next batch is built while the GPU still runs this step (the reads below wait
+        # for it): on a GPU, building a step of short prompts costs about as much as the step.
+        upcoming = draw(steps)
         loss = float(out.loss.detach())
         losses[kind].append(loss)
         now = time.perf_counter()
