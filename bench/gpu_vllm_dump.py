@@ -194,8 +194,9 @@ def engine_only() -> None:
 def writer(smoke: bool = False) -> None:
     """The whole dump (engine + validation + qrank encoding + shard writes) over the ceiling at
     k = 16, 64, 256, 8k and 32k windows, causal then document (a series each, its JSON lines
-    written when it ends); no baseline, no hf (the writer is what these cells measure).
-    Encode-thread scaling on this host first."""
+    written when it ends); no baseline, no hf (the writer is what these cells measure); the
+    writer encodes on worker processes (the dump's default: the CPUs, up to 16). Encode scaling
+    on this host first: 1/4/8/16 worker processes and 4/16 threads, k = 64 and 256, 32k."""
     import subprocess
     from dataclasses import replace
 
@@ -212,14 +213,16 @@ def writer(smoke: bool = False) -> None:
           "seconds": round(time.perf_counter() - t0, 1)})
     encode = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "bench_encode.py")]
+    # worker processes (the dump's path) against threads (the path before), same windows
     for k, window, n in ((64, 2048, 2), (256, 4096, 1)) if smoke else ((64, 32768, 2),
                                                                        (256, 32768, 2)):
-        proc = subprocess.run(encode + ["--threads", "1,2" if smoke else "1,4,8,16", "--k",
-                                        str(k), "--window", str(window), "--windows", str(n),
+        proc = subprocess.run(encode + ["--workers", "1,2" if smoke else "1,4,8,16",
+                                        "--threads", "2" if smoke else "4,16", "--k", str(k),
+                                        "--window", str(window), "--windows", str(n),
                                         "--rounds", "1" if smoke else "2"],
                               capture_output=True, text=True, timeout=300)
-        emit({"step": "encode_threads", **json.loads(proc.stdout.strip().splitlines()[-1])}
-             if proc.returncode == 0 else {"step": "encode_threads", "error": proc.stderr[-2000:]})
+        emit({"step": "encode_workers", **json.loads(proc.stdout.strip().splitlines()[-1])}
+             if proc.returncode == 0 else {"step": "encode_workers", "error": proc.stderr[-2000:]})
     dtype = "float32" if smoke else "bfloat16"
     short, long = (256, 512) if smoke else (8192, 32768)
     base = BenchConfig(model=model, dtype=dtype, rounds=1 if smoke else 3, baseline=False)
