@@ -125,6 +125,20 @@ def read_fd(fd: int) -> bytes:
 # ---------------------------------------------------------------------------- the pool
 
 
+def _worker_env() -> dict[str, str]:
+    """The writer's environment, with this kdcache importable first (a bench or test may have
+    put it on sys.path, not on PYTHONPATH) and one thread per worker for numeric libraries."""
+    import kdcache
+
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kdcache.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in
+                                                  env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = "1"
+    return env
+
+
 class _Worker:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -132,8 +146,8 @@ class _Worker:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kdcache.formats.codecs.procs", str(child.fileno())],
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
-                close_fds=True)
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+                env=_worker_env())
         except BaseException:
             parent.close()
             raise
