@@ -53,6 +53,22 @@ def needle_path(out: str, name: str) -> str:
     return os.path.join(out, "eval", "needle-" + name.replace("/", "-") + ".json")
 
 
+def lm_path(out: str, name: str) -> str:
+    return os.path.join(out, "eval", "lm-" + name.replace("/", "-") + ".json")
+
+
+def lm_args(model: str, data: str, holdout: int, preset: Preset) -> dict:
+    """One model's held-out perplexity / KL job (JSON: it also travels to task processes)."""
+    return {"model": model, "data": data, "holdout": holdout, "device": preset.torch_device}
+
+
+def lm_record(model: str, data: str, holdout: int, device: str) -> dict:
+    """One model's held-out perplexity and KL to the teacher on the last `holdout` windows."""
+    result = evaluate_lm([model], data, last_windows=holdout, dtype="float32", device=device)
+    entry = result.pop("models")[0]
+    return {**result, "entry": entry}
+
+
 def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
                  students: dict[str, list[dict]], data: dict[str, str], holdout: int, *,
                  log: Callable[[str], None] = print) -> dict:
@@ -67,14 +83,16 @@ def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
 
     needle = {name: cached_json(needle_path(out, name), lambda n=name, p=path: needle_of(n, p))
               for name, path in models.items()}
-    student_paths = [p for n, p in models.items() if not n.startswith("teacher-")]
 
-    def lm() -> dict:
-        log("replicate: held-out perplexity and KL to the teacher")
-        return evaluate_lm(student_paths + [teachers["main"]], data["long-main"],
-                           last_windows=holdout, dtype="float32", device=device)
+    def lm_of(name: str, path: str) -> dict:
+        log(f"replicate: held-out perplexity and KL to the teacher, {name}")
+        return lm_record(**lm_args(path, data["long-main"], holdout, preset))
 
-    lm_result = cached_json(os.path.join(edir, "lm.json"), lm)
+    lm_names = [n for n in models if not n.startswith("teacher-")] + ["teacher-main"]
+    lm_records = [cached_json(lm_path(out, name), lambda n=name: lm_of(n, models[n]))
+                  for name in lm_names]
+    lm_result = {k: v for k, v in lm_records[0].items() if k != "entry"}
+    lm_result["models"] = [r["entry"] for r in lm_records]
 
     def probe() -> dict:
         log("replicate: probe on the teacher")

@@ -32,7 +32,8 @@ from kdcache.errors import KdcacheError
 from kdcache.formats.manifest import MANIFEST_NAME
 from kdcache.formats.reader import open_dataset
 from kdcache.formats.storage import atomic_write_bytes, resolve
-from kdcache.replicate.evaluation import eval_models, evaluate_all, needle_config, needle_path
+from kdcache.replicate.evaluation import (eval_models, evaluate_all, lm_args, lm_path,
+                                          needle_config, needle_path)
 from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
 from kdcache.replicate.store import cached_json, save_json
@@ -203,10 +204,16 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
             {"seed": seed, "stage1": summaries[0]["hf_dir"], "stage2": summaries[-1]["hf_dir"],
              "final_loss": summaries[-1].get("final_loss")})
 
-    # 5. evaluation (the needle test of each model as a task; the rest reads the results)
+    # 5. evaluation (each model's needle test and held-out LM metrics as tasks; the rest reads
+    # their results)
+    models = eval_models(teachers, students)
     run_all([Task("needle", "needle-" + name.replace("/", "-"),
                   {"model": path, "config": needle_config(preset),
                    "out": needle_path(out, name)}, needle_path(out, name))
-             for name, path in eval_models(teachers, students).items()])
+             for name, path in models.items()]
+            + [Task("lm", "lm-" + name.replace("/", "-"),
+                    {**lm_args(path, data["long-main"], holdout, preset),
+                     "out": lm_path(out, name)}, lm_path(out, name))
+               for name, path in models.items() if name != "teacher-shortteacher"])
     evaluation = evaluate_all(out, preset, teachers, students, data, holdout, log=log)
     return write_report(out, preset, steps, teachers, students, evaluation)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kdcache.errors import KdcacheError
-from kdcache.replicate.evaluation import needle_record
+from kdcache.replicate.evaluation import lm_record, needle_record
 from kdcache.replicate.store import save_json
 from kdcache.replicate.teacher import train_retrieval_teacher
 from kdcache.student_train.stages import parse_run, run
@@ -35,7 +35,7 @@ class TaskError(KdcacheError):
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "teacher", "dump", "student" or "needle"
+    kind: str  # "teacher", "dump", "student", "needle" or "lm"
     name: str  # unique within the run: names its log file
     args: dict[str, Any]
     done: str  # the file whose existence means the task has finished
@@ -51,6 +51,9 @@ def execute(kind: str, args: dict[str, Any]) -> None:
         run(parse_run(args["run"], source=args["source"]))
     elif kind == "needle":
         save_json(args["out"], needle_record(args["model"], args["config"]))
+    elif kind == "lm":
+        out = args.pop("out")
+        save_json(out, lm_record(**args))
     else:
         raise TaskError(f"unknown task kind {kind!r}")
 
