@@ -25,7 +25,7 @@ import numpy as np
 import xxhash
 
 from kdcache.formats.codecs import qrank_topk as topk
-from kdcache.formats.codecs.blocks import BlockPool
+from kdcache.formats.codecs.blocks import BlockPool, split
 from kdcache.formats.codecs.procs import (ProcessPool, SharedArrays, memfd_of, read_fd,
                                           replies)
 from kdcache.formats.manifest import DatasetHeader
@@ -61,8 +61,8 @@ def encode_window(codec: "QRankCodec", rec: WindowRecord, header: DatasetHeader,
     used: list[int] = []
     with SharedArrays.create(layout) as shm:
         try:
-            _gather(shm["ids"], np.asarray(rec.ids), rows)
-            _gather(shm["values"], np.asarray(rec.values), rows)
+            _gather(shm["ids"], np.asarray(rec.ids), rows, threads)
+            _gather(shm["values"], np.asarray(rec.values), rows, threads)
             shm["rows"][:] = rows
             base = {"key": key, "m": m, "k": k}
             prepare = {**base, "op": "prepare", "spec": shm.spec, "codec": _codec_spec(codec),
@@ -89,14 +89,20 @@ def encode_window(codec: "QRankCodec", rec: WindowRecord, header: DatasetHeader,
     return m, codec._pack(m, 0, total_bits, streams, bits, param=units, pool=threads)
 
 
-def _gather(dst: np.ndarray, src: np.ndarray, rows: np.ndarray) -> None:
-    """dst = src[rows] (cast to dst's dtype), without a window-sized temporary."""
-    if rows.size and rows[-1] - rows[0] + 1 == rows.size:  # one run (causal windows)
-        np.copyto(dst, src[rows[0]:rows[-1] + 1], casting="unsafe")
-        return
-    for a in range(0, rows.size, _GATHER_ROWS):
-        b = min(a + _GATHER_ROWS, rows.size)
-        dst[a:b] = src[rows[a:b]]
+def _gather(dst: np.ndarray, src: np.ndarray, rows: np.ndarray, threads: BlockPool) -> None:
+    """dst = src[rows] (cast to dst's dtype) in row blocks on `threads` (copies release the
+    GIL), without a window-sized temporary."""
+    contiguous = rows.size and rows[-1] - rows[0] + 1 == rows.size  # one run: causal windows
+
+    def block(ab: tuple[int, int]) -> None:
+        for a in range(ab[0], ab[1], _GATHER_ROWS):
+            b = min(a + _GATHER_ROWS, ab[1])
+            if contiguous:
+                np.copyto(dst[a:b], src[rows[a]:rows[a] + b - a], casting="unsafe")
+            else:
+                dst[a:b] = src[rows[a:b]]
+
+    threads.map(block, split(rows.size, threads.workers))
 
 
 def _codec_spec(codec: "QRankCodec") -> dict:
