@@ -81,7 +81,8 @@ class DumpConfig:
                               ("--pipeline-parallel", t.pipeline_parallel),
                               ("--windows-per-shard", self.windows_per_shard),
                               ("--engines-per-gpu", self.execution.engines_per_gpu),
-                              ("--encode-workers", self.execution.encode_workers or 1),
+                              ("--encode-workers", 1 if self.execution.encode_workers is None
+                               else self.execution.encode_workers),
                               ("--k", t.k)):
             if value < 1:
                 raise DumpError(f"{option} must be at least 1, got {value}")
