@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from kdcache.formats.codecs.procs import WORKER_NICE  # noqa: E402
 from kdcache.formats.manifest import DatasetHeader  # noqa: E402
 from kdcache.formats.synthetic import synthetic_window  # noqa: E402
 from kdcache.formats.writer import prepare_codec, write_shard  # noqa: E402
@@ -70,7 +71,7 @@ def main() -> int:
     rec = {"bench": "encode_workers", "windows": args.windows, "window": args.window,
            "k": args.k, "mode": args.mode, "vocab_size": args.vocab, "tokens": tokens,
            "rounds": args.rounds, "cpus": len(os.sched_getaffinity(0)),
-           "load_avg_1m": round(os.getloadavg()[0], 2),
+           "load_avg_1m": round(os.getloadavg()[0], 2), "worker_nice": WORKER_NICE,
            "tokens_per_s": {t: round(tokens / med[t]) for t in med},
            "speedup_vs_inline": {t: round(med["1"] / med[t], 2) for t in med},
            "same_bytes_everywhere": len(set(hashes.values())) == 1}

@@ -15,9 +15,10 @@ that holds CUDA or engine threads, no re-import of the caller's main module):
   block i always goes to worker i.
 - A worker exits when its socket closes: the pool is closed, or the writer's process died
   (the kernel closes its end; a worker busy with a block sees it when it answers). It ignores
-  SIGINT (Ctrl-C reaches the whole
-  process group; the parent decides). A worker that dies fails its pending requests with a
-  KdcacheError naming its exit code; the pool is then replaced on next use.
+  SIGINT (Ctrl-C reaches the whole process group; the writer decides) and runs at nice 5:
+  when cores are short, the engine's thread in the writer's process (it keeps the GPU fed)
+  goes first. A worker that dies fails its pending requests with an EncodeWorkerError (a
+  KdcacheError) naming its exit code; the pool is replaced on next use.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 
 from kdcache.errors import KdcacheError, TargetValidationError
 
+WORKER_NICE = 5  # scheduling weight ~1/3 of the writer's threads when cores are short
 MAX_MESSAGE = 1 << 16  # bytes of one JSON message (requests carry names, offsets, shapes)
 ALIGN = 64
 
@@ -340,6 +342,10 @@ def serve(sock: socket.socket, ops: dict[str, Callable[[dict, dict, list[int]], 
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # the teacher's thread (in the writer's process) keeps the GPU fed: it goes first
+        os.nice(WORKER_NICE)
+    except OSError:
+        pass
     sock = socket.socket(fileno=int(argv[1]))
     from kdcache.formats.codecs.qrank_procs import WORKER_OPS
 
