@@ -2,9 +2,9 @@
 counterpart: what long-context training costs elsewhere).
 
 Each window of a kdcache logit dataset is run through the model with the dataset's own packing
-mode (recorded in its manifest): `causal` as one forward; `document` and `document-global` one
-document at a time with position_ids from 0 or from the document's offset in the window (exact
-for a document mask, no N x N mask). Row i (valid rows only, FORMAT.md) predicts token i+1:
+mode (recorded in its manifest): `causal` as one forward; `document` and `document-global` each
+document as its own sequence with position_ids from 0 or from the document's offset in the window
+(exact for a document mask, no N x N mask), many documents per forward as a padded batch. Row i (valid rows only, FORMAT.md) predicts token i+1:
 
     CE_i = -log p(x_{i+1})                                         -> perplexity exp(mean CE)
     KL_i = sum_{v in K} q_v log(q_v / p_v) + q_tail log(q_tail / p_tail)
@@ -34,51 +34,81 @@ from kdcache.formats.reader import open_dataset
 
 POSITION_BUCKETS = 8
 _ROW_CHUNK = 1024
+_BATCH_TOKENS = 16384  # padded tokens per forward when a window's documents are batched
+
+
+def _segment_batches(segments: list[tuple[int, int, int]], budget: int,
+                     ) -> list[list[tuple[int, int, int]]]:
+    """Segments grouped into batches of at most `budget` padded tokens, longest first (so each
+    batch pads little): one forward per batch instead of one per document."""
+    order = sorted(segments, key=lambda s: s[0] - s[1])
+    batches: list[list[tuple[int, int, int]]] = []
+    for seg in order:
+        if batches and (len(batches[-1]) + 1) * (batches[-1][0][1] - batches[-1][0][0]) <= budget:
+            batches[-1].append(seg)
+        else:
+            batches.append([seg])
+    return batches
 
 
 def window_metrics(model: Any, window: Any, mode: str, kind: str, device: str = "cpu",
                    ) -> tuple[Any, Any, Any]:
-    """(row index, CE, KL) float64 tensors over the window's valid rows that have a next token."""
+    """(row index, CE, KL) float64 tensors over the window's valid rows that have a next token.
+
+    Each request of the window (request_segments) runs from its own first position; several
+    requests share a forward as right-padded rows of one batch (causal attention: a row's real
+    tokens never see its padding, so this is the same computation as one request at a time)."""
     import torch
 
     decoder = find_decoder(model)
-    tokens = window.tokens.long().to(device)
+    tokens = window.tokens.long()
     n = tokens.shape[0]
     valid = window.valid.clone()
     valid[n - 1] = False
-    rows_all, ce_all, kl_all = [], [], []
-    for start, end, pos0 in request_segments(n, window.doc_offsets.tolist(), mode):
-        seg_rows = torch.nonzero(valid[start:end]).flatten() + start
-        if seg_rows.numel() == 0:
-            continue
-        positions = torch.arange(pos0, pos0 + end - start, device=device)[None]
-        with torch.no_grad():
-            hidden = decoder(input_ids=tokens[None, start:end], position_ids=positions,
-                             use_cache=False).last_hidden_state[0]
-        for c in range(0, seg_rows.numel(), _ROW_CHUNK):
-            rows = seg_rows[c:c + _ROW_CHUNK]
-            with torch.no_grad():
-                lp = logprobs_from_hidden(model, hidden[rows.to(device) - start]).double().cpu()
-            target = window.tokens[rows + 1].long()
-            ce = -lp.gather(1, target[:, None])[:, 0]
-            ids = window.ids[rows].long()
-            present = ids >= 0
-            q = (window.logprobs[rows].double().exp() if kind == "topk"
-                 else window.weights[rows].double())
-            q = torch.where(present, q, torch.zeros_like(q))
-            p_k = torch.where(present, lp.gather(1, ids.clamp_min(0)), torch.full_like(q, -math.inf))
-            term = torch.where(q > 0, q * (q.log() - p_k), torch.zeros_like(q)).sum(1)
-            q_tail = (1 - q.sum(1)).clamp_min(0)
-            p_tail = (1 - p_k.exp().sum(1)).clamp_min(1e-30)
-            tail = torch.where(q_tail > 1e-12, q_tail * (q_tail.log() - p_tail.log()),
-                               torch.zeros_like(q_tail))
-            rows_all.append(rows)
-            ce_all.append(ce)
-            kl_all.append((term + tail).clamp_min(0))
-    if not rows_all:
+    segments = [seg for seg in request_segments(n, window.doc_offsets.tolist(), mode)
+                if bool(valid[seg[0]:seg[1]].any())]
+    if not segments:
         empty = torch.zeros(0, dtype=torch.float64)
         return empty.long(), empty, empty
-    return torch.cat(rows_all), torch.cat(ce_all), torch.cat(kl_all)
+    rows_all, hidden_all = [], []
+    for batch in _segment_batches(segments, budget=max(n, _BATCH_TOKENS)):
+        width = batch[0][1] - batch[0][0]
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        positions = torch.zeros(len(batch), width, dtype=torch.long)
+        for b, (start, end, pos0) in enumerate(batch):
+            ids[b, :end - start] = tokens[start:end]
+            positions[b] = torch.arange(pos0, pos0 + width)
+        with torch.no_grad():
+            hidden = decoder(input_ids=ids.to(device), position_ids=positions.to(device),
+                             use_cache=False).last_hidden_state
+        for b, (start, end, _) in enumerate(batch):
+            seg_rows = torch.nonzero(valid[start:end]).flatten()
+            rows_all.append(seg_rows + start)
+            hidden_all.append(hidden[b, seg_rows.to(device)])
+    order = torch.argsort(torch.cat(rows_all))
+    rows_sorted = torch.cat(rows_all)[order]
+    hidden_rows = torch.cat(hidden_all)[order.to(device)]
+    ce_all, kl_all = [], []
+    for c in range(0, rows_sorted.numel(), _ROW_CHUNK):
+        rows = rows_sorted[c:c + _ROW_CHUNK]
+        with torch.no_grad():
+            lp = logprobs_from_hidden(model, hidden_rows[c:c + _ROW_CHUNK]).double().cpu()
+        target = window.tokens[rows + 1].long()
+        ce = -lp.gather(1, target[:, None])[:, 0]
+        ids = window.ids[rows].long()
+        present = ids >= 0
+        q = (window.logprobs[rows].double().exp() if kind == "topk"
+             else window.weights[rows].double())
+        q = torch.where(present, q, torch.zeros_like(q))
+        p_k = torch.where(present, lp.gather(1, ids.clamp_min(0)), torch.full_like(q, -math.inf))
+        term = torch.where(q > 0, q * (q.log() - p_k), torch.zeros_like(q)).sum(1)
+        q_tail = (1 - q.sum(1)).clamp_min(0)
+        p_tail = (1 - p_k.exp().sum(1)).clamp_min(1e-30)
+        tail = torch.where(q_tail > 1e-12, q_tail * (q_tail.log() - p_tail.log()),
+                           torch.zeros_like(q_tail))
+        ce_all.append(ce)
+        kl_all.append((term + tail).clamp_min(0))
+    return rows_sorted, torch.cat(ce_all), torch.cat(kl_all)
 
 
 def evaluate_lm(model_paths: Sequence[str], data: str, max_windows: int | None = None,

@@ -25,10 +25,51 @@ def validate_window(rec: WindowRecord, header: DatasetHeader, *, where: str,
                     pool: BlockPool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Check one window; return its valid rows' (ids int64 [m, k], values float32 [m, k]).
     With a `pool`, the row checks run on its threads in blocks of rows."""
-    tag = f"{where}: window {rec.window_index}"
+    rows, fail = window_rows(rec, header, where=where)
+    ids, values = np.asarray(rec.ids), np.asarray(rec.values)
+    ids_v = np.empty((rows.size, ids.shape[1]), dtype=np.int64)
+    vals_v = np.empty((rows.size, ids.shape[1]), dtype=np.float32)
+    check = row_check(header)
 
+    def block(ab: tuple[int, int]) -> TargetValidationError | None:
+        a, b = ab
+        ids_v[a:b] = ids[rows[a:b]]
+        vals_v[a:b] = values[rows[a:b]]
+        try:
+            check(ids_v[a:b], vals_v[a:b], rows[a:b], header.vocab_size, fail)
+        except TargetValidationError as exc:
+            return exc
+        return None
+
+    # Row blocks on the encoder's threads; the first failing block's error is raised.
+    blocks = split(rows.size, 2 * pool.workers, minimum=_BLOCK_ROWS) if pool else [(0, rows.size)]
+    for exc in (pool or INLINE).map(block, blocks):
+        if exc is not None:
+            raise exc
+    return ids_v, vals_v
+
+
+def window_tag(rec: WindowRecord, where: str) -> str:
+    """How a window's errors name it."""
+    return f"{where}: window {rec.window_index}"
+
+
+def failing_with(tag: str):
+    """fail(msg): raises TargetValidationError naming `tag` (what the row checks call)."""
     def fail(msg: str) -> None:
         raise TargetValidationError(f"{tag}: {msg}")
+    return fail
+
+
+def row_check(header: DatasetHeader):
+    """The per-row check of the dataset's kind: check(ids, values, rows, vocab, fail)."""
+    return check_topk_rows if header.kind == "topk" else _check_sampled
+
+
+def window_rows(rec: WindowRecord, header: DatasetHeader, *, where: str):
+    """The checks of a window as a whole (tokens, documents, valid mask, target shapes), all
+    but the per-row ones (`row_check`); returns (valid row indices int64, fail)."""
+    fail = failing_with(window_tag(rec, where))
 
     tokens = np.asarray(rec.tokens)
     if tokens.ndim != 1 or tokens.shape[0] == 0:
@@ -72,27 +113,7 @@ def validate_window(rec: WindowRecord, header: DatasetHeader, *, where: str,
     if not np.issubdtype(ids.dtype, np.integer):
         fail(f"ids must be integers, got {ids.dtype}")
 
-    rows = np.flatnonzero(valid)
-    ids_v = np.empty((rows.size, ids.shape[1]), dtype=np.int64)
-    vals_v = np.empty((rows.size, ids.shape[1]), dtype=np.float32)
-    check = check_topk_rows if header.kind == "topk" else _check_sampled
-
-    def block(ab: tuple[int, int]) -> TargetValidationError | None:
-        a, b = ab
-        ids_v[a:b] = ids[rows[a:b]]
-        vals_v[a:b] = values[rows[a:b]]
-        try:
-            check(ids_v[a:b], vals_v[a:b], rows[a:b], header.vocab_size, fail)
-        except TargetValidationError as exc:
-            return exc
-        return None
-
-    # Row blocks on the encoder's threads; the first failing block's error is raised.
-    blocks = split(rows.size, 2 * pool.workers, minimum=_BLOCK_ROWS) if pool else [(0, rows.size)]
-    for exc in (pool or INLINE).map(block, blocks):
-        if exc is not None:
-            raise exc
-    return ids_v, vals_v
+    return np.flatnonzero(valid), fail
 
 
 def _first_row(mask: np.ndarray, rows: np.ndarray) -> int:

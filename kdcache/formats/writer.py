@@ -31,6 +31,8 @@ from kdcache.formats import storage
 from kdcache.formats.card import write_card
 from kdcache.formats.codecs import TargetCodec, get_codec, make_codec
 from kdcache.formats.codecs.blocks import block_pool
+from kdcache.formats.codecs.procs import process_pool
+from kdcache.formats.codecs.qrank_procs import encode_window, encodes_in_processes
 from kdcache.formats.manifest import (MANIFEST_NAME, SHARD_DIR, TABLE_PATH, DatasetHeader,
                                       ShardInfo, build_manifest, dump_manifest, parse_manifest)
 from kdcache.formats.shard import shard_schema, window_batch
@@ -93,44 +95,51 @@ def read_stored_codec_table(root: str) -> bytes | None:
     return storage.read_bytes(fs, path) if fs.exists(path) else None
 
 
-ENCODE_THREADS_ENV = "KDCACHE_ENCODE_THREADS"
-MAX_DEFAULT_ENCODE_THREADS = 16
-WINDOWS_ENCODING = 4  # windows validated/encoded at once; each spreads over the block pool
+ENCODE_WORKERS_ENV = "KDCACHE_ENCODE_WORKERS"
+MAX_DEFAULT_ENCODE_WORKERS = 16
+WINDOWS_ENCODING = 4  # windows validated/encoded at once; each spreads over the workers
 
 
-def default_encode_threads() -> int:
-    """Threads that validate and encode while the caller produces the next windows: the
-    codec's numpy, numba (nogil) and zstd work releases the GIL. KDCACHE_ENCODE_THREADS, else
-    this process's CPUs, up to 16 (BENCHMARKS.md, encode threads; bench/bench_encode.py)."""
-    env = os.environ.get(ENCODE_THREADS_ENV)
+def default_encode_workers() -> int:
+    """Workers that validate and encode while the caller produces the next windows:
+    KDCACHE_ENCODE_WORKERS, else this process's CPUs, up to 16 (BENCHMARKS.md, "Writer:
+    encoding in worker processes"; bench/bench_encode.py)."""
+    env = os.environ.get(ENCODE_WORKERS_ENV)
     if env:
         try:
             return max(1, int(env))
         except ValueError:
-            raise ValueError(f"{ENCODE_THREADS_ENV} must be an integer, got {env!r}") from None
+            raise ValueError(f"{ENCODE_WORKERS_ENV} must be an integer, got {env!r}") from None
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(MAX_DEFAULT_ENCODE_THREADS, cpus))
+    return max(1, min(MAX_DEFAULT_ENCODE_WORKERS, cpus))
 
 
 def _encoded(windows: Iterable[WindowRecord], header: DatasetHeader, codec: TargetCodec,
-             where: str, threads: int) -> Iterator[tuple[WindowRecord, np.ndarray, bytes]]:
-    """(record, validated ids, blob) in input order. With threads > 1, each window's rows are
-    validated and encoded in blocks on the process's pool of `threads` threads (a GPU teacher
-    hands over a few long windows at a time), and up to WINDOWS_ENCODING windows at once
-    (2 x that queued) while `windows` (a teacher, say) produces the next."""
-    pool = block_pool(threads)
+             where: str, workers: int,
+             processes: bool) -> Iterator[tuple[WindowRecord, int, bytes]]:
+    """(record, valid rows, blob) in input order. With workers > 1, each window's rows are
+    validated and encoded in blocks: qrank top-k windows of two blocks or more on `workers`
+    processes (qrank_procs; their streams' column blocks and zstd on as many threads), other
+    windows on the process's pool of `workers` threads (processes=False: every window);
+    up to WINDOWS_ENCODING windows at once (2 x that queued) while `windows` (a teacher, say)
+    produces the next."""
+    threads = block_pool(workers)
 
-    def prepare(rec: WindowRecord) -> tuple[WindowRecord, np.ndarray, bytes]:
-        ids, values = validate_window(rec, header, where=where, pool=pool)
-        return rec, ids, codec.encode(ids, values, pool=pool)
+    def prepare(rec: WindowRecord) -> tuple[WindowRecord, int, bytes]:
+        if processes and workers > 1 and encodes_in_processes(codec, header, rec):
+            rows, blob = encode_window(codec, rec, header, where, process_pool(workers),
+                                       threads)
+            return rec, rows, blob
+        ids, values = validate_window(rec, header, where=where, pool=threads)
+        return rec, ids.shape[0], codec.encode(ids, values, pool=threads)
 
-    if threads <= 1:
+    if workers <= 1:
         yield from map(prepare, windows)
         return
-    at_once = min(threads, WINDOWS_ENCODING)
+    at_once = min(workers, WINDOWS_ENCODING)
     with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="kdcache-encode") as windows_pool:
         pending: deque = deque()
         try:
@@ -147,18 +156,18 @@ def _encoded(windows: Iterable[WindowRecord], header: DatasetHeader, codec: Targ
 
 def write_shard(root: str, shard_name: str, windows: Iterable[WindowRecord],
                 header: DatasetHeader, codec: TargetCodec, *,
-                encode_threads: int | None = None) -> ShardInfo:
+                encode_workers: int | None = None, processes: bool = True) -> ShardInfo:
     """Validate, encode and write one shard atomically; returns its manifest entry. Windows are
-    validated and encoded by `encode_threads` threads (default_encode_threads()) and written in
-    their input order."""
+    validated and encoded by `encode_workers` workers (default_encode_workers(); processes, or
+    threads with processes=False: the same bytes either way) and written in input order."""
     if codec.name != header.codec or codec.k != header.k or codec.kind != header.kind:
         raise ValueError(f"codec ({codec.name}, k={codec.k}, {codec.kind}) does not match the "
                          f"header ({header.codec}, k={header.k}, {header.kind})")
-    threads = default_encode_threads() if encode_threads is None else max(1, int(encode_threads))
+    workers = default_encode_workers() if encode_workers is None else max(1, int(encode_workers))
     where = storage.join(root, shard_path(shard_name))
-    encoded = ((rec, ids.shape[0], blob)
-               for rec, ids, blob in _encoded(windows, header, codec, where, threads))
-    return write_encoded_shard(root, shard_name, encoded, header)
+    return write_encoded_shard(root, shard_name,
+                               _encoded(windows, header, codec, where, workers, processes),
+                               header)
 
 
 def write_encoded_shard(root: str, shard_name: str,

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from kdcache.errors import KdcacheError
 from kdcache.evaluate.diff import diff_checkpoints
 from kdcache.evaluate.lm import evaluate_lm
 from kdcache.evaluate.needle import NeedleConfig, run_needle
@@ -53,52 +55,96 @@ def needle_path(out: str, name: str) -> str:
     return os.path.join(out, "eval", "needle-" + name.replace("/", "-") + ".json")
 
 
-def evaluate_all(out: str, preset: Preset, teachers: dict[str, str],
-                 students: dict[str, list[dict]], data: dict[str, str], holdout: int, *,
-                 log: Callable[[str], None] = print) -> dict:
-    edir = os.path.join(out, "eval")
-    os.makedirs(edir, exist_ok=True)
+def lm_path(out: str, name: str) -> str:
+    return os.path.join(out, "eval", "lm-" + name.replace("/", "-") + ".json")
+
+
+EVAL_KINDS = ("needle", "lm", "probe", "diff")
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One independent piece of the evaluation: `eval_record(kind, args)` saved at `path`."""
+    kind: str  # one of EVAL_KINDS
+    name: str
+    args: dict[str, Any]  # JSON: a job also runs as a task in a process of its own
+    path: str
+    model: str = ""  # the scored model's name (eval_models) for per-model jobs
+
+
+def eval_jobs(out: str, preset: Preset, teachers: dict[str, str],
+              students: dict[str, list[dict]], data: dict[str, str], holdout: int,
+              ) -> list[EvalJob]:
+    """Every model's needle test and held-out LM metrics (not the short-context teacher's: its
+    targets are not the ones scored), the probe on the teacher, the phase-wise arm's diff."""
     device = preset.torch_device
     models = eval_models(teachers, students)
+    jobs = [EvalJob("needle", "needle-" + name.replace("/", "-"),
+                    {"model": path, "config": needle_config(preset)}, needle_path(out, name),
+                    name)
+            for name, path in models.items()]
+    jobs += [EvalJob("lm", "lm-" + name.replace("/", "-"),
+                     {"model": path, "data": data["long-main"], "holdout": holdout,
+                      "device": device}, lm_path(out, name), name)
+             for name, path in models.items() if name != "teacher-shortteacher"]
+    probe = {"block": preset.probe_block, "repeats": preset.probe_repeats, "device": device}
+    jobs.append(EvalJob("probe", "probe", {"model": teachers["main"], **probe},
+                        os.path.join(out, "eval", "probe.json")))
+    runs = students.get("kd-phasewise")
+    if runs:
+        jobs.append(EvalJob("diff", "diff", {"stage1": runs[0]["stage1"],
+                                             "stage2": runs[0]["stage2"], **probe},
+                            os.path.join(out, "eval", "diff.json")))
+    return jobs
 
-    def needle_of(name: str, path: str) -> dict:
-        log(f"replicate: needle {name}")
-        return needle_record(path, needle_config(preset))
 
-    needle = {name: cached_json(needle_path(out, name), lambda n=name, p=path: needle_of(n, p))
-              for name, path in models.items()}
-    student_paths = [p for n, p in models.items() if not n.startswith("teacher-")]
-
-    def lm() -> dict:
-        log("replicate: held-out perplexity and KL to the teacher")
-        return evaluate_lm(student_paths + [teachers["main"]], data["long-main"],
-                           last_windows=holdout, dtype="float32", device=device)
-
-    lm_result = cached_json(os.path.join(edir, "lm.json"), lm)
-
-    def probe() -> dict:
-        log("replicate: probe on the teacher")
-        cfg = ProbeConfig(block_tokens=preset.probe_block, repeats=preset.probe_repeats,
-                          dtypes=("float32", "bfloat16"), device=device, capture_queries=False)
-        summary, _ = run_probe(teachers["main"], cfg)
-        return {"model": teachers["main"], "window": cfg.window,
+def eval_record(kind: str, args: dict[str, Any]) -> dict:
+    """Compute one evaluation job's JSON record."""
+    if kind == "needle":
+        return needle_record(args["model"], args["config"])
+    if kind == "lm":
+        result = evaluate_lm([args["model"]], args["data"], last_windows=args["holdout"],
+                             dtype="float32", device=args["device"])
+        return {**result, "models": result["models"][:1]}
+    if kind == "probe":
+        cfg = ProbeConfig(block_tokens=args["block"], repeats=args["repeats"],
+                          dtypes=("float32", "bfloat16"), device=args["device"],
+                          capture_queries=False)
+        summary, _ = run_probe(args["model"], cfg)
+        return {"model": args["model"], "window": cfg.window,
                 "runs": [{k: r[k] for k in ("mode", "dtype", "kl_mean", "kl_max")}
                          for r in summary["runs"]]}
+    if kind == "diff":
+        cfg = ProbeConfig(block_tokens=args["block"], repeats=args["repeats"],
+                          dtypes=("float32",), device=args["device"])
+        return summarize_diff(diff_checkpoints(args["stage1"], args["stage2"], cfg))
+    raise KdcacheError(f"unknown evaluation kind {kind!r}")
 
-    probe_result = cached_json(os.path.join(edir, "probe.json"), probe)
 
-    def diff() -> dict | None:
-        runs = students.get("kd-phasewise")
-        if not runs:
-            return None
-        log("replicate: checkpoint diff of the phase-wise arm (stage 1 vs stage 2)")
-        cfg = ProbeConfig(block_tokens=preset.probe_block, repeats=preset.probe_repeats,
-                          dtypes=("float32",), device=device)
-        result = diff_checkpoints(runs[0]["stage1"], runs[0]["stage2"], cfg)
-        return summarize_diff(result)
+def evaluate_all(jobs: list[EvalJob], preset: Preset, *,
+                 log: Callable[[str], None] = print) -> dict:
+    """The evaluation's records (each job's saved result; a missing one is computed here)."""
+    def record(job: EvalJob) -> dict:
+        def make() -> dict:
+            log(f"replicate: {job.kind} {job.name}")
+            return eval_record(job.kind, job.args)
+        return cached_json(job.path, make)
 
-    diff_result = cached_json(os.path.join(edir, "diff.json"), diff)
-    return {"needle": needle, "lm": lm_result, "probe": probe_result, "diff": diff_result,
+    needle, lm_models, lm_result = {}, [], {}
+    probe_result = diff_result = None
+    for job in jobs:
+        result = record(job)
+        if job.kind == "needle":
+            needle[job.model] = result
+        elif job.kind == "lm":
+            lm_result = {k: v for k, v in result.items() if k != "models"}
+            lm_models += result["models"]
+        elif job.kind == "probe":
+            probe_result = result
+        elif job.kind == "diff":
+            diff_result = result
+    return {"needle": needle, "lm": {**lm_result, "models": lm_models}, "probe": probe_result,
+            "diff": diff_result,
             "needle_config": {"lengths": list(preset.needle_lengths),
                               "depths": list(preset.needle_depths),
                               "samples": preset.needle_samples}}

@@ -16,7 +16,7 @@
 6. the report (report.py).
 
 Each step writes its result under DIR and is skipped when it is there, so an interrupted run
-resumes. Independent steps (the teachers; the dumps; the students; each model's needle test) are
+resumes. Independent steps (the teachers; the dumps; the students; each evaluation job) are
 tasks (tasks.py), run in this process one after the other, or `preset.parallel` at a time in
 processes of their own sharing the GPU; the dumps run their engine in-process (no Ray).
 """
@@ -32,7 +32,7 @@ from kdcache.errors import KdcacheError
 from kdcache.formats.manifest import MANIFEST_NAME
 from kdcache.formats.reader import open_dataset
 from kdcache.formats.storage import atomic_write_bytes, resolve
-from kdcache.replicate.evaluation import eval_models, evaluate_all, needle_config, needle_path
+from kdcache.replicate.evaluation import eval_jobs, evaluate_all
 from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
 from kdcache.replicate.store import cached_json, save_json
@@ -205,10 +205,9 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
             {"seed": seed, "stage1": summaries[0]["hf_dir"], "stage2": summaries[-1]["hf_dir"],
              "final_loss": summaries[-1].get("final_loss")})
 
-    # 5. evaluation (the needle test of each model as a task; the rest reads the results)
-    run_all([Task("needle", "needle-" + name.replace("/", "-"),
-                  {"model": path, "config": needle_config(preset),
-                   "out": needle_path(out, name)}, needle_path(out, name))
-             for name, path in eval_models(teachers, students).items()])
-    evaluation = evaluate_all(out, preset, teachers, students, data, holdout, log=log)
+    # 5. evaluation: each model's needle test and held-out LM metrics, the probe and the diff,
+    # each a task; the report reads their records
+    jobs = eval_jobs(out, preset, teachers, students, data, holdout)
+    run_all([Task(j.kind, j.name, {**j.args, "out": j.path}, j.path) for j in jobs])
+    evaluation = evaluate_all(jobs, preset, log=log)
     return write_report(out, preset, steps, teachers, students, evaluation)

@@ -92,7 +92,7 @@ PRESETS: dict[str, Preset] = {
         needle_lengths=(1024, 2048, 4096, 8192, 16384, 24576), needle_depths=(0.1, 0.5, 0.9),
         needle_samples=8, probe_block=2048, probe_repeats=8,
         arms=MAIN_ARMS + tuple(CAUSAL_ARMS), device="cuda", dtype="bfloat16",
-        batch_windows=2, lr=2e-3, parallel=6),
+        batch_windows=2, lr=2e-3, parallel=9),
 }
 
 

@@ -1,4 +1,4 @@
-"""The experiment's independent steps (a teacher, a dump, a student, a model's needle test) as
+"""The experiment's independent steps (a teacher, a dump, a student, an evaluation job) as
 tasks, run one after the other or `parallel` at a time.
 
 A task is a kind, a name and JSON arguments; `execute` runs one in this process. With
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kdcache.errors import KdcacheError
-from kdcache.replicate.evaluation import needle_record
+from kdcache.replicate.evaluation import EVAL_KINDS, eval_record
 from kdcache.replicate.store import save_json
 from kdcache.replicate.teacher import train_retrieval_teacher
 from kdcache.student_train.stages import parse_run, run
@@ -35,7 +35,7 @@ class TaskError(KdcacheError):
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "teacher", "dump", "student" or "needle"
+    kind: str  # "teacher", "dump", "student" or one of evaluation.EVAL_KINDS
     name: str  # unique within the run: names its log file
     args: dict[str, Any]
     done: str  # the file whose existence means the task has finished
@@ -49,8 +49,8 @@ def execute(kind: str, args: dict[str, Any]) -> None:
         run_dump(DumpConfig.from_options(**args), log=lambda m: None)
     elif kind == "student":
         run(parse_run(args["run"], source=args["source"]))
-    elif kind == "needle":
-        save_json(args["out"], needle_record(args["model"], args["config"]))
+    elif kind in EVAL_KINDS:
+        save_json(args["out"], eval_record(kind, args))
     else:
         raise TaskError(f"unknown task kind {kind!r}")
 

@@ -12,7 +12,6 @@ silently (the data module also refuses, per window, any target id the student ha
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass

@@ -33,7 +33,7 @@ from typing import Callable
 
 from kdcache.formats.codecs import default_codec
 from kdcache.formats.manifest import DatasetHeader
-from kdcache.formats.writer import default_encode_threads, prepare_codec
+from kdcache.formats.writer import default_encode_workers, prepare_codec
 from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
 from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk, segments_for_mode
@@ -261,7 +261,8 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
             "ratio": round(tokens / sec["dump"] / ceiling, 3),
             "vllm_path": "pooler" if c.engine == "vllm" else None,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "encode_threads": default_encode_threads(), "device": device,
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "encode_workers": default_encode_workers(), "device": device,
         })
         if "baseline" in sec:
             res["baseline"] = "vllm prompt_logprobs flat"

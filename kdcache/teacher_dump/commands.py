@@ -68,6 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engines-per-gpu", type=int, default=1,
                    help="share each GPU between this many single-GPU engines (default 1: an "
                         "engine never shares its GPU); needs --gpu-memory-utilization <= 1/N")
+    p.add_argument("--encode-workers", type=int, default=None,
+                   help="processes per engine that validate and encode its shards while it "
+                        "computes the next (default: the CPUs, up to 16; 1: in the writer's "
+                        "thread); shard bytes do not depend on it")
     p.add_argument("--ray-address", default=None, help="join a Ray cluster (default: local)")
     p.add_argument("--no-ray", action="store_true",
                    help="one engine in this process, without Ray (one machine, --workers 1)")
@@ -201,7 +205,7 @@ def _run_dump(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, ray_address=args.ray_address,
         max_retries=args.max_retries, kv_cache_gib=args.kv_cache_gib, progress=not args.json,
         draws=_sampled_draws(args), temperature=args.temperature, in_process=args.no_ray,
-        engines_per_gpu=args.engines_per_gpu)
+        engines_per_gpu=args.engines_per_gpu, encode_workers=args.encode_workers)
     summary = run_dump(cfg, log=(lambda m: None) if args.json else print,
                        overwrite=args.overwrite)
     print(json.dumps(summary) if args.json else format_summary(summary))

@@ -77,14 +77,14 @@ class ShardPipeline:
         self._slots = threading.BoundedSemaphore(max_writing)
 
     def start(self, out: str, name: str, windows: list[PackedWindow], header, codec,
-              encode_threads: int | None = None) -> Future:
+              encode_workers: int | None = None) -> Future:
         """Compute `windows` on this thread and hand them to a writer; the future holds the
         ShardInfo once the shard is written. Blocks while `max_writing` shards are in writing."""
         self._slots.acquire()
         records: queue.Queue = queue.Queue(maxsize=_QUEUED_RECORDS)
         try:
             written = self._writers.submit(write_shard, out, name, _drain_queue(records), header,
-                                           codec, encode_threads=encode_threads)
+                                           codec, encode_workers=encode_workers)
         except BaseException:
             self._slots.release()
             raise
@@ -101,15 +101,15 @@ class ShardPipeline:
         return written
 
     def write(self, out: str, name: str, windows: list[PackedWindow], header, codec,
-              encode_threads: int | None = None):
+              encode_workers: int | None = None):
         """One shard, start to written (its ShardInfo)."""
-        return self.start(out, name, windows, header, codec, encode_threads).result()
+        return self.start(out, name, windows, header, codec, encode_workers).result()
 
     def write_all(self, out: str, shards: Iterable[tuple[str, list[PackedWindow]]], header,
-                  codec, encode_threads: int | None = None) -> list:
+                  codec, encode_workers: int | None = None) -> list:
         """Several shards in order, each written while the engine computes the next (the
         in-process counterpart of the runner's scheduling); their ShardInfos."""
-        futures = [self.start(out, name, windows, header, codec, encode_threads)
+        futures = [self.start(out, name, windows, header, codec, encode_workers)
                    for name, windows in shards]
         return [f.result() for f in futures]
 

@@ -53,6 +53,7 @@ class ExecutionConfig:
     progress: bool = True  # a progress bar on stderr
     in_process: bool = False  # one engine in this process, no Ray (a single machine)
     engines_per_gpu: int = 1  # > 1: single-GPU engines share GPUs (asked for, never by default)
+    encode_workers: int | None = None  # encoding processes per engine; None: its CPUs up to 16
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class DumpConfig:
                               ("--pipeline-parallel", t.pipeline_parallel),
                               ("--windows-per-shard", self.windows_per_shard),
                               ("--engines-per-gpu", self.execution.engines_per_gpu),
+                              ("--encode-workers", 1 if self.execution.encode_workers is None
+                               else self.execution.encode_workers),
                               ("--k", t.k)):
             if value < 1:
                 raise DumpError(f"{option} must be at least 1, got {value}")
@@ -116,7 +119,8 @@ class DumpConfig:
                      kv_cache_gib: float = 1.0, device: str = "auto",
                      progress: bool = True, draws: int = 0,
                      temperature: float = 1.0, in_process: bool = False,
-                     engines_per_gpu: int = 1) -> "DumpConfig":
+                     engines_per_gpu: int = 1,
+                     encode_workers: int | None = None) -> "DumpConfig":
         """The config of the CLI's options (same names as the `kdcache dump` flags).
         `draws` > 0 makes a `sampled` dataset (RS-KD: that many draws per position at
         `temperature`, stored as counts) instead of top-k."""
@@ -136,7 +140,8 @@ class DumpConfig:
             execution=ExecutionConfig(workers=workers, ray_address=ray_address,
                                       max_retries=max_retries, progress=progress,
                                       in_process=in_process,
-                                      engines_per_gpu=engines_per_gpu))
+                                      engines_per_gpu=engines_per_gpu,
+                                      encode_workers=encode_workers))
 
     def options(self) -> dict[str, Any]:
         """The flat options this config was built from (inverse of `from_options`)."""

@@ -224,7 +224,8 @@ def _schedule(cfg: DumpConfig, state: _RunState, actors: list | None,
     init_ray(x.ray_address)
     pool = ActorPool(cfg.engine, cfg.teacher, x.workers, x.ray_address, cfg.out, state.header,
                      state.table, actors,
-                     engines_per_gpu=x.engines_per_gpu)  # waits for the engines to start
+                     engines_per_gpu=x.engines_per_gpu,
+                     encode_workers=x.encode_workers)  # waits for the engines to start
     state.engines = pool.placements
     if state.table is None:
         _fit_codec_table(cfg, state,
@@ -307,6 +308,7 @@ def _schedule_in_process(cfg: DumpConfig, state: _RunState,
     """The shards to do, in order, on one engine in this process (no Ray): each shard is
     written while the engine computes the next, and recorded once it is in place."""
     worker = DumpWorker(cfg.engine, asdict(cfg.teacher))
+    encode_workers = cfg.execution.encode_workers
     pending: deque[tuple[str, Any]] = deque()  # (shard, future of its ShardInfo), in order
     bar = None
 
@@ -321,12 +323,12 @@ def _schedule_in_process(cfg: DumpConfig, state: _RunState,
             on_shard_done(name, info, worker)
 
     try:
-        worker.configure(cfg.out, asdict(state.header), state.table)
+        worker.configure(cfg.out, asdict(state.header), state.table, encode_workers)
         state.engines = [worker.where_local()]
         if state.table is None:
             _fit_codec_table(cfg, state, lambda w: worker.topk([w])[0])
             if state.table is not None:
-                worker.configure(cfg.out, asdict(state.header), state.table)
+                worker.configure(cfg.out, asdict(state.header), state.table, encode_workers)
         tokens_of = {s["name"]: s["tokens"] for s in state.plan.shards}
         bar = _progress(cfg, sum(tokens_of.values()),
                         sum(tokens_of[n] for n in state.done))

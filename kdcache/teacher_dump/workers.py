@@ -52,10 +52,14 @@ class DumpWorker:
         self._thread = EngineThread(lambda: make_engine(engine_name, cfg))
         self.engine = self._thread.engine
         self.pipeline = ShardPipeline(self.engine)
-        self.out = self.header = self.codec = None
+        self.out = self.header = self.codec = self.encode_workers = None
 
-    def configure(self, out: str, header: dict, table: bytes | None) -> int:
+    def configure(self, out: str, header: dict, table: bytes | None,
+                  encode_workers: int | None = None) -> int:
+        """Bind a dataset; `encode_workers`: its shards' encoding processes (None: the
+        writer's default, this machine's CPUs up to 16)."""
         self.out = out
+        self.encode_workers = encode_workers
         self.header = DatasetHeader(**header)
         self.codec = make_codec(self.header, table)
         self._thread.call(self.engine.reconfigure, k=self.header.k,
@@ -86,7 +90,7 @@ class DumpWorker:
         """Compute a shard's targets (returns once the engine is done with it); the future
         holds its ShardInfo once the shard is written behind the next shard's engine calls."""
         return self._thread.call(self.pipeline.start, self.out, name, windows, self.header,
-                                 self.codec)
+                                 self.codec, self.encode_workers)
 
     def run_shard(self, name: str, windows: list[dict]) -> dict:
         return asdict(self.start_shard(name, [PackedWindow(**w) for w in windows]).result())
@@ -204,7 +208,8 @@ class ActorPool:
 
     def __init__(self, engine_name: str, engine_cfg: EngineConfig, workers: int,
                  ray_address: str | None, out: str, header, table: bytes | None,
-                 actors=None, engines_per_gpu: int = 1) -> None:
+                 actors=None, engines_per_gpu: int = 1,
+                 encode_workers: int | None = None) -> None:
         import ray
 
         self.placement = engine_placement(engine_cfg, engines_per_gpu)
@@ -226,7 +231,7 @@ class ActorPool:
         self.slot_of: dict[Any, int] = {}
         self.groups: dict[int, Any] = {}  # slot -> the placement group the pool created
         self.engine_name, self.engine_cfg = engine_name, engine_cfg
-        self.configure_args = (out, asdict(header), table)
+        self.configure_args = (out, asdict(header), table, encode_workers)
         self.actors = list(actors) if actors is not None else \
             [self._new(i) for i in range(workers)]
         self.owned: list = [] if actors is not None else list(self.actors)
@@ -265,7 +270,8 @@ class ActorPool:
 
     def set_table(self, header, table: bytes | None) -> None:
         """Hand every actor (and future replacements) the dataset's codec table."""
-        self.configure_args = (self.configure_args[0], asdict(header), table)
+        self.configure_args = (self.configure_args[0], asdict(header), table,
+                               self.configure_args[3])
         self.pids = self._configure(self.actors)
 
     def replace(self, dead):

@@ -11,7 +11,6 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa

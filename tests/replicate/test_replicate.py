@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -100,9 +101,14 @@ def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
                 theta = json.load(fh).get("rope_theta") or json.load(open(os.path.join(
                     r["stage2"], "config.json")))["rope_parameters"]["rope_theta"]
             assert theta == (5e5 if "phasewise" in arm or "500k" in arm else 1e4)
-    # a second run finds every step done and rewrites the same findings
-    again = run_replicate(out, preset, log=lambda m: None)
+    # a second run finds every step done and rewrites the same findings; evaluation records
+    # removed are recomputed, here as tasks in processes of their own
+    for name in ("probe.json", "lm-kd-phasewise-seed0.json", "lm-teacher-main.json"):
+        os.remove(os.path.join(out, "eval", name))
+    again = run_replicate(out, replace(preset, parallel=2), log=lambda m: None)
     assert again["findings"] == json.loads(json.dumps(findings, default=str))
+    assert again["lm"] == json.loads(json.dumps(report["lm"], default=str))
+    assert os.path.exists(os.path.join(out, "logs", "lm-teacher-main.log"))
 
 
 @pytest.mark.slow

@@ -319,3 +319,26 @@ def test_in_process_refuses_ray_options(small_dump_config, tmp_path, teacher_dir
         with pytest.raises(KdcacheError, match="--no-ray"):
             small_dump_config(teacher_dir, tmp_path / "x", in_process=True, **kw)
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_encode_workers_write_the_bytes_one_thread_writes(small_dump_config, tmp_path,
+                                                           teacher_dir):
+    """--encode-workers: the dump's windows (large enough: 1k tokens at k=512) are encoded on
+    worker processes, and the shards are the bytes of a dump encoded in the writer's thread."""
+    from kdcache.formats.codecs import procs
+
+    kw = dict(workers=1, in_process=True, codec="qrank", k=512, window=1024,
+              builtin_documents=12)
+    shards = []
+    try:
+        for n in (1, 2):
+            out = tmp_path / f"w{n}"
+            run_dump(small_dump_config(teacher_dir, out, encode_workers=n, **kw))
+            with open(out / "manifest.json") as f:
+                shards.append([(s["name"], s["xxh3"]) for s in json.load(f)["shards"]])
+        assert 2 in procs._pools  # the second dump started its encoding processes
+    finally:
+        procs.close_pools()
+    assert shards[0] == shards[1] and len(shards[0]) >= 2
+    with pytest.raises(KdcacheError, match="--encode-workers"):
+        small_dump_config(teacher_dir, tmp_path / "x", encode_workers=0)

@@ -19,7 +19,7 @@ the codec's BlockPool:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numba
 import numpy as np
@@ -270,8 +270,8 @@ def _keep_mass_at_most_one(top: np.ndarray, codes: np.ndarray, levels: np.ndarra
     return top
 
 
-class _Rows:
-    """One window's row-local arrays, filled block by block."""
+class Rows:
+    """Row-local arrays of a window (or of one block of its rows), filled block by block."""
 
     def __init__(self, values: np.ndarray, rate_control: bool) -> None:
         m, k = values.shape
@@ -306,27 +306,14 @@ class _Rows:
             np.exp(p, out=self.weights[a:b])
 
 
-def _choose_sqrt_step(codec: "QRankCodec", rows: _Rows, blocks, pool: BlockPool) -> int:
+def choose_sqrt_step(codec: "QRankCodec", m: int, k: int, kl: Callable[[int], float]) -> int:
     """Largest sqrt_step on the ladder whose mean renormalised KL on these rows is within
-    kl_target (rate-distortion control: spend the KL budget, not more); units of 1e-4."""
-    m, k = rows.values.shape
-    if codec.kl_target is None or m == 0 or k == 1:
+    kl_target (rate-distortion control: spend the KL budget, not more); units of 1e-4.
+    `kl(units)`: the mean row KL of the window's m rows at that step (`block_kls`, summed by
+    `mean_in_order`), wherever its blocks run."""
+    if not rate_controlled(codec, m, k):
         return codec.sqrt_units
     ladder = [u for u in SQRT_LADDER if u * SQRT_UNIT < codec.step_max] or [codec.sqrt_units]
-    row_kls = np.empty(m, dtype=np.float64)
-
-    def kl(units: int) -> float:
-        quantizer, levels, exp_shifted = codec._quantizer(units)
-
-        def block(ab: tuple[int, int]) -> None:
-            a, b = ab
-            row_kl(rows.p[a:b], rows.weights[a:b], rows.rel[a:b], rows.half_exp[a:b],
-                   quantizer._y_top, quantizer.threshold, quantizer.sqrt_step,
-                   quantizer.step_max, levels, exp_shifted, row_kls[a:b])
-
-        pool.map(block, blocks)
-        return float(mean_in_order(row_kls))
-
     i = int(np.argmin([abs(u - codec.sqrt_units) for u in ladder]))
     if kl(ladder[i]) <= codec.kl_target:
         while i + 1 < len(ladder) and kl(ladder[i + 1]) <= codec.kl_target:
@@ -339,41 +326,62 @@ def _choose_sqrt_step(codec: "QRankCodec", rows: _Rows, blocks, pool: BlockPool)
     return ladder[i]
 
 
-def encode_topk_streams(codec: "QRankCodec", ids: np.ndarray, values: np.ndarray,
-                        pool: BlockPool) -> tuple[int, int, list[bytes], bytes]:
-    """(sqrt_step units, total extra bits, the six byte streams, packed extra bits) of one
-    window's valid rows: ids int [m, k], values float32 [m, k]."""
-    m, k = ids.shape
-    blocks = split(m, 2 * pool.workers, multiple=2, minimum=_rows_of(MIN_BLOCK, k, 2))
+def rate_controlled(codec: "QRankCodec", m: int, k: int) -> bool:
+    return codec.kl_target is not None and m > 0 and k > 1
+
+
+def row_blocks(m: int, k: int, parts: int) -> list[tuple[int, int]]:
+    """A window's row blocks for `parts` workers (even starts: a dq byte holds two rows)."""
+    return split(m, parts, multiple=2, minimum=_rows_of(MIN_BLOCK, k, 2))
+
+
+def window_layout(m: int, k: int, n_blocks: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The window-wide arrays the row blocks write and the stream assembly reads:
+    name -> (dtype, shape). Zero-filled where allocated (nibbles and counts rely on it)."""
+    return {"top": ("<i8", (m,)), "row_kls": ("<f8", (m,)),
+            "dq": ("<u2", (k - 1, m)), "nibbles": ("u1", (k - 1, (m + 1) // 2)),
+            "first": ("?", (k, m)), "syms": ("u1", (k, m)), "nbits": ("u1", (k, m)),
+            "extra": ("<u4", (k, m)), "counts": ("<i8", (n_blocks, 3, k))}  # first, bits, esc
+
+
+def block_kls(codec: "QRankCodec", units: int, rows: "Rows", lo: int, hi: int,
+              out: np.ndarray) -> None:
+    """out = each row's renormalised KL at sqrt_step units, rows lo..hi of `rows`."""
+    quantizer, levels, exp_shifted = codec._quantizer(units)
+    row_kl(rows.p[lo:hi], rows.weights[lo:hi], rows.rel[lo:hi], rows.half_exp[lo:hi],
+           quantizer._y_top, quantizer.threshold, quantizer.sqrt_step, quantizer.step_max,
+           levels, exp_shifted, out)
+
+
+def symbolize_block(codec: "QRankCodec", units: int, rows: "Rows", lo: int, hi: int,
+                    ids: np.ndarray, out: dict[str, np.ndarray], r0: int,
+                    counts: np.ndarray) -> None:
+    """Rows lo..hi of `rows` (window rows r0.., ids [hi - lo, k]) quantised, their tops
+    lowered where the decoded mass would exceed 1, sorted and symbolised into the window's
+    arrays `out` (window_layout); counts: this block's [3, k]."""
+    q, levels, _ = codec._quantizer(units)
+    k = ids.shape[1]
+    mb = hi - lo
+    codes = np.empty((mb, k), dtype=np.int64)
+    quantize_rows(rows.rel[lo:hi], rows.half_exp[lo:hi], rows.argmax[lo:hi], q._y_top,
+                  q.threshold, math.exp(q.threshold / 2.0), q.sqrt_step, q.step_max, codes)
+    top = rows.top[lo:hi]
     chunk = _rows_of(CHUNK, k, 1)
-    rows = _Rows(values, rate_control=codec.kl_target is not None and m > 0 and k > 1)
-    pool.map(lambda ab: rows.prepare(*ab), blocks)
-    units = _choose_sqrt_step(codec, rows, blocks, pool)
-    quantizer, levels, _ = codec._quantizer(units)
-    q: LogProbQuantizer = quantizer
-    e_half_t = math.exp(q.threshold / 2.0)
-    dq = np.empty((k - 1, m), dtype=np.uint16)
-    nibbles = np.zeros((k - 1, (m + 1) // 2), dtype=np.uint8)
-    first = np.empty((k, m), dtype=np.bool_)
-    syms = np.empty((k, m), dtype=np.uint8)
-    nbits = np.empty((k, m), dtype=np.uint8)
-    extra = np.empty((k, m), dtype=np.uint32)
-    counts = np.zeros((len(blocks), 3, k), dtype=np.int64)  # first, extra bits, escapes
+    for c in range(0, mb, chunk):
+        d = min(c + chunk, mb)
+        top[c:d] = _keep_mass_at_most_one(top[c:d], codes[c:d], levels)
+    out["top"][r0:r0 + mb] = top
+    sort_and_symbolize(codes, codec.rank_table.ranks(ids), r0, out["dq"], out["nibbles"],
+                       out["first"], out["syms"], out["nbits"], out["extra"], counts[0],
+                       counts[1], counts[2])
 
-    def rows_block(ib: tuple[int, tuple[int, int]]) -> None:
-        i, (a, b) = ib
-        codes = np.empty((b - a, k), dtype=np.int64)
-        quantize_rows(rows.rel[a:b], rows.half_exp[a:b], rows.argmax[a:b], q._y_top,
-                      q.threshold, e_half_t, q.sqrt_step, q.step_max, codes)
-        for c in range(a, b, chunk):
-            d = min(c + chunk, b)
-            rows.top[c:d] = _keep_mass_at_most_one(rows.top[c:d], codes[c - a:d - a], levels)
-        ranks = codec.rank_table.ranks(ids[a:b])
-        sort_and_symbolize(codes, ranks, a, dq, nibbles, first, syms, nbits, extra,
-                           counts[i, 0], counts[i, 1], counts[i, 2])
 
-    pool.map(rows_block, list(enumerate(blocks)))
-    n_first, col_nbits, n_esc = counts.sum(axis=0)
+def assemble_streams(out: dict[str, np.ndarray], m: int, k: int,
+                     pool: BlockPool) -> tuple[int, list[bytes], bytes]:
+    """(total extra bits, the six byte streams, packed extra bits) from the window's
+    symbolised arrays: column blocks on `pool`'s threads (numba, nogil)."""
+    first, syms, nbits, extra, dq = (out[n] for n in ("first", "syms", "nbits", "extra", "dq"))
+    n_first, col_nbits, n_esc = out["counts"].sum(axis=0)
     col_bits = np.concatenate([[0], np.cumsum(col_nbits)]).astype(np.int64)
     f_starts = np.concatenate([[0], np.cumsum(n_first)])
     g_starts = np.concatenate([[0], np.cumsum(m - n_first)])
@@ -395,6 +403,31 @@ def encode_topk_streams(codec: "QRankCodec", ids: np.ndarray, values: np.ndarray
 
     for w0, local in pool.map(columns_block, column_blocks):  # ranges share edge words: OR
         words[w0:w0 + local.size] |= local[:words.size - w0]
-    streams = [rows.top.astype("<u2").tobytes(), nibbles.tobytes(), escapes.tobytes(),
+    streams = [out["top"].astype("<u2").tobytes(), out["nibbles"].tobytes(), escapes.tobytes(),
                fsyms.tobytes(), gsyms.tobytes(), col_bits.astype("<u8").tobytes()]
-    return units, total_bits, streams, words.tobytes()
+    return total_bits, streams, words.tobytes()
+
+
+def encode_topk_streams(codec: "QRankCodec", ids: np.ndarray, values: np.ndarray,
+                        pool: BlockPool) -> tuple[int, int, list[bytes], bytes]:
+    """(sqrt_step units, total extra bits, the six byte streams, packed extra bits) of one
+    window's valid rows: ids int [m, k], values float32 [m, k]; row blocks on `pool`'s
+    threads (qrank_procs runs the same blocks in worker processes)."""
+    m, k = ids.shape
+    blocks = row_blocks(m, k, 2 * pool.workers)
+    rows = Rows(values, rate_control=rate_controlled(codec, m, k))
+    pool.map(lambda ab: rows.prepare(*ab), blocks)
+    out = {name: np.zeros(shape, dtype=dtype)
+           for name, (dtype, shape) in window_layout(m, k, len(blocks)).items()}
+
+    def kl(units: int) -> float:
+        pool.map(lambda ab: block_kls(codec, units, rows, ab[0], ab[1],
+                                      out["row_kls"][ab[0]:ab[1]]), blocks)
+        return float(mean_in_order(out["row_kls"]))
+
+    units = choose_sqrt_step(codec, m, k, kl)
+    pool.map(lambda ib: symbolize_block(codec, units, rows, ib[1][0], ib[1][1],
+                                        ids[ib[1][0]:ib[1][1]], out, ib[1][0],
+                                        out["counts"][ib[0]]), list(enumerate(blocks)))
+    total_bits, streams, words = assemble_streams(out, m, k, pool)
+    return units, total_bits, streams, words
