@@ -12,7 +12,8 @@ little signal to find the mechanism). So the recipe is a curriculum:
    repeat): every label is an induction target, and the heads form in ~100 steps;
 2. then each step is passkey prompts (`PASSKEY_SHARE`; needle_tasks, the evaluation's own
    prompts, fresh keys and random depths, then the answer and EOS; loss on the needle, whose
-   second copy of the key is a short-distance retrieval, and on the answer), built-in text
+   second copy of the key is a short-distance retrieval, and on the answer; prompt lengths
+   drawn between half the row and the row), built-in text
    crops (`TEXT_SHARE`: the students distil the teacher's text distribution) or copying again;
 3. passkey lengths climb a ladder, MIN_PASSKEY then powers of two up to `context`: the next rung
    opens once answers at the longest open rung are right (`PROMOTE` exact-answer accuracy, read
@@ -35,7 +36,8 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from kdcache.evaluate.needle_tasks import Haystack, build_sample
+from kdcache.evaluate.needle_tasks import (PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION,
+                                           Haystack, build_sample)
 from kdcache.teacher_dump.corpus import builtin_corpus
 from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
 
@@ -66,6 +68,11 @@ class PasskeyBatches:
         self.tok, self.tokens = tokenizer, tokens_per_step
         self.haystack = Haystack(tokenizer)
         self.rng = random.Random(seed)
+        # the shortest prompt: instruction, needle, question and no haystack (+ slack for keys
+        # that take more tokens)
+        pieces = (PASSKEY_INTRO, " " + PASSKEY_QUESTION, " " + PASSKEY_NEEDLE.format(value=99999))
+        self.shortest = 1 + 4 + sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
+                                    for p in pieces)
 
     def batch(self, length: int):
         import torch
@@ -73,7 +80,11 @@ class PasskeyBatches:
         eos = self.tok.eos_token_id
         rows, labels, answers = [], [], []
         for _ in range(max(1, self.tokens // length)):
-            sample = build_sample(self.tok, self.haystack, "passkey", "numbers", length - 8,
+            # Prompt lengths vary within the row length: with one prompt length per rung the
+            # question and the needle sit at a few fixed positions, and a small model learns
+            # those positions instead of finding the needle by its content.
+            size = self.rng.randint(min(length - 8, max(self.shortest, length // 2)), length - 8)
+            sample = build_sample(self.tok, self.haystack, "passkey", "numbers", size,
                                   self.rng.random(), self.rng)
             answer = list(self.tok(" " + sample.answers[0] + ".",
                                    add_special_tokens=False)["input_ids"]) + [eos]
