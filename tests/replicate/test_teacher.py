@@ -61,9 +61,9 @@ def test_passkey_rows_are_the_evaluation_prompt_with_labels_on_needle_and_answer
 @pytest.mark.slow
 def test_a_tiny_teacher_learns_to_retrieve_the_passkey(tmp_path):
     """The recipe, bounded by steps (not time): greedy passkey accuracy on the evaluation's own
-    prompts well above chance (a 5-digit key: ~0) at the short rungs. The old recipe (passkey
-    prompts from the start, labels on the answer only) stays at 0.0 for 900 steps.
-    ~100 s on 2 cores."""
+    prompts well above chance (a 5-digit key: ~0) at the trained lengths (measured: 0.96). The
+    old recipe (passkey prompts from the start, labels on the answer only) stays at 0.0 for 900
+    steps. ~2 minutes on 2 cores."""
     from kdcache.replicate.evaluation import needle_record
 
     out = str(tmp_path / "teacher")
@@ -77,7 +77,7 @@ def test_a_tiny_teacher_learns_to_retrieve_the_passkey(tmp_path):
                                  "depths": [0.2, 0.5, 0.8], "samples": 4, "max_new_tokens": 8,
                                  "engine": "hf", "dtype": "float32", "device": "cpu",
                                  "seed": 0})
-    assert needle["accuracy"] >= 0.25, needle["accuracy"]
+    assert needle["accuracy"] >= 0.6, needle["accuracy"]
 
 
 TEST_STEPS = 1500
