@@ -42,15 +42,6 @@ def needle_record(model: str, config: dict) -> dict:
                         for s in entry["samples"]]}
 
 
-def eval_models(teachers: dict[str, str], students: dict[str, list[dict]]) -> dict[str, str]:
-    """Every model the evaluation scores: name -> HF directory (students: their last stage)."""
-    models = {f"teacher-{k}": v for k, v in teachers.items()}
-    for arm, runs in students.items():
-        for r in runs:
-            models[f"{arm}/seed{r['seed']}"] = r["stage2"]
-    return models
-
-
 def needle_path(out: str, name: str) -> str:
     return os.path.join(out, "eval", "needle-" + name.replace("/", "-") + ".json")
 
@@ -69,33 +60,53 @@ class EvalJob:
     name: str
     args: dict[str, Any]  # JSON: a job also runs as a task in a process of its own
     path: str
-    model: str = ""  # the scored model's name (eval_models) for per-model jobs
+    model: str = ""  # the scored model's name for per-model jobs
+    after: tuple[str, ...] = ()  # files that must exist first (a student's finished stage)
 
 
-def eval_jobs(out: str, preset: Preset, teachers: dict[str, str],
-              students: dict[str, list[dict]], data: dict[str, str], holdout: int,
-              ) -> list[EvalJob]:
-    """Every model's needle test and held-out LM metrics (not the short-context teacher's: its
-    targets are not the ones scored), the probe on the teacher, the phase-wise arm's diff."""
-    device = preset.torch_device
-    models = eval_models(teachers, students)
-    jobs = [EvalJob("needle", "needle-" + name.replace("/", "-"),
-                    {"model": path, "config": needle_config(preset)}, needle_path(out, name),
-                    name)
-            for name, path in models.items()]
-    jobs += [EvalJob("lm", "lm-" + name.replace("/", "-"),
-                     {"model": path, "data": data["long-main"], "holdout": holdout,
-                      "device": device}, lm_path(out, name), name)
-             for name, path in models.items() if name != "teacher-shortteacher"]
-    probe = {"block": preset.probe_block, "repeats": preset.probe_repeats, "device": device}
-    jobs.append(EvalJob("probe", "probe", {"model": teachers["main"], **probe},
+def teacher_jobs(out: str, preset: Preset, teachers: dict[str, str]) -> list[EvalJob]:
+    """What needs only the teachers: their needle tests and the probe (they can run beside the
+    dumps)."""
+    jobs = [EvalJob("needle", f"needle-teacher-{who}",
+                    {"model": path, "config": needle_config(preset)},
+                    needle_path(out, f"teacher-{who}"), f"teacher-{who}")
+            for who, path in teachers.items()]
+    jobs.append(EvalJob("probe", "probe",
+                        {"model": teachers["main"], **_probe_args(preset)},
                         os.path.join(out, "eval", "probe.json")))
+    return jobs
+
+
+def student_jobs(out: str, preset: Preset, teachers: dict[str, str],
+                 students: dict[str, list[dict]], data: str, holdout: int) -> list[EvalJob]:
+    """Each student's needle test and held-out LM metrics (each starts once its student is done,
+    `run["done"]`), the main teacher's LM metrics on the same windows (`data`: the long
+    document-global dump, its last `holdout` windows), the phase-wise arm's diff."""
+    device = preset.torch_device
+    jobs, lm = [], []
+    for arm, runs in students.items():
+        for r in runs:
+            name = f"{arm}/seed{r['seed']}"
+            after = (r["done"],)
+            jobs.append(EvalJob("needle", "needle-" + name.replace("/", "-"),
+                                {"model": r["stage2"], "config": needle_config(preset)},
+                                needle_path(out, name), name, after))
+            lm.append((name, r["stage2"], after))
+    lm.append(("teacher-main", teachers["main"], ()))
+    jobs += [EvalJob("lm", "lm-" + name.replace("/", "-"),
+                     {"model": path, "data": data, "holdout": holdout, "device": device},
+                     lm_path(out, name), name, after) for name, path, after in lm]
     runs = students.get("kd-phasewise")
     if runs:
         jobs.append(EvalJob("diff", "diff", {"stage1": runs[0]["stage1"],
-                                             "stage2": runs[0]["stage2"], **probe},
-                            os.path.join(out, "eval", "diff.json")))
+                                             "stage2": runs[0]["stage2"], **_probe_args(preset)},
+                            os.path.join(out, "eval", "diff.json"), after=(runs[0]["done"],)))
     return jobs
+
+
+def _probe_args(preset: Preset) -> dict:
+    return {"block": preset.probe_block, "repeats": preset.probe_repeats,
+            "device": preset.torch_device}
 
 
 def eval_record(kind: str, args: dict[str, Any]) -> dict:

@@ -18,7 +18,9 @@
 Each step writes its result under DIR and is skipped when it is there, so an interrupted run
 resumes. Independent steps (the teachers; the dumps; the students; each evaluation job) are
 tasks (tasks.py), run in this process one after the other, or `preset.parallel` at a time in
-processes of their own sharing the GPU; the dumps run their engine in-process (no Ray).
+processes of their own sharing the GPU; the dumps run their engine in-process (no Ray). A task
+starts once what it needs exists: the teachers' needle tests and the probe run beside the dumps,
+each student's evaluation as soon as that student is done.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from kdcache.errors import KdcacheError
 from kdcache.formats.manifest import MANIFEST_NAME
 from kdcache.formats.reader import open_dataset
 from kdcache.formats.storage import atomic_write_bytes, resolve
-from kdcache.replicate.evaluation import eval_jobs, evaluate_all
+from kdcache.replicate.evaluation import EvalJob, evaluate_all, student_jobs, teacher_jobs
 from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
 from kdcache.replicate.store import cached_json, save_json
@@ -77,6 +79,10 @@ def dump_options(teacher: str, corpus: str, out: str, window: int, mode: str,
     return dict(model=teacher, corpus=corpus, out=out, k=preset.k, window=window, mode=mode,
                 engine="hf", device=preset.device, dtype=preset.dtype, workers=1,
                 windows_per_shard=8, progress=False, in_process=True)
+
+
+def _task(job: EvalJob) -> Task:
+    return Task(job.kind, job.name, {**job.args, "out": job.path}, job.path, job.after)
 
 
 def _n_windows(path: str) -> int:
@@ -182,22 +188,31 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
             "dump", f"dump-{who}-{mode}-{window}",
             dump_options(teachers[who], corpus_path, data[name], window, mode, preset),
             os.path.join(data[name], MANIFEST_NAME)))
-    run_all(list(dumps.values()))
+    # the teachers' own evaluation needs no dump: it fills the slots the dumps leave
+    jobs = teacher_jobs(out, preset, teachers)
+    run_all(list(dumps.values()) + [_task(j) for j in jobs])
     n_long = _n_windows(data["long-main"])
     holdout = max(1, n_long // HOLDOUT_FRACTION)
     if n_long - holdout < 1:
         raise ReplicateError(f"the corpus packs into {n_long} long windows: too few to hold out "
                              "an eighth; use more documents")
 
-    # 4. students
+    # 4. students, and each one's evaluation as soon as it is done
     runs = {(arm, seed): (os.path.join(out, "students", arm, f"seed{seed}"))
             for arm in preset.arms for seed in range(preset.seeds)}
     specs = {key: student_run(key[0], key[1], data, run_dir, preset, holdout,
                               tokenizer=teachers["main"]) for key, run_dir in runs.items()}
+    planned: dict[str, list[dict]] = {}
+    for (arm, seed), run_dir in runs.items():
+        planned.setdefault(arm, []).append(
+            {"seed": seed, "stage1": os.path.join(run_dir, "stage1", "hf"),
+             "stage2": os.path.join(run_dir, "stage2", "hf"),
+             "done": stage_summary_path(os.path.join(run_dir, "stage2"))})
+    later = student_jobs(out, preset, teachers, planned, data["long-main"], holdout)
     run_all([Task("student", f"student-{arm}-seed{seed}",
                   {"run": specs[(arm, seed)], "source": f"replicate:{arm}"},
                   stage_summary_path(os.path.join(runs[(arm, seed)], "stage2")))
-             for arm, seed in runs])
+             for arm, seed in runs] + [_task(j) for j in later])
     students: dict[str, list[dict]] = {}
     for (arm, seed), spec in specs.items():  # each is done: this reads its stages' summaries
         summaries = run(parse_run(spec, source=f"replicate:{arm}"))
@@ -205,9 +220,6 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
             {"seed": seed, "stage1": summaries[0]["hf_dir"], "stage2": summaries[-1]["hf_dir"],
              "final_loss": summaries[-1].get("final_loss")})
 
-    # 5. evaluation: each model's needle test and held-out LM metrics, the probe and the diff,
-    # each a task; the report reads their records
-    jobs = eval_jobs(out, preset, teachers, students, data, holdout)
-    run_all([Task(j.kind, j.name, {**j.args, "out": j.path}, j.path) for j in jobs])
-    evaluation = evaluate_all(jobs, preset, log=log)
+    # 5. the evaluation's records (all computed above, as tasks) and the report
+    evaluation = evaluate_all(jobs + later, preset, log=log)
     return write_report(out, preset, steps, teachers, students, evaluation)

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,6 +38,7 @@ class Task:
     name: str  # unique within the run: names its log file
     args: dict[str, Any]
     done: str  # the file whose existence means the task has finished
+    after: tuple[str, ...] = ()  # `done` files of the tasks it needs (it starts once they exist)
 
 
 def execute(kind: str, args: dict[str, Any]) -> None:
@@ -55,12 +55,22 @@ def execute(kind: str, args: dict[str, Any]) -> None:
         raise TaskError(f"unknown task kind {kind!r}")
 
 
+def _ready(task: Task) -> bool:
+    return all(os.path.exists(path) for path in task.after)
+
+
 def run_tasks(tasks: list[Task], *, parallel: int, log_dir: str,
               log: Callable[[str], None] = print) -> None:
-    """Run the tasks whose `done` file is missing, `parallel` at a time (1: in this process)."""
-    todo = deque(t for t in tasks if not os.path.exists(t.done))
+    """Run the tasks whose `done` file is missing, `parallel` at a time (1: in this process, in
+    list order). A task starts once the tasks it comes `after` are done; among those ready, the
+    earliest in the list goes first (so a later phase fills slots an earlier one leaves idle)."""
+    todo = [t for t in tasks if not os.path.exists(t.done)]
     if parallel <= 1:
         for t in todo:
+            if not _ready(t):
+                raise TaskError(f"replicate: {t.kind} {t.name} needs "
+                                f"{[p for p in t.after if not os.path.exists(p)]}, which no "
+                                "earlier step wrote")
             log(f"replicate: {t.kind} {t.name}")
             execute(t.kind, t.args)
         return
@@ -68,8 +78,11 @@ def run_tasks(tasks: list[Task], *, parallel: int, log_dir: str,
     running: dict[str, tuple[Task, subprocess.Popen, Any, float]] = {}
     try:
         while todo or running:
-            while todo and len(running) < parallel:
-                t = todo.popleft()
+            while len(running) < parallel:
+                t = next((t for t in todo if _ready(t)), None)
+                if t is None:
+                    break
+                todo.remove(t)
                 spec = os.path.join(log_dir, t.name + ".json")
                 save_json(spec, {"kind": t.kind, "args": t.args})
                 handle = open(os.path.join(log_dir, t.name + ".log"), "w")
@@ -78,6 +91,11 @@ def run_tasks(tasks: list[Task], *, parallel: int, log_dir: str,
                 running[t.name] = (t, proc, handle, time.perf_counter())
                 log(f"replicate: {t.kind} {t.name} started ({len(running)} running, "
                     f"{len(todo)} waiting)")
+            if not running and todo:
+                t = todo[0]
+                raise TaskError(f"replicate: {t.kind} {t.name} needs "
+                                f"{[p for p in t.after if not os.path.exists(p)]}, which no "
+                                "step writes")
             time.sleep(0.5)
             for name, (t, proc, handle, started) in list(running.items()):
                 if proc.poll() is None:

@@ -141,3 +141,18 @@ def test_tasks_in_processes_of_their_own_finish_or_stop_the_run_with_the_log(tmp
                   parallel=2, log_dir=logs, log=lambda m: None)
     assert os.path.exists(os.path.join(logs, "dump-bad.log"))
     assert not os.path.exists(tmp_path / "d" / "manifest.json")
+
+    # a task waits for what it comes after, even with a free slot; one that waits for what no
+    # task writes stops the run instead of hanging
+    first = Task("dump", "dump-first", dict(good[0].args, out=str(tmp_path / "f")),
+                 str(tmp_path / "f" / "manifest.json"))
+    second = Task("dump", "dump-second", dict(good[0].args, out=str(tmp_path / "s")),
+                  str(tmp_path / "s" / "manifest.json"), after=(first.done,))
+    run_tasks([second, first], parallel=2, log_dir=logs, log=lambda m: None)
+    # the spec of a task is written as it starts
+    assert os.path.getmtime(first.done) <= os.path.getmtime(os.path.join(logs, "dump-second.json"))
+    orphan = Task("dump", "dump-orphan", dict(good[0].args, out=str(tmp_path / "o")),
+                  str(tmp_path / "o" / "manifest.json"), after=(str(tmp_path / "never"),))
+    for parallel in (1, 2):
+        with pytest.raises(TaskError, match="dump dump-orphan needs"):
+            run_tasks([orphan], parallel=parallel, log_dir=logs, log=lambda m: None)

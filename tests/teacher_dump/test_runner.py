@@ -322,23 +322,31 @@ def test_in_process_refuses_ray_options(small_dump_config, tmp_path, teacher_dir
 
 
 def test_encode_workers_write_the_bytes_one_thread_writes(small_dump_config, tmp_path,
-                                                           teacher_dir):
-    """--encode-workers: the dump's windows (large enough: 1k tokens at k=512) are encoded on
-    worker processes, and the shards are the bytes of a dump encoded in the writer's thread."""
+                                                           teacher_dir, hf_workers):
+    """--encode-workers: the dump's windows (large enough: 512 tokens at k=768) are encoded on
+    worker processes, in this process (--no-ray) and inside Ray's actors, and the shards are
+    the bytes of a dump encoded in the writer's thread."""
     from kdcache.formats.codecs import procs
 
-    kw = dict(workers=1, in_process=True, codec="qrank", k=512, window=1024,
-              builtin_documents=12)
+    kw = dict(codec="qrank", k=768, window=512, builtin_documents=12)
     shards = []
+
+    def dump(name, **more):
+        out = tmp_path / name
+        run_dump(small_dump_config(teacher_dir, out, **kw, **more))
+        with open(out / "manifest.json") as f:
+            shards.append([(s["name"], s["xxh3"]) for s in json.load(f)["shards"]])
+
     try:
-        for n in (1, 2):
-            out = tmp_path / f"w{n}"
-            run_dump(small_dump_config(teacher_dir, out, encode_workers=n, **kw))
-            with open(out / "manifest.json") as f:
-                shards.append([(s["name"], s["xxh3"]) for s in json.load(f)["shards"]])
-        assert 2 in procs._pools  # the second dump started its encoding processes
+        dump("inline", workers=1, in_process=True, encode_workers=1)
+        dump("local", workers=1, in_process=True, encode_workers=2)
+        assert 2 in procs._pools  # that dump started its encoding processes
     finally:
         procs.close_pools()
-    assert shards[0] == shards[1] and len(shards[0]) >= 2
+    out = tmp_path / "ray"
+    run_dump(small_dump_config(teacher_dir, out, encode_workers=2, **kw), actors=hf_workers)
+    with open(out / "manifest.json") as f:
+        shards.append([(s["name"], s["xxh3"]) for s in json.load(f)["shards"]])
+    assert shards[0] == shards[1] == shards[2] and len(shards[0]) >= 2
     with pytest.raises(KdcacheError, match="--encode-workers"):
         small_dump_config(teacher_dir, tmp_path / "x", encode_workers=0)
