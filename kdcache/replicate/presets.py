@@ -84,7 +84,7 @@ PRESETS: dict[str, Preset] = {
                            max_positions=65536),
         # A 27M-parameter model is launch-bound on an H200 (8k-token steps: ~23 steps/s, most
         # of the GPU idle), so a step of 64k tokens costs little more time than one of 8k and
-        # holds 8x the passkey samples (256 rows at the first rungs, 4 at 16k).
+        # holds 8x the passkey samples (256-372 rows at the first rungs, 4 at 16k).
         teacher_seconds=240.0, teacher_context=16384, teacher_tokens_per_step=65536,
         teacher_lr=1e-3, short_context=2048, doc_max_tokens=2048,
         corpus_documents=40_000, short_window=2048, long_window=16384, student_preset="tiny-4l",
