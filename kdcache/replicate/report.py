@@ -107,8 +107,25 @@ def _fmt(ci: dict | None) -> str:
         f"{value:.2f} [{ci['lo']:.2f}, {ci['hi']:.2f}]"
 
 
+def teacher_training_line(name: str, record: dict | None) -> str | None:
+    """How far a teacher's retrieval curriculum got (its record, teacher.py), in one line."""
+    if not record or not record.get("steps"):
+        return None
+    seconds = record.get("trained_seconds", record.get("seconds"))
+    line = f"- {name}: {record['steps']} steps in {seconds} s"
+    ladder = record.get("passkey")
+    if ladder:
+        opened = ", ".join(f"{o['length']} at step {o['step']}" for o in ladder["opened"])
+        top = ladder["by_length"].get(str(ladder["longest_open"]), {})
+        acc = top.get("accuracy")
+        line += (f"; passkey prompts up to {ladder['longest_open']} tokens of "
+                 f"{ladder['lengths'][-1]} (rungs opened: {opened}; running exact-answer "
+                 f"accuracy there {acc if acc is not None else 'n/a'})")
+    return line + "."
+
+
 def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
-                   plots: list[str]) -> None:
+                   plots: list[str], steps: dict | None = None) -> None:
     t = findings["teacher_long_distance"]
     lines = [f"# Replication report ({preset.name} preset)", "",
              f"Students: {preset.student_preset}, {preset.seeds} seed(s) per arm, stage 1 "
@@ -119,6 +136,12 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
              "bootstrap over seeds and samples.", "",
              "## The teacher", "",
              f"Passkey accuracy at long distance: {_fmt(t)}."]
+    trained = [teacher_training_line(name, (steps or {}).get(key))
+               for name, key in (("long-context teacher", "teacher"),
+                                 ("short-context teacher", "teacher_short"))]
+    if any(trained):
+        lines += ["", "Training (the retrieval curriculum, teacher.py):"]
+        lines += [x for x in trained if x]
     if not findings["testable"]:
         lines += ["", f"**The teacher does not retrieve at long distance (accuracy below "
                       f"{RETRIEVES:.0%}), so nothing can transfer: the student comparisons below "
@@ -254,5 +277,5 @@ def write_report(out: str, preset: Preset, steps: dict, teachers: dict, students
               "findings": findings, "lm": evaluation["lm"], "probe": evaluation["probe"],
               "diff": evaluation.get("diff"), "plots": [os.path.basename(p) for p in plots]}
     save_json(os.path.join(out, "report.json"), report)
-    write_markdown(os.path.join(out, "report.md"), preset, findings, evaluation, plots)
+    write_markdown(os.path.join(out, "report.md"), preset, findings, evaluation, plots, steps)
     return report

@@ -88,6 +88,10 @@ def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
     if not findings["testable"]:  # the report must say so, not call the findings negative
         assert all(c["verdict"].startswith("not testable") for c in findings["kd_vs_ce"])
         assert "does not retrieve at long distance" in open(os.path.join(out, "report.md")).read()
+    text = open(os.path.join(out, "report.md")).read()
+    record = report["steps"]["teacher"]
+    assert f"- long-context teacher: {record['steps']} steps" in text
+    assert f"passkey prompts up to {record['passkey']['longest_open']} tokens" in text
     assert {"document-global/float32", "causal/float32"} <= set(findings["probe"])
     assert findings["diff"]
     with open(os.path.join(out, "report.json")) as fh:
