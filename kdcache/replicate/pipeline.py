@@ -40,7 +40,8 @@ from kdcache.replicate.report import write_report
 from kdcache.replicate.store import cached_json, save_json
 from kdcache.replicate.tasks import Task, run_tasks
 from kdcache.replicate.teacher import teacher_record, train_retrieval_teacher
-from kdcache.student_train.stages import parse_run, run, stage_summary_path
+from kdcache.student_train.stages import (parse_run, run, stage_export_dir,
+                                          stage_summary_path)
 from kdcache.teacher_dump.corpus import builtin_corpus
 
 HOLDOUT_FRACTION = 8  # the last 1/8 of the long windows are never trained on
@@ -202,16 +203,18 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
             for arm in preset.arms for seed in range(preset.seeds)}
     specs = {key: student_run(key[0], key[1], data, run_dir, preset, holdout,
                               tokenizer=teachers["main"]) for key, run_dir in runs.items()}
-    planned: dict[str, list[dict]] = {}
-    for (arm, seed), run_dir in runs.items():
-        planned.setdefault(arm, []).append(
-            {"seed": seed, "stage1": os.path.join(run_dir, "stage1", "hf"),
-             "stage2": os.path.join(run_dir, "stage2", "hf"),
-             "done": stage_summary_path(os.path.join(run_dir, "stage2"))})
-    later = student_jobs(out, preset, teachers, planned, data["long-main"], holdout)
+    planned = {key: {"seed": key[1],
+                     "stage1": stage_export_dir(os.path.join(run_dir, "stage1")),
+                     "stage2": stage_export_dir(os.path.join(run_dir, "stage2")),
+                     "done": stage_summary_path(os.path.join(run_dir, "stage2"))}
+               for key, run_dir in runs.items()}
+    by_arm: dict[str, list[dict]] = {}
+    for (arm, _), r in planned.items():
+        by_arm.setdefault(arm, []).append(r)
+    later = student_jobs(out, preset, teachers, by_arm, data["long-main"], holdout)
     run_all([Task("student", f"student-{arm}-seed{seed}",
                   {"run": specs[(arm, seed)], "source": f"replicate:{arm}"},
-                  stage_summary_path(os.path.join(runs[(arm, seed)], "stage2")))
+                  planned[(arm, seed)]["done"])
              for arm, seed in runs] + [_task(j) for j in later])
     students: dict[str, list[dict]] = {}
     for (arm, seed), spec in specs.items():  # each is done: this reads its stages' summaries

@@ -59,6 +59,11 @@ def _ready(task: Task) -> bool:
     return all(os.path.exists(path) for path in task.after)
 
 
+def _never_ready(task: Task) -> TaskError:
+    missing = [p for p in task.after if not os.path.exists(p)]
+    return TaskError(f"replicate: {task.kind} {task.name} needs {missing}, which no step wrote")
+
+
 def run_tasks(tasks: list[Task], *, parallel: int, log_dir: str,
               log: Callable[[str], None] = print) -> None:
     """Run the tasks whose `done` file is missing, `parallel` at a time (1: in this process, in
@@ -68,9 +73,7 @@ def run_tasks(tasks: list[Task], *, parallel: int, log_dir: str,
     if parallel <= 1:
         for t in todo:
             if not _ready(t):
-                raise TaskError(f"replicate: {t.kind} {t.name} needs "
-                                f"{[p for p in t.after if not os.path.exists(p)]}, which no "
-                                "earlier step wrote")
+                raise _never_ready(t)
             log(f"replicate: {t.kind} {t.name}")
             execute(t.kind, t.args)
         return
@@ -92,10 +95,7 @@ def run_tasks(tasks: list[Task], *, parallel: int, log_dir: str,
                 log(f"replicate: {t.kind} {t.name} started ({len(running)} running, "
                     f"{len(todo)} waiting)")
             if not running and todo:
-                t = todo[0]
-                raise TaskError(f"replicate: {t.kind} {t.name} needs "
-                                f"{[p for p in t.after if not os.path.exists(p)]}, which no "
-                                "step writes")
+                raise _never_ready(todo[0])
             time.sleep(0.5)
             for name, (t, proc, handle, started) in list(running.items()):
                 if proc.poll() is None:

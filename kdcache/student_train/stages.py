@@ -370,6 +370,11 @@ def stage_summary_path(stage_dir: str) -> str:
     return os.path.join(stage_dir, "summary.json")
 
 
+def stage_export_dir(stage_dir: str) -> str:
+    """Where a finished stage's model is exported (an HF directory)."""
+    return os.path.join(stage_dir, "hf")
+
+
 def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None, *,
               resume: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train one stage to `trainer.max_steps`, export it, return its summary."""
@@ -386,7 +391,7 @@ def run_stage(stage: StageConfig, stage_dir: str, previous_hf: str | None = None
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     seconds = time.time() - started
-    hf_dir = os.path.join(stage_dir, "hf")
+    hf_dir = stage_export_dir(stage_dir)
     trained = getattr(module.model, "args", module.model)  # ModelArgs, or the HFStudent itself
     summary = {
         "stage": stage.name, "steps": int(trainer.global_step), "seconds": round(seconds, 2),
@@ -430,5 +435,5 @@ def run(config: RunConfig, *, only_stage: str | None = None, resume: bool = True
                     f"{previous_hf} does not exist yet: run that stage first")
             summaries.append(run_stage(stage, stage_dir, previous_hf, resume=resume,
                                        callbacks=callbacks))
-        previous_hf = os.path.join(stage_dir, "hf")
+        previous_hf = stage_export_dir(stage_dir)
     return summaries
