@@ -1,7 +1,7 @@
 """Train a replicate preset's retrieval teacher alone and measure its passkey accuracy by needle
 distance with the evaluation's own needle test (kdcache.replicate.evaluation.needle_record).
 
-    python3 bench/bench_replicate_teacher.py --preset toy --seconds 240        # one H200
+    python3 bench/bench_replicate_teacher.py --preset toy --seconds 450        # one H200
     python3 bench/bench_replicate_teacher.py --preset smoke --seconds 30 --lengths 256,512
 
 Prints one JSON line (and writes it to $OUT/replicate_teacher.json): the teacher's record

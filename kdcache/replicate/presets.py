@@ -85,7 +85,12 @@ PRESETS: dict[str, Preset] = {
         # A 27M-parameter model is launch-bound on an H200 (8k-token steps: ~23 steps/s, most
         # of the GPU idle), so a step of 64k tokens costs little more time than one of 8k and
         # holds 8x the passkey samples (256-372 rows at the first rungs, 4 at 16k).
-        teacher_seconds=240.0, teacher_context=16384, teacher_tokens_per_step=65536,
+        # Each teacher, two at once on one H200 (~5.1 steps/s each): ~300 copying steps (the
+        # induction head's phase change), ~100 to the first rung, ~1,000 up the ladder to 16k and
+        # ~700 consolidating there (H200 2026-12-02 with one copy length: 256 -> 16384 in 1,009
+        # steps, 659 steps at 16k for 0.77; docs/replication.md): ~2,300 steps. Both teachers
+        # get the same time: the same recipe and tokens per step, so about the same steps.
+        teacher_seconds=450.0, teacher_context=16384, teacher_tokens_per_step=65536,
         teacher_lr=1e-3, short_context=2048, doc_max_tokens=2048,
         corpus_documents=40_000, short_window=2048, long_window=16384, student_preset="tiny-4l",
         student_overrides={}, stage1_steps=300, stage2_steps=150, seeds=3, k=32,

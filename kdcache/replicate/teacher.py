@@ -8,8 +8,12 @@ head). Trained from scratch on passkey prompts alone, small models sit on a plat
 the answer's format, not the copy: labels on a few answer tokens per long sequence are too
 little signal to find the mechanism). So the recipe is a curriculum:
 
-1. `COPY_STEPS` steps of dense copying (random tokens, then the same tokens again, loss on the
-   repeat): every label is an induction target, and the heads form in ~100 steps;
+1. dense copying (random tokens, then the same tokens again, loss on the repeat) until the copy
+   loss is under `COPY_DONE` (at most `COPY_STEPS` steps): every label is an induction target.
+   The copied length is drawn per row: with one length for all rows the model learns to copy
+   from a fixed offset back (a positional head; H200: copy loss 0.001 after 150 steps, back to
+   uniform as soon as passkey and text steps began, and ~580 steps of plateau before the first
+   rung opened), not the content match that passkey retrieval needs;
 2. then each step is passkey prompts (`PASSKEY_SHARE`; needle_tasks, the evaluation's own
    prompts, fresh keys and random depths, then the answer and EOS; loss on the needle, whose
    second copy of the key is a short-distance retrieval, and on the answer; prompt lengths
@@ -21,6 +25,9 @@ little signal to find the mechanism). So the recipe is a curriculum:
    steps train the longest open rung, half revisit a random open one;
 4. every step has about `tokens_per_step` tokens of equal-length rows (more rows at shorter
    rungs: more samples for the same compute), AdamW with linear warmup then a constant rate.
+
+The record keeps the ladder and a loss trajectory (each kind's mean loss every `TRACE_EVERY`
+steps): where the curriculum stalls, read off one GPU run.
 
 The short-context teacher of the causal test is the same recipe (same seed: same tokenizer,
 same initial weights) with `context` = the short window, so the two teachers differ only in the
@@ -42,11 +49,13 @@ from kdcache.teacher_dump.corpus import builtin_corpus
 from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
 
 MIN_PASSKEY = 176  # a passkey prompt's instruction, needle and question take ~150 tokens
-COPY_STEPS = 150  # dense copying first: the induction heads retrieval is made of
-COPY_LEN = 32  # tokens copied per row (2 * COPY_LEN + 1 tokens a row)
+COPY_DONE = 0.5  # copy loss (running mean) that ends the copying phase: induction is there
+COPY_STEPS = 1000  # the copying phase's longest (no induction by then: go on without it)
+COPY_LENS = (8, 64)  # tokens copied per row, drawn per row (rows of 2 * 64 + 1 tokens)
 PASSKEY_SHARE, TEXT_SHARE = 0.7, 0.2  # of the steps after the copy phase; the rest copies
 PROMOTE = 0.8  # exact-answer accuracy at the longest open rung that opens the next one
 WARMUP_STEPS = 30
+TRACE_EVERY = 25  # steps per point of the record's loss trajectory
 
 
 def passkey_lengths(context: int) -> list[int]:
@@ -103,15 +112,24 @@ class PasskeyBatches:
                 torch.tensor(answers, dtype=torch.bool))
 
 
-def _copy_batch(vocab: int, tokens: int, generator):
-    """Rows of BOS, COPY_LEN random tokens, the same tokens again; labels on the repeat."""
+def _copy_batch(vocab: int, tokens: int, context: int, generator):
+    """Rows of BOS, n random tokens, the same n again, random filler; labels on the repeat
+    after its first token. n is drawn per row: with one n for all rows the model copies from a
+    fixed offset back (a positional head, measured: loss ~14 on any other n), which passkey
+    retrieval cannot use; with n unknown the repeat is found by its content (an induction
+    head: the previous occurrence of the current token, then the token after it)."""
     import torch
 
-    rows = max(1, tokens // (2 * COPY_LEN + 1))
-    body = torch.randint(3, vocab, (rows, COPY_LEN), generator=generator)
-    ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), body, body], 1)  # BOS is id 1
-    labels = ids.clone()
-    labels[:, :COPY_LEN + 1] = -100
+    length = min(2 * COPY_LENS[1] + 1, context)
+    rows = max(1, tokens // length)
+    n = torch.randint(COPY_LENS[0], (length - 1) // 2 + 1, (rows, 1), generator=generator)
+    ids = torch.randint(3, vocab, (rows, length), generator=generator)
+    ids[:, 0] = 1  # BOS
+    pos = torch.arange(length).expand(rows, length)
+    repeat = (pos >= 1 + n) & (pos < 1 + 2 * n)
+    ids = torch.gather(ids, 1, torch.where(repeat, pos - n, pos))
+    # the repeat's first token cannot be foreseen (n is unknown); the rest can, by content
+    labels = torch.where(repeat & (pos > 1 + n), ids, torch.full_like(ids, -100))
     return ids, labels
 
 
@@ -208,17 +226,23 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     lengths = passkey_lengths(context)
     passkeys = PasskeyBatches(tok, tokens_per_step, seed) if lengths else None
     ladder = Ladder(lengths, rng) if lengths else None
-    copy_ok = 2 * COPY_LEN + 1 <= context
+    copy_ok = 2 * COPY_LENS[0] + 1 <= context
     steps, losses = 0, {"text": [], "copy": [], "passkey": []}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
     start = time.perf_counter()
     deadline = start + seconds
     last_log = start
+    trajectory: list[dict] = []
+    window: dict[str, list[float]] = {k: [] for k in losses}
+    # the running copy loss; whether the copying phase still runs; the step that ended it
+    copy_loss, copy_phase, copy_phase_steps = None, copy_ok, 0
+
     def draw(step: int):
         """The next step's (kind, passkey length or None, ids, labels, answer mask or None)."""
         u = rng.random()
-        if copy_ok and (step < COPY_STEPS or u >= PASSKEY_SHARE + TEXT_SHARE):
-            return ("copy", None, *_copy_batch(cfg.tokenizer_vocab, tokens_per_step, g), None)
+        if copy_ok and (copy_phase or u >= PASSKEY_SHARE + TEXT_SHARE):
+            ids, labels = _copy_batch(cfg.tokenizer_vocab, tokens_per_step, context, g)
+            return ("copy", None, ids, labels, None)
         if passkeys is not None and u < PASSKEY_SHARE:
             length = ladder.pick()
             return ("passkey", length, *passkeys.batch(length))
@@ -245,7 +269,21 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
         upcoming = draw(steps)
         loss = float(out.loss.detach())
         losses[kind].append(loss)
+        if kind == "copy":
+            copy_loss = loss if copy_loss is None else 0.9 * copy_loss + 0.1 * loss
+        if copy_phase and (copy_loss < COPY_DONE or steps >= COPY_STEPS):
+            copy_phase = False
+            copy_phase_steps = steps
+            log(f"replicate: teacher {os.path.basename(out_dir)} step {steps}: copy loss "
+                f"{copy_loss:.3f}, copying phase done")
+        window[kind].append(loss)
         now = time.perf_counter()
+        if steps % TRACE_EVERY == 0:
+            # the loss of each kind over the last TRACE_EVERY steps: where the curriculum stalls
+            trajectory.append({"step": steps, "seconds": round(now - start, 1)}
+                              | {k: round(sum(v) / len(v), 4) for k, v in window.items() if v}
+                              | ({"open": ladder.lengths[ladder.open - 1]} if ladder else {}))
+            window = {k: [] for k in losses}
         if kind == "passkey":
             right = answers_right(out.logits.detach(), batch, answer_mask.to(device))
             if ladder.update(length, right, loss, steps, now - start):
@@ -263,8 +301,9 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     summary = {"out": out_dir, "context": context, "seconds": seconds,
                "trained_seconds": round(time.perf_counter() - start, 1), "steps": steps,
                "tokens_per_step": tokens_per_step, "lr": lr,
+               "copy_phase_steps": copy_phase_steps,
                "final_loss": {k: mean(v) for k, v in losses.items()},
-               "passkey": ladder.summary() if ladder else None}
+               "passkey": ladder.summary() if ladder else None, "trajectory": trajectory}
     with open(done, "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary

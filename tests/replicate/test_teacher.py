@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from kdcache.replicate.teacher import (MIN_PASSKEY, PROMOTE, Ladder, PasskeyBatches,
-                                       passkey_lengths, teacher_record, train_retrieval_teacher)
+from kdcache.replicate.teacher import (COPY_LENS, MIN_PASSKEY, PROMOTE, Ladder, PasskeyBatches,
+                                       _copy_batch, passkey_lengths, teacher_record,
+                                       train_retrieval_teacher)
 
 SMOKE_MODEL = dict(vocab_size=1024, tokenizer_vocab=1024, hidden_size=128, intermediate_size=384,
                    num_layers=2, num_heads=2, num_kv_heads=1, max_positions=4096)
@@ -39,6 +40,25 @@ def test_the_next_rung_opens_only_when_the_longest_open_one_is_answered():
     json.dumps(summary)
 
 
+def test_copy_rows_repeat_a_span_of_varying_length_labelled_by_content():
+    """One copied length for every row is learnt as a fixed offset back, not as retrieval."""
+    import torch
+
+    ids, labels = _copy_batch(1024, 8192, 512, torch.Generator().manual_seed(0))
+    assert ids.shape == labels.shape and ids.shape[1] == 2 * COPY_LENS[1] + 1
+    assert (ids[:, 0] == 1).all()
+    spans = set()
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        at = [i for i, t in enumerate(lab) if t != -100]
+        n = len(at) + 1  # the repeat's first token is not labelled: it cannot be foreseen
+        assert at == list(range(n + 2, 2 * n + 1))
+        assert row[1 + n:1 + 2 * n] == row[1:1 + n] and all(lab[i] == row[i] for i in at)
+        spans.add(n)
+    assert len(spans) > 10 and min(spans) >= COPY_LENS[0] and max(spans) <= COPY_LENS[1]
+    short, _ = _copy_batch(1024, 1024, 40, torch.Generator().manual_seed(0))
+    assert short.shape[1] == 40  # rows fit a short context
+
+
 def test_passkey_rows_are_the_evaluation_prompt_with_labels_on_needle_and_answer(tmp_path):
     from transformers import AutoTokenizer
 
@@ -61,9 +81,9 @@ def test_passkey_rows_are_the_evaluation_prompt_with_labels_on_needle_and_answer
 @pytest.mark.slow
 def test_a_tiny_teacher_learns_to_retrieve_the_passkey(tmp_path):
     """The recipe, bounded by steps (not time): greedy passkey accuracy on the evaluation's own
-    prompts well above chance (a 5-digit key: ~0) at the trained lengths (measured: 0.96). The
-    old recipe (passkey prompts from the start, labels on the answer only) stays at 0.0 for 900
-    steps. ~2 minutes on 2 cores."""
+    prompts well above chance (a 5-digit key: ~0) at the trained lengths (measured: 0.96 with one
+    copied length; a length per row passes too). The old recipe (passkey prompts from the start,
+    labels on the answer only) stays at 0.0 for 900 steps. ~2.5 minutes on 2 cores."""
     from kdcache.replicate.evaluation import needle_record
 
     out = str(tmp_path / "teacher")
@@ -72,7 +92,9 @@ def test_a_tiny_teacher_learns_to_retrieve_the_passkey(tmp_path):
                                      log=lambda m: None)
     assert record["steps"] == TEST_STEPS
     with open(teacher_record(out)) as fh:
-        assert json.load(fh)["passkey"]["by_length"][str(MIN_PASSKEY)]["samples"] > 0
+        saved = json.load(fh)
+    assert saved["passkey"]["by_length"][str(MIN_PASSKEY)]["samples"] > 0
+    assert saved["copy_phase_steps"] > 0 and saved["trajectory"][-1]["step"] <= TEST_STEPS
     needle = needle_record(out, {"tasks": ["passkey"], "lengths": [MIN_PASSKEY, 224],
                                  "depths": [0.2, 0.5, 0.8], "samples": 4, "max_new_tokens": 8,
                                  "engine": "hf", "dtype": "float32", "device": "cpu",
