@@ -63,6 +63,7 @@ class BenchConfig:
     gpu_memory_utilization: float | None = None
     windows_per_shard: int = 16  # the timed windows are written as shards of this many (the
     #                              dump's default --windows-per-shard)
+    encode_workers: int | None = None  # the dump's --encode-workers (None: its default)
 
 
 WARMUP_WINDOWS = 2
@@ -149,7 +150,7 @@ class _Writer:
         def run() -> float:
             t0 = time.perf_counter()
             written = [pipeline.start(self.tmp, f"shard-{next(self._names):05d}",
-                                      windows[i:i + step], header, codec)
+                                      windows[i:i + step], header, codec, c.encode_workers)
                        for i in range(0, len(windows), step)]
             engine_side = time.perf_counter() - t0
             for future in written:
@@ -301,7 +302,7 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
             "vllm_path": "pooler" if c.engine == "vllm" else None,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
-            "encode_workers": default_encode_workers(), "device": device,
+            "encode_workers": c.encode_workers or default_encode_workers(), "device": device,
         })
         if "baseline" in sec:
             res["baseline"] = "vllm prompt_logprobs flat"
