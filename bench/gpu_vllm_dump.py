@@ -8,6 +8,7 @@ prompt-logprobs path and the hf engine, and the targets checked against the hf e
     python bench/gpu_vllm_dump.py writer        # builds gpu-1b if missing; whole dump vs ceiling,
                                                 # k = 16/64/256, 8k and 32k, causal then document
     python bench/gpu_vllm_dump.py writer-smoke  # the same on a tiny teacher (CPU: tests the path)
+    WRITER_CELLS=causal:32768:256,... python bench/gpu_vllm_dump.py writer   # only those cells
 
 Writes JSON lines to $OUT/gpu_vllm_dump.jsonl (and prints them). Engines run one at a time in
 this process (kdcache.teacher_dump.bench), memory released between them. Teachers are random
@@ -215,10 +216,14 @@ def writer(smoke: bool = False) -> None:
         build_teacher(model, preset, log=lambda m: None)
     emit({"step": "teacher", "name": "tiny" if smoke else "gpu-1b",
           "seconds": round(time.perf_counter() - t0, 1)})
+    # WRITER_CELLS=mode:window:k,... runs only those dump cells (no encode-alone, no 12-worker
+    # cell): a short device call
+    only = [tuple(c.split(":")) for c in os.environ.get("WRITER_CELLS", "").split(",") if c]
     encode = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "bench_encode.py")]
     # worker processes (the dump's path) against threads (the path before), same windows
-    for k, window, n in ((64, 4096, 2), (256, 4096, 1)) if smoke else ((256, 32768, 2),):
+    for k, window, n in (() if only else ((64, 4096, 2), (256, 4096, 1)) if smoke
+                         else ((256, 32768, 2),)):
         proc = subprocess.run(encode + ["--workers", "1,2" if smoke else "1,16",
                                         "--threads", "", "--k", str(k),
                                         "--window", str(window), "--windows", str(n),
@@ -238,6 +243,8 @@ def writer(smoke: bool = False) -> None:
     # the same cell on fewer workers than cores: does a core left to the engine's thread and
     # the writer's own threads beat a 16th worker?
     cfgs.append(replace(cfgs[5], encode_workers=2 if smoke else 12))
+    if only:
+        cfgs = [c for c in cfgs[:-1] if (c.mode, str(c.window), str(c.k)) in only]
     run_series(model, cfgs, "tiny" if smoke else "gpu-1b")
     emit({"step": "writer_done", "seconds": round(time.perf_counter() - t0, 1)})
 
