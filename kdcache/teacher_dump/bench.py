@@ -11,13 +11,18 @@
 - dump: everything a dump worker does after packing: targets computed (vLLM `pooler` path: top-k
   inside vLLM's worker), converted, validated, encoded by the default codec and written as Arrow
   shards of `windows_per_shard` windows atomically, each shard written while the engine computes
-  the next (pipeline.ShardPipeline, the dump's own code).
+  the next (pipeline.ShardPipeline, the dump's own code). Also reported: `dump_engine_side`,
+  until the engine's thread is done with the last window (a long dump's pace, when the writer
+  keeps up), and `dump_tail_s`, the writing after that (once per run in a real dump).
+- engine: the engine's `topk` alone on every window in one call, and (`engine_grouped`, one
+  round) in the dump's ~16k-token groups, one call each.
 - baseline (side by side): vLLM's own `prompt_logprobs=k, flat_logprobs=True` path through the
   same conversion, encoding and writing.
 
 Engines run one at a time (dump engine, then the prompt-logprobs engine that also times
 prefill, then the extra pass), each closed and its memory released before the next starts, so
-that the bench runs on one GPU. Each timing is the median of `rounds` runs after a warm-up;
+that the bench runs on one GPU. Each timing is the median of `rounds` runs after a warm-up on
+the first `WARMUP_WINDOWS` windows (every shape and code path, not the whole time again);
 engine start-up is excluded.
 """
 
@@ -39,7 +44,7 @@ from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk, segments_for_mode
 from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import teacher_fingerprint
-from kdcache.teacher_dump.pipeline import ShardPipeline
+from kdcache.teacher_dump.pipeline import ShardPipeline, engine_groups
 
 
 
@@ -56,7 +61,12 @@ class BenchConfig:
     mode: str = "causal"
     dtype: str = "float32"  # the engine's weights and activations (bfloat16 on a GPU)
     gpu_memory_utilization: float | None = None
-    windows_per_shard: int = 4  # the timed windows are written as shards of this many
+    windows_per_shard: int = 16  # the timed windows are written as shards of this many (the
+    #                              dump's default --windows-per-shard)
+    encode_workers: int | None = None  # the dump's --encode-workers (None: its default)
+
+
+WARMUP_WINDOWS = 2
 
 
 def bench_windows(cfg: BenchConfig):
@@ -88,14 +98,21 @@ def lm_head_weight(model_dir: str):
     raise FileNotFoundError(f"{model_dir}: no output matrix among {names}")
 
 
-def _median_seconds(fn: Callable[[], None], rounds: int) -> float:
-    fn()  # warm-up
-    times = []
+def _timed(fn: Callable[[], object], rounds: int,
+           warmup: Callable[[], object] | None = None) -> list[tuple[float, object]]:
+    """(seconds, result) of `rounds` calls of `fn` after one call of `warmup` (default: fn)."""
+    (warmup or fn)()
+    out = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        result = fn()
+        out.append((time.perf_counter() - t0, result))
+    return out
+
+
+def _median_seconds(fn: Callable[[], object], rounds: int,
+                    warmup: Callable[[], object] | None = None) -> float:
+    return statistics.median(t for t, _ in _timed(fn, rounds, warmup))
 
 
 def _sync() -> None:
@@ -120,19 +137,25 @@ class _Writer:
                                packing={"window": window, "mode": mode})
         return header, prepare_codec(header)
 
-    def dump_fn(self, engine, windows, c: BenchConfig) -> Callable[[], None]:
+    def dump_fn(self, engine, windows, c: BenchConfig) -> Callable[[], float]:
         """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
         into shards, the engine called on ~16k-token groups on this thread while the writer's
-        threads encode the previous group and finish the previous shard."""
+        threads encode the previous group and finish the previous shard. The function returns
+        the seconds until the engine's thread was done with the last shard."""
         header, codec = self.header(c.k, c.window, c.mode)
         pipeline = ShardPipeline(engine)
         self._pipelines.append(pipeline)
         step = c.windows_per_shard
 
-        def run() -> None:
-            shards = [(f"shard-{next(self._names):05d}", windows[i:i + step])
-                      for i in range(0, len(windows), step)]
-            pipeline.write_all(self.tmp, shards, header, codec)
+        def run() -> float:
+            t0 = time.perf_counter()
+            written = [pipeline.start(self.tmp, f"shard-{next(self._names):05d}",
+                                      windows[i:i + step], header, codec, c.encode_workers)
+                       for i in range(0, len(windows), step)]
+            engine_side = time.perf_counter() - t0
+            for future in written:
+                future.result()
+            return engine_side
         return run
 
     def close(self) -> None:
@@ -202,13 +225,23 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
         try:
             for c, wins, sec, res in zip(cfgs, windows, seconds, results):
                 engine.reconfigure(k=c.k, mode=c.mode, window=c.window)
-                sec["dump"] = _median_seconds(writer.dump_fn(engine, wins, c), c.rounds)
-                sec["engine"] = _median_seconds(lambda: engine.topk(wins), c.rounds)
+                runs = _timed(writer.dump_fn(engine, wins, c), c.rounds,
+                              writer.dump_fn(engine, wins[:WARMUP_WINDOWS], c))
+                sec["dump"] = statistics.median(t for t, _ in runs)
+                sec["dump_engine_side"] = statistics.median(e for _, e in runs)
+                sec["dump_tail"] = statistics.median(t - e for t, e in runs)
+                sec["engine"] = _median_seconds(lambda: engine.topk(wins), c.rounds,
+                                                lambda: engine.topk(wins[:WARMUP_WINDOWS]))
+                # the same, called in the dump's ~16k-token groups (one round, warm by now):
+                # what the calls themselves cost against one call of every window
+                sec["engine_grouped"] = _median_seconds(
+                    lambda: [engine.topk(g) for g in engine_groups(wins)], 1, lambda: None)
                 capture("pooler" if first.engine == "vllm" else "hf", engine, c, wins)
                 res["engine_start_s"] = round(start_s, 1)
                 if first.engine == "hf":  # prefill-only: the backbone alone, same engine
-                    sec["prefill"] = _median_seconds(lambda: _hf_prefill(engine, wins, c.mode),
-                                                     c.rounds)
+                    sec["prefill"] = _median_seconds(
+                        lambda: _hf_prefill(engine, wins, c.mode), c.rounds,
+                        lambda: _hf_prefill(engine, wins[:WARMUP_WINDOWS], c.mode))
                 log(f"bench dump: {c.engine} k={c.k} window={c.window} {c.mode}: "
                     f"{res['tokens'] / sec['dump']:,.0f} tok/s")
         finally:
@@ -220,10 +253,12 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
             try:
                 for c, wins, sec in zip(cfgs, windows, seconds):
                     base.reconfigure(k=c.k, mode=c.mode, window=c.window)
-                    sec["prefill"] = _median_seconds(lambda: base.prefill(wins), c.rounds)
+                    sec["prefill"] = _median_seconds(lambda: base.prefill(wins), c.rounds,
+                                                     lambda: base.prefill(wins[:WARMUP_WINDOWS]))
                     if c.baseline:
-                        sec["baseline"] = _median_seconds(writer.dump_fn(base, wins, c),
-                                                          c.rounds)
+                        sec["baseline"] = _median_seconds(
+                            writer.dump_fn(base, wins, c), c.rounds,
+                            writer.dump_fn(base, wins[:WARMUP_WINDOWS], c))
                         capture("prompt-logprobs", base, c, wins)
             finally:
                 base.close()
@@ -237,10 +272,11 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
             hidden = (torch.randn(res["tokens"], int(weight.shape[1]), generator=gen) * 0.5).to(
                 device, dtype)
 
-            def extra() -> None:
-                chunked_topk(hidden, weight, c.k)
+            def extra(rows: int | None = None) -> None:
+                chunked_topk(hidden[:rows], weight, c.k)
                 _sync()
-            sec["extra"] = _median_seconds(extra, c.rounds)
+            warm_rows = max(1, res["tokens"] * WARMUP_WINDOWS // max(1, res["windows"]))
+            sec["extra"] = _median_seconds(extra, c.rounds, lambda: extra(warm_rows))
             del hidden
         hidden_size = int(weight.shape[1])
         del weight
@@ -255,14 +291,18 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
             "extra_tokens_per_s": round(tokens / sec["extra"], 1),
             "ceiling_tokens_per_s": round(ceiling, 1),
             "dump_tokens_per_s": round(tokens / sec["dump"], 1),
+            "dump_engine_side_tokens_per_s": round(tokens / sec["dump_engine_side"], 1),
+            "dump_engine_side_ratio": round(tokens / sec["dump_engine_side"] / ceiling, 3),
+            "dump_tail_s": round(sec["dump_tail"], 3), "windows_per_shard": c.windows_per_shard,
             # the targets alone (no conversion, encoding or writing): the engine's own ratio
             "engine_tokens_per_s": round(tokens / sec["engine"], 1),
             "engine_ratio": round(tokens / sec["engine"] / ceiling, 3),
+            "engine_grouped_tokens_per_s": round(tokens / sec["engine_grouped"], 1),
             "ratio": round(tokens / sec["dump"] / ceiling, 3),
             "vllm_path": "pooler" if c.engine == "vllm" else None,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
-            "encode_workers": default_encode_workers(), "device": device,
+            "encode_workers": c.encode_workers or default_encode_workers(), "device": device,
         })
         if "baseline" in sec:
             res["baseline"] = "vllm prompt_logprobs flat"

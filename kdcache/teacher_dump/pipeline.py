@@ -2,8 +2,11 @@
 
 The engine is called on the thread that drives the pipeline, in groups of about
 `ENGINE_CALL_TOKENS` tokens (all requests of a group, thousands of short documents included, go
-to the engine in one call). Each group's WindowRecords go to the shard's writer, which validates,
-encodes (a thread pool inside `write_shard`) and writes on background threads. `start` returns
+to the engine in one call). That thread does only the engine's own part (`engine.compute`) and
+hands its result on: the conversion into targets (`engine.finish`, O(rows x k) copies and casts)
+runs on the pipeline's converting thread while the engine computes the next group, and the
+group's WindowRecords go to the shard's writer, which validates, encodes (worker processes
+inside `write_shard`) and writes on background threads. `start` returns
 as soon as the engine is done with a shard, so the next shard's engine calls run while the last
 group of this one is still being encoded and written; at most `max_writing` shards are being
 written at once, and each writer holds a bounded number of windows, so memory stays bounded when
@@ -29,7 +32,7 @@ from kdcache.teacher_dump.pack import PackedWindow
 
 ENGINE_CALL_TOKENS = 16384  # windows are sent to the engine in groups of about this many tokens
 MAX_WRITING = 2  # shards being encoded / written at once behind the engine
-_QUEUED_RECORDS = 2  # finished windows waiting for a shard's writer (beyond its encode pool)
+_QUEUED_GROUPS = 2  # engine groups converted or converting ahead of a shard's writer
 _END = object()
 
 
@@ -48,17 +51,67 @@ def engine_groups(windows: Iterable[PackedWindow],
         yield group
 
 
-def group_records(engine, group: list[PackedWindow]) -> list:
-    """The engine's targets for one group, as WindowRecords for the writer (a `sampled` dump,
-    engine.cfg.draws > 0, stores the draws: distinct ids and counts / draws)."""
-    sampled = bool(getattr(getattr(engine, "cfg", None), "draws", 0))
+def window_records(group: list[PackedWindow], targets: list, sampled: bool) -> list:
+    """The targets of one group's windows as WindowRecords for the writer (`sampled`: a
+    sampled dump, which stores the draws: distinct ids and counts / draws)."""
     records = []
-    for w, t in zip(group, engine.topk(group)):
+    for w, t in zip(group, targets):
         ids, values = (t.draw_ids, t.draw_weights) if sampled else (t.ids, t.logprobs)
         records.append(WindowRecord(window_index=w.window_index, tokens=w.tokens,
                                     doc_offsets=w.doc_offsets, valid=t.valid, ids=ids,
                                     values=values, doc_ids=w.doc_ids, doc_pieces=w.doc_pieces))
     return records
+
+
+def _sampled(engine) -> bool:
+    return bool(getattr(getattr(engine, "cfg", None), "draws", 0))
+
+
+def group_records(engine, group: list[PackedWindow]) -> list:
+    """The engine's targets for one group, as WindowRecords, all on the calling thread."""
+    return window_records(group, engine.topk(group), _sampled(engine))
+
+
+def _phases(engine) -> tuple[Callable, Callable]:
+    """(compute, finish) of an engine: its TeacherEngine split, or all of `topk` on the
+    engine's thread for an object that has only `topk`."""
+    if hasattr(engine, "compute") and hasattr(engine, "finish"):
+        return engine.compute, engine.finish
+    return engine.topk, lambda group, targets: targets
+
+
+def ahead(items: Iterable, depth: int = 1) -> Iterator:
+    """`items`, produced on a thread of their own up to `depth` items ahead of the consumer: the
+    next shard's windows are packed (tokenized) while the engine computes this one's, instead
+    of between them with the engine idle."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        return _put_while(q, item, lambda: not stop.is_set())
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+
+    thread = threading.Thread(target=produce, name="kdcache-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = q.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _Aborted(Exception):
@@ -74,6 +127,8 @@ class ShardPipeline:
         self.call_tokens = call_tokens
         self._writers = ThreadPoolExecutor(max_workers=max_writing,
                                            thread_name_prefix="kdcache-shard-writer")
+        # one thread: groups are converted in order, each while the engine computes the next
+        self._converter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-convert")
         self._slots = threading.BoundedSemaphore(max_writing)
 
     def start(self, out: str, name: str, windows: list[PackedWindow], header, codec,
@@ -81,22 +136,26 @@ class ShardPipeline:
         """Compute `windows` on this thread and hand them to a writer; the future holds the
         ShardInfo once the shard is written. Blocks while `max_writing` shards are in writing."""
         self._slots.acquire()
-        records: queue.Queue = queue.Queue(maxsize=_QUEUED_RECORDS)
+        groups: queue.Queue = queue.Queue(maxsize=_QUEUED_GROUPS)
         try:
-            written = self._writers.submit(write_shard, out, name, _drain_queue(records), header,
+            written = self._writers.submit(write_shard, out, name, _drain_queue(groups), header,
                                            codec, encode_workers=encode_workers)
         except BaseException:
             self._slots.release()
             raise
         written.add_done_callback(lambda _: self._slots.release())
+        compute, finish = _phases(self.engine)
+        sampled = _sampled(self.engine)
         try:
             for group in engine_groups(windows, self.call_tokens):
-                for rec in group_records(self.engine, group):
-                    if not _put_unless_done(records, rec, written):
-                        return written  # the writer failed: its future holds the error
-            _put_unless_done(records, _END, written)
+                computed = compute(group)
+                records = self._converter.submit(
+                    lambda g=group, c=computed: window_records(g, finish(g, c), sampled))
+                if not _put_unless_done(groups, records, written):
+                    return written  # the writer failed: its future holds the error
+            _put_unless_done(groups, _END, written)
         except BaseException:
-            _put_unless_done(records, _Aborted("the teacher stopped mid-shard"), written)
+            _put_unless_done(groups, _Aborted("the teacher stopped mid-shard"), written)
             raise
         return written
 
@@ -115,11 +174,12 @@ class ShardPipeline:
 
     def close(self) -> None:
         self._writers.shutdown(wait=True)
+        self._converter.shutdown(wait=True)
 
 
-def _put_unless_done(q: queue.Queue, item: Any, writer: Future) -> bool:
-    """Put `item` for the writer unless the writer has stopped (then False)."""
-    while not writer.done():
+def _put_while(q: queue.Queue, item: Any, wanted: Callable[[], bool]) -> bool:
+    """Put `item` as soon as there is room, unless `wanted()` turns False first (then False)."""
+    while wanted():
         try:
             q.put(item, timeout=0.2)
             return True
@@ -128,14 +188,20 @@ def _put_unless_done(q: queue.Queue, item: Any, writer: Future) -> bool:
     return False
 
 
+def _put_unless_done(q: queue.Queue, item: Any, writer: Future) -> bool:
+    """Put `item` for the writer unless the writer has stopped (then False)."""
+    return _put_while(q, item, lambda: not writer.done())
+
+
 def _drain_queue(q: queue.Queue) -> Iterator:
+    """The records of each group's conversion (a Future), in order."""
     while True:
         item = q.get()
         if item is _END:
             return
         if isinstance(item, _Aborted):
             raise item
-        yield item
+        yield from item.result()
 
 
 class EngineThread:

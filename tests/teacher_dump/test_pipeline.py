@@ -74,24 +74,6 @@ def test_engine_groups_cover_windows_in_order(windows):
     assert list(engine_groups(windows, call_tokens=1)) == [[w] for w in windows]
 
 
-def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path):
-    from kdcache.formats.writer import write_shard
-    from kdcache.teacher_dump.pipeline import group_records
-
-    header, codec = _header()
-    serial, piped = tmp_path / "serial", tmp_path / "piped"
-    shards = [("shard-00000", windows[:3]), ("shard-00001", windows[3:])]
-    for name, wins in shards:
-        write_shard(str(serial), name, group_records(engine, wins), header, codec)
-    pipeline = ShardPipeline(engine, call_tokens=200)  # several engine calls per shard
-    try:
-        infos = pipeline.write_all(str(piped), shards, header, codec)
-    finally:
-        pipeline.close()
-    assert [i.windows for i in infos] == [3, len(windows) - 3]
-    assert _files(piped) == _files(serial)
-
-
 def test_writer_error_reaches_the_caller(engine, windows, tmp_path):
     header, codec = _header(vocab_size=16)  # the teacher's ids exceed this vocabulary
     pipeline = ShardPipeline(engine)
@@ -134,3 +116,91 @@ def test_engine_thread_builds_and_calls_on_one_thread(engine, windows):
         thread.close()
     assert built_on[0] != threading.get_ident()
     assert thread.engine.threads == [built_on[0]] * 2
+
+
+class _Split:
+    """The HF engine behind the compute / finish split of TeacherEngine (the vLLM engine's
+    shape): compute on the engine's thread, finish wherever the pipeline runs it; each call's
+    thread noted, finish failing on call `fail_at` (if set)."""
+
+    def __init__(self, engine, fail_at: int | None = None) -> None:
+        self.engine, self.cfg, self.fail_at = engine, engine.cfg, fail_at
+        self.compute_threads, self.finish_threads = [], []
+
+    def compute(self, group):
+        self.compute_threads.append(threading.get_ident())
+        return self.engine.topk(group)
+
+    def finish(self, group, computed):
+        self.finish_threads.append(threading.get_ident())
+        if len(self.finish_threads) == self.fail_at:
+            raise RuntimeError("conversion fell over")
+        return computed
+
+    def topk(self, group):
+        return self.finish(group, self.compute(group))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["topk", "compute-finish"])
+def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path, split):
+    """Pipelined shards (several engine calls per shard; with an engine split like vLLM's, its
+    results finished on the converting thread) have the bytes of shards written serially."""
+    from kdcache.formats.writer import write_shard
+    from kdcache.teacher_dump.pipeline import group_records
+
+    header, codec = _header()
+    serial, piped = tmp_path / "serial", tmp_path / "piped"
+    shards = [("shard-00000", windows[:3]), ("shard-00001", windows[3:])]
+    for name, wins in shards:
+        write_shard(str(serial), name, group_records(engine, wins), header, codec)
+    piped_engine = _Split(engine) if split else engine
+    pipeline = ShardPipeline(piped_engine, call_tokens=200)
+    try:
+        infos = pipeline.write_all(str(piped), shards, header, codec)
+    finally:
+        pipeline.close()
+    assert [i.windows for i in infos] == [3, len(windows) - 3]
+    assert _files(piped) == _files(serial)
+    if split:
+        assert set(piped_engine.compute_threads) == {threading.get_ident()}
+        assert len(piped_engine.finish_threads) == len(piped_engine.compute_threads) > 2
+        assert threading.get_ident() not in piped_engine.finish_threads
+
+
+def test_conversion_failure_leaves_nothing(engine, windows, tmp_path):
+    header, codec = _header()
+    pipeline = ShardPipeline(_Split(engine, fail_at=2), call_tokens=1)
+    try:
+        future = pipeline.start(str(tmp_path), "shard-00000", windows, header, codec)
+        with pytest.raises(RuntimeError, match="conversion fell over"):
+            future.result()
+    finally:
+        pipeline.close()
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]  # no shard, no temporary
+
+
+def test_ahead_keeps_order_raises_and_stops_early():
+    from kdcache.teacher_dump.pipeline import ahead
+
+    assert list(ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("corpus went away")
+
+    got = []
+    with pytest.raises(ValueError, match="corpus went away"):
+        for x in ahead(failing()):
+            got.append(x)
+    assert got == [1]
+    produced = []
+
+    def endless():
+        for i in range(10**9):
+            produced.append(i)
+            yield i
+
+    stream = ahead(endless())
+    assert next(stream) == 0
+    stream.close()  # the producer stops, one item or so ahead
+    assert len(produced) <= 4

@@ -163,3 +163,48 @@ def test_sampled_dump_end_to_end(ray_address, teacher_dir, small_dump_config, tm
     np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-5)
     counts = weights * 50
     np.testing.assert_allclose(counts, np.rint(counts), atol=1e-4)  # exact counts of 50 draws
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama-padded", "phi-bias"])
+def test_tensor_parallel_pooler_is_the_models_distribution(ray_address, teacher_dir,
+                                                           tmp_path, name):
+    """Two vLLM-CPU ranks: each holds half of the (padded) vocabulary and of the lm_head bias;
+    the pooler's row blocks gather the model's logits across ranks, so the targets are the
+    same as transformers' single-process forward."""
+    import ray
+
+    model_dir = build_arch_teacher(name, str(tmp_path / name), teacher_dir)
+    win = _window(seed=5)
+    actor = _engine_actor(model_dir, tensor_parallel=2)
+    try:
+        got = ray.get(actor.topk.remote([win]))[0]
+        ray.get(actor.close.remote())
+    finally:
+        ray.kill(actor, no_restart=True)
+    worst, same = _compare(win, model_dir, got)
+    assert same == 1.0 and worst <= TOL, (name, worst, same)
+    if name == "phi-bias":
+        wrong, _ = _compare(win, model_dir, got, without_feature=True)
+        assert wrong > 100 * TOL, wrong  # a rank that dropped its share of the bias would fail
+
+
+def test_pipeline_parallel_on_vllm_cpu_is_refused(teacher_dir):
+    from kdcache.teacher_dump.engines.base import EngineConfig, EngineError
+    from kdcache.teacher_dump.engines.vllm import VLLMEngine
+
+    with pytest.raises(EngineError, match="vLLM-CPU cannot run pipeline parallel"):
+        VLLMEngine(EngineConfig(model=teacher_dir, k=4, window=256, pipeline_parallel=2))
+
+
+def test_cpu_ranks_get_an_equal_share_of_the_cpus(monkeypatch):
+    from kdcache.teacher_dump.engines.base import EngineError
+    from kdcache.vllm_start import cpu_bind_for_ranks
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {4, 5, 6, 7, 8})
+    assert cpu_bind_for_ranks(2, EngineError) == "4,5|6,7"
+    with pytest.raises(EngineError, match="need at least 8 CPUs"):
+        cpu_bind_for_ranks(8, EngineError)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    assert cpu_bind_for_ranks(2, EngineError) is None  # the user's own binding stays

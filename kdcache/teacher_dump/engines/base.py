@@ -94,6 +94,16 @@ class TeacherEngine(ABC):
     def topk(self, windows: list[PackedWindow]) -> list[WindowTargets]:
         """Targets for each window, in order."""
 
+    def compute(self, windows: list[PackedWindow]) -> Any:
+        """The part of `topk` that needs the engine's thread (the model); `finish` turns its
+        result into the targets on any thread, so that the dump's pipeline converts one group
+        while the engine computes the next. Engines without such a split compute it all here."""
+        return self.topk(windows)
+
+    def finish(self, windows: list[PackedWindow], computed: Any) -> list[WindowTargets]:
+        """The targets of `windows` from `compute`'s result (any thread)."""
+        return computed
+
     def close(self) -> None:
         """Release the model (engines hold large memory)."""
 

@@ -30,6 +30,8 @@ import gc
 import json
 import os
 import zlib
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -116,34 +118,35 @@ class VLLMEngine(TeacherEngine):
     # ------------------------------------------------------------------ requests
 
     def _requests(self, windows: list[PackedWindow]):
-        prompts, where = [], []
-        for w, win in enumerate(windows):
-            for start, end, _ in segments_for_mode(win, self.cfg.mode):
-                prompts.append({"prompt_token_ids": win.tokens[start:end].tolist()})
-                where.append((w, start, end, win.window_index))
+        where = request_layout(windows, self.cfg.mode)
+        prompts = [{"prompt_token_ids": windows[w].tokens[start:end].tolist()}
+                   for w, start, end, _ in where]
         return prompts, where
 
     def topk(self, windows: list[PackedWindow]) -> list[WindowTargets]:
-        k, draws = self.cfg.k, self.cfg.draws
-        out = [empty_targets(win.n_tokens, k) for win in windows]
-        sampled = [empty_targets(win.n_tokens, draws) for win in windows] if draws else None
-        prompts, where = self._requests(windows)
-        if self.cfg.vllm_path == "pooler":
-            self._pooler(prompts, where, out, sampled)
-        else:
-            self._topk_prompt_logprobs(prompts, where, out)
-        targets = [finish_targets(win, self.cfg.mode, ids, lps)
-                   for win, (ids, lps) in zip(windows, out)]
-        if sampled is not None:
-            for t, (d_ids, d_w) in zip(targets, sampled):
-                d_ids[~t.valid], d_w[~t.valid] = -1, 0.0
-                t.draw_ids, t.draw_weights = d_ids, d_w
-        return targets
+        return self.finish(windows, self.compute(windows))
 
-    def _pooler(self, prompts, where, out, sampled) -> None:
+    def compute(self, windows: list[PackedWindow]) -> "RawTargets":
+        """vLLM's results, as it returns them (the engine's thread does nothing per entry:
+        `finish` converts them, on the pipeline's converting thread)."""
+        prompts, where = self._requests(windows)
+        k, draws = self.cfg.k, self.cfg.draws
+        if self.cfg.vllm_path == "pooler":
+            results = self._pooler(prompts, where)
+            datas = [res.outputs.data for res in results]
+        else:
+            results = self._prompt_logprobs(prompts)
+            datas = [res.prompt_logprobs for res in results]
+        return RawTargets(path=self.cfg.vllm_path, mode=self.cfg.mode, k=k, draws=draws,
+                          where=where, datas=datas)
+
+    def finish(self, windows: list[PackedWindow], computed: "RawTargets") -> list[WindowTargets]:
+        return raw_targets(windows, computed)
+
+    def _pooler(self, prompts, where):
         from vllm import PoolingParams
 
-        from kdcache.teacher_dump.engines.vllm_topk import request_kwargs, split_result
+        from kdcache.teacher_dump.engines.vllm_topk import request_kwargs
 
         k, draws = self.cfg.k, self.cfg.draws
         # draws are seeded per (dump seed, window, request start): a resumed shard redraws the same
@@ -151,40 +154,15 @@ class VLLMEngine(TeacherEngine):
             k, draws, self.cfg.temperature,
             seed=zlib.crc32(f"{self.cfg.seed}:{index}:{start}".encode())))
             for _, start, _, index in where]
-        results = self.llm.encode(prompts, pooling_task="token_embed", pooling_params=params,
-                                  use_tqdm=False)
-        for (w, start, end, _), res in zip(where, results):
-            data = res.outputs.data
-            if tuple(data.shape) != (end - start, 2 * k + 2 * draws):
-                raise EngineError(f"vLLM's top-k pooler returned {tuple(data.shape)} for a "
-                                  f"{end - start}-token request, expected "
-                                  f"{(end - start, 2 * k + 2 * draws)}")
-            ids, lps, d_ids, d_cnt = split_result(data, k, draws)
-            out[w][0][start:end], out[w][1][start:end] = ids, lps
-            if draws:
-                sampled[w][0][start:end] = d_ids
-                sampled[w][1][start:end] = d_cnt / np.float32(draws)
+        return self.llm.encode(prompts, pooling_task="token_embed", pooling_params=params,
+                               use_tqdm=False)
 
-    def _topk_prompt_logprobs(self, prompts, where, out) -> None:
+    def _prompt_logprobs(self, prompts):
         from vllm import SamplingParams
 
-        k = self.cfg.k
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False,
+        params = SamplingParams(max_tokens=1, prompt_logprobs=self.cfg.k, detokenize=False,
                                 flat_logprobs=True, temperature=1.0)
-        results = self.llm.generate(prompts, params, use_tqdm=False)
-        for (w, start, end, _), res in zip(where, results):
-            rows = end - start - 1  # position p >= 1 carries the target of token p
-            if rows <= 0:
-                continue
-            flat = res.prompt_logprobs
-            tid = np.asarray(flat.token_ids, dtype=np.int32)
-            lp = np.asarray(flat.logprobs, dtype=np.float32)
-            if tid.shape[0] != rows * (k + 1):
-                raise EngineError(f"vLLM returned {tid.shape[0]} prompt log-prob entries for "
-                                  f"{rows} positions, expected {rows * (k + 1)}")
-            ids, lps = out[w]
-            ids[start:end - 1] = tid.reshape(rows, k + 1)[:, 1:]
-            lps[start:end - 1] = lp.reshape(rows, k + 1)[:, 1:]
+        return self.llm.generate(prompts, params, use_tqdm=False)
 
     def prefill(self, windows: list[PackedWindow]) -> None:
         """Prefill only (no targets) on the same requests: the teacher's own cost (benches)."""
@@ -211,6 +189,75 @@ class VLLMEngine(TeacherEngine):
             cleanup_dist_env_and_memory()
         except Exception:  # best effort: nothing else in this process uses vLLM's groups
             pass
+
+
+def request_layout(windows: list[PackedWindow], mode: str) -> list[tuple[int, int, int, int]]:
+    """(window position in the call, start, end, window_index) of each request, in order."""
+    return [(w, start, end, win.window_index) for w, win in enumerate(windows)
+            for start, end, _ in segments_for_mode(win, mode)]
+
+
+@dataclass
+class RawTargets:
+    """vLLM's results for one call, before conversion: per request (`where`, as
+    `request_layout`), the pooler's float32 [rows, 2k (+ 2 draws)] tensor or the prompt
+    log-probs (`path`); the settings they were computed with."""
+
+    path: str
+    mode: str
+    k: int
+    draws: int
+    where: list[tuple[int, int, int, int]]
+    datas: list[Any]
+
+
+def raw_targets(windows: list[PackedWindow], raw: RawTargets) -> list[WindowTargets]:
+    """The windows' targets from vLLM's results (`VLLMEngine.finish`)."""
+    k, draws = raw.k, raw.draws
+    out = [empty_targets(win.n_tokens, k) for win in windows]
+    sampled = [empty_targets(win.n_tokens, draws) for win in windows] if draws else None
+    if raw.path == "pooler":
+        _from_pooler(raw, out, sampled)
+    else:
+        _from_prompt_logprobs(raw, out)
+    targets = [finish_targets(win, raw.mode, ids, lps) for win, (ids, lps) in zip(windows, out)]
+    if sampled is not None:
+        for t, (d_ids, d_w) in zip(targets, sampled):
+            d_ids[~t.valid], d_w[~t.valid] = -1, 0.0
+            t.draw_ids, t.draw_weights = d_ids, d_w
+    return targets
+
+
+def _from_pooler(raw: RawTargets, out, sampled) -> None:
+    k, draws = raw.k, raw.draws
+    for (w, start, end, _), data in zip(raw.where, raw.datas):
+        if tuple(data.shape) != (end - start, 2 * k + 2 * draws):
+            raise EngineError(f"vLLM's top-k pooler returned {tuple(data.shape)} for a "
+                              f"{end - start}-token request, expected "
+                              f"{(end - start, 2 * k + 2 * draws)}")
+        arr = data.numpy() if hasattr(data, "numpy") else np.asarray(data)
+        # ids travel as float32 (exact below 2^24, vllm_topk): cast as they are copied
+        out[w][0][start:end], out[w][1][start:end] = arr[:, :k], arr[:, k:2 * k]
+        if draws:
+            sampled[w][0][start:end] = arr[:, 2 * k:2 * k + draws]
+            counts = arr[:, 2 * k + draws:2 * k + 2 * draws].astype(np.int32)
+            sampled[w][1][start:end] = counts / np.float32(draws)
+
+
+def _from_prompt_logprobs(raw: RawTargets, out) -> None:
+    k = raw.k
+    for (w, start, end, _), flat in zip(raw.where, raw.datas):
+        rows = end - start - 1  # position p >= 1 carries the target of token p
+        if rows <= 0:
+            continue
+        tid = np.asarray(flat.token_ids, dtype=np.int32)
+        lp = np.asarray(flat.logprobs, dtype=np.float32)
+        if tid.shape[0] != rows * (k + 1):
+            raise EngineError(f"vLLM returned {tid.shape[0]} prompt log-prob entries for "
+                              f"{rows} positions, expected {rows * (k + 1)}")
+        ids, lps = out[w]
+        ids[start:end - 1] = tid.reshape(rows, k + 1)[:, 1:]
+        lps[start:end - 1] = lp.reshape(rows, k + 1)[:, 1:]
 
 
 def _pooler_config():

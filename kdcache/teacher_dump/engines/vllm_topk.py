@@ -55,19 +55,6 @@ def row_width(k: int, draws: int) -> int:
     return 2 * k + 2 * draws
 
 
-def split_result(data, k: int, draws: int):
-    """numpy (ids int32 [n, k], logprobs f32 [n, k], draw ids int32 [n, D], counts i32 [n, D])
-    from one request's float32 [n, row_width] result (draw columns are -1 / 0 padded)."""
-    import numpy as np
-
-    arr = data.numpy() if hasattr(data, "numpy") else np.asarray(data)
-    ids = arr[:, :k].astype(np.int32)
-    lps = np.ascontiguousarray(arr[:, k:2 * k], dtype=np.float32)
-    d_ids = arr[:, 2 * k:2 * k + draws].astype(np.int32)
-    d_cnt = arr[:, 2 * k + draws:2 * k + 2 * draws].astype(np.int32)
-    return ids, lps, d_ids, d_cnt
-
-
 def __getattr__(name: str):
     if not name.startswith(PREFIX):
         raise AttributeError(name)
