@@ -1,5 +1,6 @@
 """Sizes of the replication experiment: `smoke` (the whole pipeline on 2 CPU cores in minutes, run
-by the tests) and `toy` (a teacher that can retrieve at 16k, sized for one H200 in about 25 minutes: two 450 s teachers, then dumps, 27 students nine at a time, evaluation).
+by the tests) and `toy` (a teacher that can retrieve at 16k, sized for one H200 in about 25
+minutes: two 450 s teachers, then dumps, 27 students nine at a time, evaluation).
 
 Every arm of a preset trains on the same data for the same steps; only what the arm names differs.
 """
