@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -94,9 +95,18 @@ def test_make_teacher_writes_valid_json_without_training(tmp_path, capsys):
 def test_ctrl_c_prints_one_line_not_a_traceback(tmp_path):
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "make-teacher", "--out",
-                             str(tmp_path / "t"), "--train-seconds", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A child inherits an ignored SIGINT (Python then installs no KeyboardInterrupt handler),
+    # and a library in this process may have left it ignored: spawn with Python's own handler
+    # in place (a handled signal is reset to the default at exec). Unbuffered: the step line
+    # must arrive while the child trains, not when it exits.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "make-teacher", "--out",
+                                 str(tmp_path / "t"), "--train-seconds", "120"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         for line in proc.stdout:  # wait until the handler is busy training
             if "make-teacher: step" in line:
