@@ -64,6 +64,7 @@ def start_llm(error: type[Exception], **kwargs: Any):
             raise error(f"{kwargs.get('model')}: vLLM-CPU cannot run pipeline parallel "
                         f"(--pipeline-parallel {ranks[1]}); use tensor parallel or one stage")
         bind = cpu_bind_for_ranks(ranks[0] * ranks[1], error)
+    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     try:
         if bind is not None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
@@ -73,23 +74,38 @@ def start_llm(error: type[Exception], **kwargs: Any):
         raise error(f"{kwargs.get('model')}: vLLM could not start: {exc}") from exc
     finally:
         if bind is not None:  # the ranks have read it; the next engine picks its own
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+            if saved is None:
+                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+            else:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
 
 
 def cpu_bind_for_ranks(ranks: int, error: type[Exception]) -> str | None:
     """vLLM-CPU binds each rank's OpenMP threads to a NUMA node and refuses more ranks than
     nodes ("Not enough allowed NUMA nodes"), which is every one-socket machine. Give each rank
-    an equal share of the CPUs this process may use ("0|1" for two ranks on two cores) unless
-    the user set VLLM_CPU_OMP_THREADS_BIND; None keeps theirs."""
-    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+    an equal share of the engine's CPUs ("0|1" for two ranks on two cores): those that
+    VLLM_CPU_OMP_THREADS_BIND names as one list (what the dump's actor pool gives each engine),
+    else those this process may use. A value already split per rank ("a|b"), "auto" or "nobind"
+    is the user's: None keeps it."""
+    given = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "").strip()
+    if "|" in given or given in ("auto", "nobind"):
         return None
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = _cpu_list(given) if given else sorted(os.sched_getaffinity(0))
     if len(cpus) < ranks:
-        raise error(f"{ranks} vLLM-CPU ranks need at least {ranks} CPUs; this process may use "
+        raise error(f"{ranks} vLLM-CPU ranks need at least {ranks} CPUs; this engine may use "
                     f"{len(cpus)}")
     share = len(cpus) // ranks
     return "|".join(",".join(str(c) for c in cpus[r * share:(r + 1) * share])
                     for r in range(ranks))
+
+
+def _cpu_list(text: str) -> list[int]:
+    """CPU ids of a list such as "0,2,4-7" (vLLM's binding syntax for one rank)."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
 
 
 def stop_llm(llm: Any) -> None:

@@ -33,7 +33,7 @@ def _window(n_tokens: int = 160, split: int = 64, seed: int = 0):
                         doc_pieces=np.array([0, 0], dtype=np.int64))
 
 
-def _engine_actor(model_dir: str, **cfg_kw):
+def _engine_actor(model_dir: str, env_extra: dict | None = None, **cfg_kw):
     import ray
 
     from kdcache.teacher_dump.engines.base import EngineConfig
@@ -41,7 +41,7 @@ def _engine_actor(model_dir: str, **cfg_kw):
 
     cfg = EngineConfig(model=model_dir, k=K + 1, window=512, mode="document", **cfg_kw)
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
+           "VLLM_CPU_KVCACHE_SPACE": "1", **(env_extra or {})}
     return ray.remote(VLLMEngine).options(num_cpus=1, max_restarts=0,
                                           runtime_env={"env_vars": env}).remote(cfg)
 
@@ -176,7 +176,11 @@ def test_tensor_parallel_pooler_is_the_models_distribution(ray_address, teacher_
 
     model_dir = build_arch_teacher(name, str(tmp_path / name), teacher_dir)
     win = _window(seed=5)
-    actor = _engine_actor(model_dir, tensor_parallel=2)
+    import os
+
+    # as the dump's actor pool starts it: the engine's CPUs as one list, split per rank here
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    actor = _engine_actor(model_dir, {"VLLM_CPU_OMP_THREADS_BIND": cpus}, tensor_parallel=2)
     try:
         got = ray.get(actor.topk.remote([win]))[0]
         ray.get(actor.close.remote())
@@ -204,6 +208,11 @@ def test_cpu_ranks_get_an_equal_share_of_the_cpus(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {4, 5, 6, 7, 8})
     assert cpu_bind_for_ranks(2, EngineError) == "4,5|6,7"
+    # one list (the actor pool's slice for an engine) is the engine's CPUs, split per rank
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0,1,2,3")
+    assert cpu_bind_for_ranks(2, EngineError) == "0,1|2,3"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "2-5")
+    assert cpu_bind_for_ranks(2, EngineError) == "2,3|4,5"
     with pytest.raises(EngineError, match="need at least 8 CPUs"):
         cpu_bind_for_ranks(8, EngineError)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
