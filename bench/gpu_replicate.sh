@@ -25,12 +25,19 @@ setup() {
   export PYTHONPATH=/tmp/zs:$SRC HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 }
 
+# GPU use every 5 s beside the run (where a later run's parallelism should go)
+sample_gpu() {
+  pgrep -f "nvidia-smi --query-gpu" > /dev/null || (setsid nohup nvidia-smi \
+    --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 5 \
+    >> "$REP/gpu.csv" 2>/dev/null < /dev/null &)
+}
+
 running() { pgrep -f "python3 -m kdcache replicate .*--out $REP" > /dev/null; }
 
 collect() {
   tail -15 "$REP/run.log" 2>/dev/null
   (cd "$REP" && tar czf "$OUT/replicate/run.tgz" --ignore-failed-read run.log logs eval \
-     preset.json corpus.json teacher/kdcache_retrieval.json teacher-short/kdcache_retrieval.json \
+     gpu.csv preset.json corpus.json teacher/kdcache_retrieval.json teacher-short/kdcache_retrieval.json \
      report.md report.json ./*.png 2>/dev/null)
   for f in report.md report.json; do [ -e "$REP/$f" ] && cp "$REP/$f" "$OUT/replicate/"; done
   du -sh "$REP"/* 2>/dev/null | tr '\n' ' '; echo
@@ -41,6 +48,7 @@ case "${1:-run}" in
     shift; setup
     running && { echo "already running"; exit 0; }
     date -u +"start %FT%TZ" >> "$REP/run.log"
+    sample_gpu
     (cd "$SRC" && setsid nohup sh -c "python3 -m kdcache replicate --preset ${PRESET:-toy} --out '$REP' $*;
       echo \"rc=\$? \$(date -u +%FT%TZ)\"" >> "$REP/run.log" 2>&1 < /dev/null &)
     sleep 5; tail -5 "$REP/run.log" ;;

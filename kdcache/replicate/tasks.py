@@ -90,7 +90,8 @@ def run_tasks(tasks: list[Task], *, parallel: int, log_dir: str,
                 save_json(spec, {"kind": t.kind, "args": t.args})
                 handle = open(os.path.join(log_dir, t.name + ".log"), "w")
                 proc = subprocess.Popen([sys.executable, "-m", "kdcache.replicate.tasks", spec],
-                                        stdout=handle, stderr=subprocess.STDOUT)
+                                        stdout=handle, stderr=subprocess.STDOUT,
+                                        env=task_env(parallel))
                 running[t.name] = (t, proc, handle, time.perf_counter())
                 log(f"replicate: {t.kind} {t.name} started ({len(running)} running, "
                     f"{len(todo)} waiting)")
@@ -116,6 +117,21 @@ def run_tasks(tasks: list[Task], *, parallel: int, log_dir: str,
             except subprocess.TimeoutExpired:
                 proc.kill()
             handle.close()
+
+
+# Each of these defaults to every core in every process: with `parallel` processes that is
+# `parallel` x cores threads (and Inductor's compile pool: `parallel` x cores worker processes).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
+
+
+def task_env(parallel: int) -> dict[str, str]:
+    """The environment of a task process: the machine's cores shared out among the `parallel`
+    processes (a variable the user set is kept)."""
+    env = dict(os.environ)
+    share = str(max(1, (os.cpu_count() or 1) // parallel))
+    for name in THREAD_VARIABLES:
+        env.setdefault(name, share)
+    return env
 
 
 def _tail(path: str, lines: int = 15) -> str:

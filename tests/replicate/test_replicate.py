@@ -160,3 +160,18 @@ def test_tasks_in_processes_of_their_own_finish_or_stop_the_run_with_the_log(tmp
     for parallel in (1, 2):
         with pytest.raises(TaskError, match="dump dump-orphan needs"):
             run_tasks([orphan], parallel=parallel, log_dir=logs, log=lambda m: None)
+
+
+def test_task_processes_share_the_cores_and_keep_what_the_user_set(monkeypatch):
+    """`parallel` task processes get cores // parallel threads each (not every core each); a
+    thread count the user set is passed through as it is."""
+    from kdcache.replicate.tasks import THREAD_VARIABLES, task_env
+
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    env = task_env(parallel=6)
+    assert {env[n] for n in THREAD_VARIABLES} == {"2"}
+    assert task_env(parallel=64)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert task_env(parallel=6)["OMP_NUM_THREADS"] == "7"
