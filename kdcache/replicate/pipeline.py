@@ -25,7 +25,6 @@ each student's evaluation as soon as that student is done.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from typing import Any, Callable
@@ -33,7 +32,7 @@ from typing import Any, Callable
 from kdcache.errors import KdcacheError
 from kdcache.formats.manifest import MANIFEST_NAME
 from kdcache.formats.reader import open_dataset
-from kdcache.formats.storage import atomic_write_bytes, resolve
+from kdcache.replicate.corpus import write_short_corpus
 from kdcache.replicate.evaluation import EvalJob, evaluate_all, student_jobs, teacher_jobs
 from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
@@ -42,35 +41,12 @@ from kdcache.replicate.tasks import Task, run_tasks
 from kdcache.replicate.teacher import teacher_record, train_retrieval_teacher
 from kdcache.student_train.stages import (parse_run, run, stage_export_dir,
                                           stage_summary_path)
-from kdcache.teacher_dump.corpus import builtin_corpus
 
 HOLDOUT_FRACTION = 8  # the last 1/8 of the long windows are never trained on
 
 
 class ReplicateError(KdcacheError):
     """The experiment cannot run as asked."""
-
-
-def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -> dict:
-    """Built-in documents of at most `doc_max_tokens` tokens (BOS and EOS included), as JSONL."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
-    kept = dropped = 0
-    lines = []
-    for text in builtin_corpus(preset.corpus_documents * 2, seed=seed):
-        n = len(tok(text, add_special_tokens=False)["input_ids"]) + 2
-        if n > preset.doc_max_tokens:
-            dropped += 1
-            continue
-        lines.append(json.dumps({"text": text}))
-        kept += 1
-        if kept == preset.corpus_documents:
-            break
-    fs, base = resolve(path)
-    atomic_write_bytes(fs, base, ("\n".join(lines) + "\n").encode())
-    return {"path": path, "documents": kept, "dropped_longer": dropped,
-            "max_tokens": preset.doc_max_tokens}
 
 
 def dump_options(teacher: str, corpus: str, out: str, window: int, mode: str,

@@ -39,6 +39,12 @@ class Preset:
     short_context: int  # longest context of the short-context teacher (arm b)
     doc_max_tokens: int  # student documents are at most this long
     corpus_documents: int
+    # Shares of the corpus's documents that are retrieval documents (corpus.py): passkey prompts
+    # with their answer, and copying (random words and numbers, then the same again). Built-in
+    # prose alone teaches a student from random weights no retrieval at all, so without these no
+    # distance can be tested.
+    passkey_share: float
+    copy_share: float
     short_window: int  # stage 1 window (theta 10k in the phase-wise schedule)
     long_window: int  # stage 2 window: many short documents, document mask, global positions
     student_preset: str
@@ -73,8 +79,10 @@ PRESETS: dict[str, Preset] = {
                            intermediate_size=384, num_layers=2, num_heads=2, num_kv_heads=1,
                            max_positions=4096),
         teacher_seconds=20.0, teacher_context=512, teacher_tokens_per_step=2048,
-        teacher_lr=1e-3, short_context=128, doc_max_tokens=96,
-        corpus_documents=240, short_window=128, long_window=512, student_preset="tiny",
+        # documents up to 176 tokens: the smoke tokenizer's shortest passkey prompt is ~153
+        teacher_lr=1e-3, short_context=128, doc_max_tokens=176,
+        corpus_documents=240, passkey_share=0.1, copy_share=0.1, short_window=256,
+        long_window=512, student_preset="tiny",
         student_overrides={"n_layer": 1}, stage1_steps=12, stage2_steps=12, seeds=1, k=8,
         needle_lengths=(256, 512, 768), needle_depths=(0.2, 0.8), needle_samples=2,
         probe_block=64, probe_repeats=4),
@@ -93,7 +101,10 @@ PRESETS: dict[str, Preset] = {
         # get the same time: the same recipe and tokens per step, so about the same steps.
         teacher_seconds=450.0, teacher_context=16384, teacher_tokens_per_step=65536,
         teacher_lr=1e-3, short_context=2048, doc_max_tokens=2048,
-        corpus_documents=40_000, short_window=2048, long_window=16384, student_preset="tiny-4l",
+        # 19,000 documents: ~6.3M tokens (prose ~157 tokens a document, passkey ~1,090, copy
+        # ~960 with the toy tokenizer), the dumps' size before retrieval documents were added
+        corpus_documents=19_000, passkey_share=0.1, copy_share=0.1, short_window=2048,
+        long_window=16384, student_preset="tiny-4l",
         student_overrides={}, stage1_steps=300, stage2_steps=150, seeds=3, k=32,
         needle_lengths=(1024, 2048, 4096, 8192, 16384, 24576), needle_depths=(0.1, 0.5, 0.9),
         needle_samples=8, probe_block=2048, probe_repeats=8,
@@ -117,6 +128,10 @@ def get_preset(name: str, **overrides: Any) -> Preset:
         raise KdcacheError("documents must fit the short window, which must be shorter than the "
                            f"long one (got {preset.doc_max_tokens}, {preset.short_window}, "
                            f"{preset.long_window})")
+    if not (0 <= preset.passkey_share and 0 <= preset.copy_share
+            and preset.passkey_share + preset.copy_share <= 1):
+        raise KdcacheError("passkey_share and copy_share must be >= 0 and sum to at most 1 (got "
+                           f"{preset.passkey_share}, {preset.copy_share})")
     if preset.seeds < 1:
         raise KdcacheError("seeds must be >= 1")
     if preset.parallel < 1:
