@@ -8,7 +8,7 @@
 #   bash bench/gpu_replicate.sh collect        # run log, task logs, evaluation records, report
 #                                              # and PNGs into $OUT/replicate (few files: a tarball)
 #   bash bench/gpu_replicate.sh run SECONDS    # in the foreground (stops cleanly after SECONDS)
-# ARGS go to `kdcache replicate` (e.g. --parallel 9). A finished step is kept under $REP, so a
+# ARGS go to `kdcache replicate` (e.g. --parallel 14). A finished step is kept under $REP, so a
 # rerun on the same machine resumes.
 set -o pipefail
 OUT=${OUT:-out}

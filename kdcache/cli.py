@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     if not getattr(args, "verbose", False):
         quiet_libraries()
+    # Progress lines of long jobs reach a pipe or a log file as they happen, not at exit.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and not stream.isatty():
+            stream.reconfigure(line_buffering=True)
     try:
         result = args.handler(args)
     except KdcacheError as exc:

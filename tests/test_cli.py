@@ -97,14 +97,16 @@ def test_ctrl_c_prints_one_line_not_a_traceback(tmp_path):
 
     # A child inherits an ignored SIGINT (Python then installs no KeyboardInterrupt handler),
     # and a library in this process may have left it ignored: spawn with Python's own handler
-    # in place (a handled signal is reset to the default at exec). Unbuffered: the step line
-    # must arrive while the child trains, not when it exits.
+    # in place (a handled signal is reset to the default at exec). Not unbuffered: the CLI
+    # line-buffers a piped stdout, so the step line arrives while the child trains (with block
+    # buffering it would come at exit, after 120 s, and the signal would find no process).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", "make-teacher", "--out",
                                  str(tmp_path / "t"), "--train-seconds", "120"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={k: v for k, v in os.environ.items()
+                                     if k != "PYTHONUNBUFFERED"})
     finally:
         signal.signal(signal.SIGINT, previous)
     try:

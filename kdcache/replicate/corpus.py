@@ -16,7 +16,7 @@ distance could be tested. Two kinds of retrieval document, each within the lengt
 
 Documents are stored as text (the dump tokenizes them); a retrieval document whose text,
 re-tokenized with BOS and EOS, is over the limit is dropped and counted. The kinds are
-interleaved in a seeded order, so every window mixes them (the held-out windows too: their
+interleaved in a seeded order, so every window mixes them (the held-out documents too: their
 perplexity is over all three kinds).
 """
 

@@ -3,8 +3,8 @@
 - needle: passkey prompts of exact lengths up to and past the training window (the same prompts
   for every model, so arms are compared on identical inputs), scored per sample with its needle
   distance;
-- lm: held-out perplexity and KL to the teacher's stored targets on the long windows training
-  never saw;
+- lm: held-out perplexity and KL to the teacher's stored targets on long windows of documents
+  training never saw;
 - probe: the teacher in every packing mode and dtype (how much of the teacher's output moves with
   position, and how much of that is rounding);
 - diff: the phase-wise KD arm's stage 1 against stage 2 (which query dimensions moved).
@@ -64,25 +64,29 @@ class EvalJob:
     after: tuple[str, ...] = ()  # files that must exist first (a student's finished stage)
 
 
-def teacher_jobs(out: str, preset: Preset, teachers: dict[str, str]) -> list[EvalJob]:
-    """What needs only the teachers: their needle tests and the probe (they can run beside the
-    dumps)."""
+def teacher_jobs(out: str, preset: Preset, teachers: dict[str, str],
+                 ready: dict[str, tuple[str, ...]]) -> list[EvalJob]:
+    """What needs only the teachers (each once the files in `ready[who]` exist): their needle
+    tests and the probe (they run beside the dumps)."""
     jobs = [EvalJob("needle", f"needle-teacher-{who}",
                     {"model": path, "config": needle_config(preset)},
-                    needle_path(out, f"teacher-{who}"), f"teacher-{who}")
+                    needle_path(out, f"teacher-{who}"), f"teacher-{who}", ready[who])
             for who, path in teachers.items()]
     jobs.append(EvalJob("probe", "probe",
                         {"model": teachers["main"], **_probe_args(preset)},
-                        os.path.join(out, "eval", "probe.json")))
+                        os.path.join(out, "eval", "probe.json"), after=ready["main"]))
     return jobs
 
 
 def student_jobs(out: str, preset: Preset, teachers: dict[str, str],
-                 students: dict[str, list[dict]], data: str, holdout: int) -> list[EvalJob]:
+                 students: dict[str, list[dict]], heldout: tuple[str, str],
+                 ready: dict[str, tuple[str, ...]]) -> list[EvalJob]:
     """Each student's needle test and held-out LM metrics (each starts once its student is done,
-    `run["done"]`), the main teacher's LM metrics on the same windows (`data`: the long
-    document-global dump, its last `holdout` windows), the phase-wise arm's diff."""
+    `run["done"]`), the main teacher's LM metrics on the same windows (`heldout`: the dump of
+    the held-out documents and its manifest, which the LM jobs wait for too), the phase-wise
+    arm's diff."""
     device = preset.torch_device
+    data, written = heldout
     jobs, lm = [], []
     for arm, runs in students.items():
         for r in runs:
@@ -92,10 +96,11 @@ def student_jobs(out: str, preset: Preset, teachers: dict[str, str],
                                 {"model": r["stage2"], "config": needle_config(preset)},
                                 needle_path(out, name), name, after))
             lm.append((name, r["stage2"], after))
-    lm.append(("teacher-main", teachers["main"], ()))
+    lm.append(("teacher-main", teachers["main"], ready["main"]))
     jobs += [EvalJob("lm", "lm-" + name.replace("/", "-"),
-                     {"model": path, "data": data, "holdout": holdout, "device": device},
-                     lm_path(out, name), name, after) for name, path, after in lm]
+                     {"model": path, "data": data, "device": device},
+                     lm_path(out, name), name, after + (written,))
+             for name, path, after in lm]
     runs = students.get("kd-phasewise")
     if runs:
         jobs.append(EvalJob("diff", "diff", {"stage1": runs[0]["stage1"],
@@ -114,8 +119,8 @@ def eval_record(kind: str, args: dict[str, Any]) -> dict:
     if kind == "needle":
         return needle_record(args["model"], args["config"])
     if kind == "lm":
-        result = evaluate_lm([args["model"]], args["data"], last_windows=args["holdout"],
-                             dtype="float32", device=args["device"])
+        result = evaluate_lm([args["model"]], args["data"], dtype="float32",
+                             device=args["device"])
         return {**result, "models": result["models"][:1]}
     if kind == "probe":
         cfg = ProbeConfig(block_tokens=args["block"], repeats=args["repeats"],

@@ -2,51 +2,96 @@
 
 1. teachers: one trained with passkey retrieval up to its context, one (the causal test's arm b)
    only up to the short window; their needle accuracy by distance is measured first;
-2. a corpus of short documents only (at most `doc_max_tokens` tokens each);
+2. a corpus of short documents only (at most `doc_max_tokens` tokens each), one document in
+   HOLDOUT_FRACTION held out of every dump the students train on;
 3. dumps (hf engine, the only one that serves `document-global`): the short window and the long
-   window in `document-global` mode (document mask, global positions: the paper's setting), the
-   long window in `document` mode (arm a) and in `causal` mode (arm c), and the short-context
-   teacher's document-global dumps (arm b);
+   window in `document-global` mode (document mask, global positions: the paper's setting), in
+   `document` mode (arm a) and in `causal` mode (arm c), the short-context teacher's
+   document-global dumps (arm b), and the held-out documents at the long window;
 4. students, `seeds` of each arm, same data and steps: stage 1 at the short window, stage 2 at
-   the long window starting from stage 1 (theta per schedule, KD alpha 1 or CE alpha 0), the last
-   eighth of the long windows held out;
+   the long window starting from stage 1 (theta per schedule, KD alpha 1 or CE alpha 0);
 5. evaluation: passkey accuracy by needle distance up to and past the training window (every
    student and teacher), held-out perplexity and KL to the teacher, the probe on the teacher in
    every packing mode and dtype, the checkpoint diff between the phase-wise arm's two stages;
 6. the report (report.py).
 
 Each step writes its result under DIR and is skipped when it is there, so an interrupted run
-resumes. Independent steps (the teachers; the dumps; the students; each evaluation job) are
-tasks (tasks.py), run in this process one after the other, or `preset.parallel` at a time in
+resumes. Every step (a teacher, the corpus, a dump, a student, an evaluation job) is a task
+(tasks.py), run in this process one after the other, or `preset.parallel` at a time in
 processes of their own sharing the GPU; the dumps run their engine in-process (no Ray). A task
-starts once what it needs exists: the teachers' needle tests and the probe run beside the dumps,
-each student's evaluation as soon as that student is done.
+starts as soon as what it needs exists: the corpus once the main teacher's tokenizer is saved
+(while the teachers train), a teacher's dumps, needle test and probe once it is trained, a
+student once its two datasets are written, its evaluation once it is done.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
 from typing import Any, Callable
 
 from kdcache.errors import KdcacheError
 from kdcache.formats.manifest import MANIFEST_NAME
-from kdcache.formats.reader import open_dataset
+from kdcache.formats.storage import atomic_write_bytes, resolve
 from kdcache.replicate.corpus import write_short_corpus
 from kdcache.replicate.evaluation import EvalJob, evaluate_all, student_jobs, teacher_jobs
 from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
 from kdcache.replicate.store import cached_json, save_json
 from kdcache.replicate.tasks import Task, run_tasks
-from kdcache.replicate.teacher import teacher_record, train_retrieval_teacher
+from kdcache.replicate.teacher import (teacher_record, tokenizer_ready,
+                                       train_retrieval_teacher)
 from kdcache.student_train.stages import (parse_run, run, stage_export_dir,
                                           stage_summary_path)
 
-HOLDOUT_FRACTION = 8  # the last 1/8 of the long windows are never trained on
+HOLDOUT_FRACTION = 8  # one document in 8 is never trained on (held-out perplexity and KL)
 
 
 class ReplicateError(KdcacheError):
     """The experiment cannot run as asked."""
+
+
+def split_heldout(corpus: str, train: str, heldout: str) -> dict:
+    """Every HOLDOUT_FRACTION-th document of `corpus` into `heldout` (the documents the held-out
+    perplexity and KL are measured on), the rest into `train` (what every dump packs). The
+    split is by document, so no window of any dump, short or long, holds a held-out document."""
+    fs, base = resolve(corpus)
+    with fs.open(base, "rb") as fh:
+        lines = [line for line in fh.read().decode().splitlines() if line.strip()]
+    held = lines[HOLDOUT_FRACTION - 1::HOLDOUT_FRACTION]
+    kept = [line for i, line in enumerate(lines) if i % HOLDOUT_FRACTION != HOLDOUT_FRACTION - 1]
+    if not held or not kept:
+        raise ReplicateError(f"{corpus}: {len(lines)} documents are too few to hold out one in "
+                             f"{HOLDOUT_FRACTION}")
+    for path, part in ((train, kept), (heldout, held)):
+        fs, base = resolve(path)
+        atomic_write_bytes(fs, base, ("\n".join(part) + "\n").encode())
+    return {"train_documents": len(kept), "heldout_documents": len(held)}
+
+
+def make_corpus(out: str, preset: dict, teacher: str, corpus: str | None) -> dict:
+    """The students' corpus (built in, or the user's), split into training and held-out
+    documents; its record lands at corpus_record(out)."""
+    paths = corpus_paths(out)
+    record: dict[str, Any] = {}
+    source = corpus
+    if source is None:
+        source = os.path.join(out, "corpus-short.jsonl")
+        record = write_short_corpus(source, teacher, Preset(**preset), seed=0)
+    record.update(split_heldout(source, paths["train"], paths["heldout"]), source=source,
+                  train=paths["train"], heldout=paths["heldout"])
+    save_json(corpus_record(out), record)
+    return record
+
+
+def corpus_paths(out: str) -> dict[str, str]:
+    return {"train": os.path.join(out, "corpus-train.jsonl"),
+            "heldout": os.path.join(out, "corpus-heldout.jsonl")}
+
+
+def corpus_record(out: str) -> str:
+    return os.path.join(out, "corpus.json")
 
 
 def dump_options(teacher: str, corpus: str, out: str, window: int, mode: str,
@@ -62,28 +107,21 @@ def _task(job: EvalJob) -> Task:
     return Task(job.kind, job.name, {**job.args, "out": job.path}, job.path, job.after)
 
 
-def _n_windows(path: str) -> int:
-    return len(open_dataset(path))
-
-
 def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset: Preset,
-                holdout: int, tokenizer: str | None = None) -> dict:
-    """The run-file dict of one student: two stages, same steps and data for every arm.
+                tokenizer: str | None = None) -> dict:
+    """The run-file dict of one student: two stages, same steps and data for every arm (the
+    datasets hold no held-out document: split_heldout).
     `tokenizer`: the teachers' (shared) tokenizer directory, exported with the student."""
     loss, schedule, source = arm_parts(arm)
     theta1, theta2 = THETAS[schedule]
     alpha = 1.0 if loss == "kd" else 0.0
-    long_data = data["long-" + source]
-    short_data = data["short-" + source]
     model: dict[str, Any] = {"preset": preset.student_preset, "vocab_size": "dataset",
                              "overrides": dict(preset.student_overrides), "init_seed": seed}
     if tokenizer is not None:  # a dataset names no tokenizer a trainer may copy: say which
         model["tokenizer"] = tokenizer
-    stage1_data: dict[str, Any] = {"paths": [short_data]}
     if source == "docpos":
         # targets computed with positions from 0 in every document, student at global positions
         model.update(attention="document", positions="global", force_mode=True)
-        stage1_data = {"paths": [long_data], "window": preset.short_window}
     trainer = {"accelerator": "gpu" if preset.torch_device == "cuda" else "cpu",
                "checkpoint_every": max(preset.stage1_steps, preset.stage2_steps),
                "progress_bar": False, "log_every_n_steps": 5}
@@ -98,10 +136,10 @@ def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset:
         },
         "stages": [
             {"name": "stage1", "model": {"rope_theta": theta1},
-             "data": {**stage1_data, "batch_windows": preset.batch_windows},
+             "data": {"paths": [data["short-" + source]]},
              "trainer": {"max_steps": preset.stage1_steps}},
             {"name": "stage2", "init_from": "previous", "model": {"rope_theta": theta2},
-             "data": {"paths": [long_data], "holdout_windows": holdout},
+             "data": {"paths": [data["long-" + source]]},
              "trainer": {"max_steps": preset.stage2_steps}},
         ],
     }
@@ -109,13 +147,12 @@ def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset:
 
 def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = print,
                   teacher_dir: str | None = None, corpus: str | None = None) -> dict:
-    """Run (or resume) the whole experiment under `out`; returns the report dict."""
+    """Run (or resume) the whole experiment under `out`; returns the report dict.
+
+    Every step is planned first, as tasks that start as soon as what they need exists (a
+    student once its two datasets are written, not once every dump is), then run at once."""
     os.makedirs(out, exist_ok=True)
     save_json(os.path.join(out, "preset.json"), asdict(preset))
-    steps: dict[str, Any] = {}
-
-    def run_all(tasks: list[Task]) -> None:
-        run_tasks(tasks, parallel=preset.parallel, log_dir=os.path.join(out, "logs"), log=log)
 
     # 1. teachers
     teachers = {"main": teacher_dir or os.path.join(out, "teacher")}
@@ -131,26 +168,27 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
                               tokens_per_step=preset.teacher_tokens_per_step,
                               lr=preset.teacher_lr)
                     for who, path in trained.items()}
-    run_all([Task("teacher", f"teacher-{who}", args,
-                  teacher_record(args["out_dir"]))
-             for who, args in teacher_args.items()])
-    for who, args in teacher_args.items():  # each is done: this reads its record
-        steps["teacher" if who == "main" else "teacher_short"] = \
-            train_retrieval_teacher(**args, log=log)
+    ready = {who: (teacher_record(path),) if who in trained else () for who, path in
+             teachers.items()}  # what a teacher's users wait for
+    tasks = [Task("teacher", f"teacher-{who}", args, teacher_record(args["out_dir"]))
+             for who, args in teacher_args.items()]
 
-    # 2. short documents only
-    corpus_path = corpus or os.path.join(out, "corpus-short.jsonl")
-    if corpus is None:
-        steps["corpus"] = cached_json(os.path.join(out, "corpus.json"), lambda: write_short_corpus(
-            corpus_path, teachers["main"], preset, seed=0))
+    # 2. short documents only (split into training and held-out documents): needs only the
+    # main teacher's tokenizer, so it is built while the teachers train
+    tasks.append(Task("corpus", "corpus",
+                      {"out": out, "preset": asdict(preset), "teacher": teachers["main"],
+                       "corpus": corpus},
+                      corpus_record(out),
+                      (tokenizer_ready(teachers["main"]),) if "main" in trained else ()))
+    train_corpus, heldout_corpus = corpus_paths(out)["train"], corpus_paths(out)["heldout"]
 
-    # 3. dumps: which (teacher, window, mode) each arm needs
+    # 3. dumps: which (teacher, window, mode) each arm needs, plus the held-out documents
     sources = {arm_parts(a)[2] for a in preset.arms}
     plan = {"long-main": ("main", preset.long_window, "document-global"),
             "short-main": ("main", preset.short_window, "document-global")}
     if "docpos" in sources:
         plan["long-docpos"] = ("main", preset.long_window, "document")
-        plan["short-docpos"] = plan["long-docpos"]
+        plan["short-docpos"] = ("main", preset.short_window, "document")
     if "shortteacher" in sources:
         plan["long-shortteacher"] = ("shortteacher", preset.long_window, "document-global")
         plan["short-shortteacher"] = ("shortteacher", preset.short_window, "document-global")
@@ -159,25 +197,28 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
         plan["short-causal"] = ("main", preset.short_window, "causal")
     data = {name: os.path.join(out, "data", f"{who}-{mode}-{window}")
             for name, (who, window, mode) in plan.items()}
+    heldout = os.path.join(out, "data", f"heldout-main-document-global-{preset.long_window}")
+    written = {name: os.path.join(path, MANIFEST_NAME) for name, path in data.items()}
     dumps = {}
     for name, (who, window, mode) in plan.items():
         dumps.setdefault(data[name], Task(
             "dump", f"dump-{who}-{mode}-{window}",
-            dump_options(teachers[who], corpus_path, data[name], window, mode, preset),
-            os.path.join(data[name], MANIFEST_NAME)))
+            dump_options(teachers[who], train_corpus, data[name], window, mode, preset),
+            written[name], ready[who] + (corpus_record(out),)))
+    dumps[heldout] = Task(
+        "dump", f"dump-heldout-main-document-global-{preset.long_window}",
+        dump_options(teachers["main"], heldout_corpus, heldout, preset.long_window,
+                     "document-global", preset),
+        os.path.join(heldout, MANIFEST_NAME), ready["main"] + (corpus_record(out),))
+    tasks += list(dumps.values())
     # the teachers' own evaluation needs no dump: it fills the slots the dumps leave
-    jobs = teacher_jobs(out, preset, teachers)
-    run_all(list(dumps.values()) + [_task(j) for j in jobs])
-    n_long = _n_windows(data["long-main"])
-    holdout = max(1, n_long // HOLDOUT_FRACTION)
-    if n_long - holdout < 1:
-        raise ReplicateError(f"the corpus packs into {n_long} long windows: too few to hold out "
-                             "an eighth; use more documents")
+    jobs = teacher_jobs(out, preset, teachers, ready)
+    tasks += [_task(j) for j in jobs]
 
     # 4. students, and each one's evaluation as soon as it is done
     runs = {(arm, seed): (os.path.join(out, "students", arm, f"seed{seed}"))
             for arm in preset.arms for seed in range(preset.seeds)}
-    specs = {key: student_run(key[0], key[1], data, run_dir, preset, holdout,
+    specs = {key: student_run(key[0], key[1], data, run_dir, preset,
                               tokenizer=teachers["main"]) for key, run_dir in runs.items()}
     planned = {key: {"seed": key[1],
                      "stage1": stage_export_dir(os.path.join(run_dir, "stage1")),
@@ -187,18 +228,29 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     by_arm: dict[str, list[dict]] = {}
     for (arm, _), r in planned.items():
         by_arm.setdefault(arm, []).append(r)
-    later = student_jobs(out, preset, teachers, by_arm, data["long-main"], holdout)
-    run_all([Task("student", f"student-{arm}-seed{seed}",
-                  {"run": specs[(arm, seed)], "source": f"replicate:{arm}"},
-                  planned[(arm, seed)]["done"])
-             for arm, seed in runs] + [_task(j) for j in later])
+    later = student_jobs(out, preset, teachers, by_arm,
+                         (heldout, os.path.join(heldout, MANIFEST_NAME)), ready)
+    source_of = {arm: arm_parts(arm)[2] for arm in preset.arms}
+    tasks += [Task("student", f"student-{arm}-seed{seed}",
+                   {"run": specs[(arm, seed)], "source": f"replicate:{arm}"},
+                   planned[(arm, seed)]["done"],
+                   (written["short-" + source_of[arm]], written["long-" + source_of[arm]]))
+              for arm, seed in runs]
+    tasks += [_task(j) for j in later]
+    run_tasks(tasks, parallel=preset.parallel, log_dir=os.path.join(out, "logs"), log=log)
+
+    # 5. every step is done: read the records, the students' summaries and the evaluation's
+    steps: dict[str, Any] = {}
+    for who, args in teacher_args.items():
+        steps["teacher" if who == "main" else "teacher_short"] = \
+            train_retrieval_teacher(**args, log=log)
+    with open(corpus_record(out)) as fh:
+        steps["corpus"] = json.load(fh)
     students: dict[str, list[dict]] = {}
-    for (arm, seed), spec in specs.items():  # each is done: this reads its stages' summaries
+    for (arm, seed), spec in specs.items():
         summaries = run(parse_run(spec, source=f"replicate:{arm}"))
         students.setdefault(arm, []).append(
             {"seed": seed, "stage1": summaries[0]["hf_dir"], "stage2": summaries[-1]["hf_dir"],
              "final_loss": summaries[-1].get("final_loss")})
-
-    # 5. the evaluation's records (all computed above, as tasks) and the report
     evaluation = evaluate_all(jobs + later, preset, log=log)
     return write_report(out, preset, steps, teachers, students, evaluation)

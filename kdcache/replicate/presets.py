@@ -1,6 +1,7 @@
 """Sizes of the replication experiment: `smoke` (the whole pipeline on 2 CPU cores in minutes, run
-by the tests) and `toy` (a teacher that can retrieve at 16k, sized for one H200 in about 25
-minutes: two 450 s teachers, then dumps, 27 students nine at a time, evaluation).
+by the tests) and `toy` (a teacher that can retrieve at 16k, sized for one H200 in under 20
+minutes: two 450 s teachers, then dumps, 27 students 14 at a time, evaluation; H200
+2026-12-02: 18.4 minutes end to end, docs/replication.md).
 
 Every arm of a preset trains on the same data for the same steps; only what the arm names differs.
 """
@@ -94,11 +95,11 @@ PRESETS: dict[str, Preset] = {
         # A 27M-parameter model is launch-bound on an H200 (8k-token steps: ~23 steps/s, most
         # of the GPU idle), so a step of 64k tokens costs little more time than one of 8k and
         # holds 8x the passkey samples (256-372 rows at the first rungs, 4 at 16k).
-        # Each teacher, two at once on one H200 (~5.1 steps/s each): ~300 copying steps (the
-        # induction head's phase change), ~100 to the first rung, ~1,000 up the ladder to 16k and
-        # ~700 consolidating there (H200 2026-12-02 with one copy length: 256 -> 16384 in 1,009
-        # steps, 659 steps at 16k for 0.77; docs/replication.md): ~2,300 steps. Both teachers
-        # get the same time: the same recipe and tokens per step, so about the same steps.
+        # Each teacher, two at once on one H200 (H200 2026-12-02, docs/replication.md): the
+        # copying phase ended at step 206, the long teacher's 16k rung opened at step 420 (85 s)
+        # and 1,960 steps in 450 s reached 0.96 running accuracy there (needle 0.62 at
+        # distances >= 2k); the short one 2,355 steps. Both get the same time: the same recipe
+        # and tokens per step.
         teacher_seconds=450.0, teacher_context=16384, teacher_tokens_per_step=65536,
         teacher_lr=1e-3, short_context=2048, doc_max_tokens=2048,
         # 19,000 documents: ~6.3M tokens (prose ~157 tokens a document, passkey ~1,090, copy
@@ -109,7 +110,8 @@ PRESETS: dict[str, Preset] = {
         needle_lengths=(1024, 2048, 4096, 8192, 16384, 24576), needle_depths=(0.1, 0.5, 0.9),
         needle_samples=8, probe_block=2048, probe_repeats=8,
         arms=MAIN_ARMS + tuple(CAUSAL_ARMS), device="cuda", dtype="bfloat16",
-        batch_windows=2, lr=2e-3, parallel=9),
+        # 14 at once: each student 162-167 s against 143-147 s nine at a time (the GPU had room)
+        batch_windows=2, lr=2e-3, parallel=14),
 }
 
 

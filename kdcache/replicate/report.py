@@ -6,8 +6,9 @@ causal-test arms, the probe, the checkpoint diff).
 students never saw inside one training document. A finding "replicates" when the 95% interval of
 the difference it predicts excludes 0 in its direction, is "contradicted" when it excludes 0 the
 other way, and is "not resolved at this scale" otherwise. Nothing can transfer from a teacher
-that does not retrieve at long distance: the report says so first, and then calls the student
-comparisons untestable rather than negative.
+that does not retrieve at long distance, and a student that does not retrieve even within one
+document's length cannot show whether retrieval reaches past it: in either case the report says
+so first, and then calls the student comparisons untestable rather than negative.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from kdcache.replicate.stats import diff_ci, mean_ci
 from kdcache.replicate.store import save_json
 
 RETRIEVES = 0.5  # teacher accuracy at long distance above which transfer is testable
+# best arm's accuracy at distances within one document below which no student retrieves at all
+STUDENTS_RETRIEVE = 0.25
 
 
 def _scores(needle: dict, names: list[str], min_distance: int = 0,
@@ -46,9 +49,9 @@ def _bins(needle: dict) -> list[int]:
     return [0] + [2 ** k for k in range(4, int(math.log2(max(16, top))) + 2)]
 
 
-def _verdict(d: dict, testable: bool) -> str:
-    if not testable:
-        return "not testable (the teacher does not retrieve at long distance)"
+def _verdict(d: dict, untestable: str | None) -> str:
+    if untestable:
+        return f"not testable ({untestable})"
     return {"positive": "replicated", "negative": "contradicted"}.get(
         d["sign"], "not resolved at this scale (the 95% interval includes 0)")
 
@@ -57,18 +60,27 @@ def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
     needle = evaluation["needle"]
     long = preset.short_window
     teacher = mean_ci(_scores(needle, ["teacher-main"], long))
-    testable = teacher["mean"] is not None and teacher["mean"] >= RETRIEVES
-    findings: dict[str, Any] = {"teacher_long_distance": teacher, "testable": testable,
-                                "long_distance_from": long}
     arms = {arm: mean_ci(_scores(needle, _arm_models(students, arm), long)) for arm in students}
-    findings["arms_long_distance"] = arms
+    within = {arm: mean_ci(_scores(needle, _arm_models(students, arm), 0, preset.doc_max_tokens))
+              for arm in students}
+    best_within = max((ci["mean"] for ci in within.values() if ci["mean"] is not None),
+                      default=None)
+    untestable = None
+    if teacher["mean"] is None or teacher["mean"] < RETRIEVES:
+        untestable = "the teacher does not retrieve at long distance"
+    elif best_within is None or best_within < STUDENTS_RETRIEVE:
+        untestable = "no student retrieves even within one document's length"
+    testable = untestable is None
+    findings: dict[str, Any] = {"teacher_long_distance": teacher, "testable": testable,
+                                "untestable_because": untestable, "long_distance_from": long,
+                                "arms_long_distance": arms, "arms_within_document": within}
 
     def compare(a: str, b: str) -> dict | None:
         if a not in students or b not in students:
             return None
         d = diff_ci(_scores(needle, _arm_models(students, a), long),
                     _scores(needle, _arm_models(students, b), long))
-        return {**d, "a": a, "b": b, "verdict": _verdict(d, testable)}
+        return {**d, "a": a, "b": b, "verdict": _verdict(d, untestable)}
 
     findings["phasewise_vs_fixed"] = [c for c in (compare("kd-phasewise", "kd-fixed10k"),
                                                   compare("kd-phasewise", "kd-fixed500k")) if c]
@@ -142,13 +154,25 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
     if any(trained):
         lines += ["", "Training (the retrieval curriculum, teacher.py):"]
         lines += [x for x in trained if x]
-    if not findings["testable"]:
+    because = findings.get("untestable_because")
+    if because and because.startswith("the teacher"):
         lines += ["", f"**The teacher does not retrieve at long distance (accuracy below "
                       f"{RETRIEVES:.0%}), so nothing can transfer: the student comparisons below "
                       "are not tests of the paper's findings at this scale.** A larger teacher, "
                       "longer retrieval training, or the `toy` preset on a GPU is needed."]
-    lines += ["", "## Accuracy at long distance by arm", "", "| arm | accuracy |", "|---|---|"]
-    lines += [f"| {arm} | {_fmt(ci)} |" for arm, ci in findings["arms_long_distance"].items()]
+    elif because:
+        lines += ["", f"**No student retrieves even within one document's length (best arm "
+                      f"below {STUDENTS_RETRIEVE:.0%} at distances under {preset.doc_max_tokens} "
+                      "tokens), so whether retrieval reaches past the documents cannot be seen: "
+                      "the student comparisons below are not tests of the paper's findings at "
+                      "this scale.** Students that learn retrieval within their documents (more "
+                      "steps, retrieval among the short documents, a larger student) are needed."]
+    lines += ["", "## Accuracy by arm", "",
+              f"| arm | within a document (< {preset.doc_max_tokens}) | long distance "
+              f"(>= {findings['long_distance_from']}) |", "|---|---|---|"]
+    within = findings.get("arms_within_document", {})
+    lines += [f"| {arm} | {_fmt(within.get(arm))} | {_fmt(ci)} |"
+              for arm, ci in findings["arms_long_distance"].items()]
     sections = [("Finding 1: phase-wise theta beats a fixed theta (KD)", "phasewise_vs_fixed"),
                 ("Finding 2: logit KD beats cross-entropy on the same data", "kd_vs_ce"),
                 ("The causal test: KD arms without the teacher's positional signal vs CE",

@@ -34,7 +34,7 @@ class TaskError(KdcacheError):
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "teacher", "dump", "student" or one of evaluation.EVAL_KINDS
+    kind: str  # "teacher", "corpus", "dump", "student" or one of evaluation.EVAL_KINDS
     name: str  # unique within the run: names its log file
     args: dict[str, Any]
     done: str  # the file whose existence means the task has finished
@@ -47,6 +47,10 @@ def execute(kind: str, args: dict[str, Any]) -> None:
         train_retrieval_teacher(**args, log=print)
     elif kind == "dump":
         run_dump(DumpConfig.from_options(**args), log=lambda m: None)
+    elif kind == "corpus":
+        from kdcache.replicate.pipeline import make_corpus  # pipeline imports this module
+
+        make_corpus(**args)
     elif kind == "student":
         run(parse_run(args["run"], source=args["source"]))
     elif kind in EVAL_KINDS:

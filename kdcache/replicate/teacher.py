@@ -45,6 +45,7 @@ from typing import Callable
 
 from kdcache.evaluate.needle_tasks import (PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION,
                                            Haystack, build_sample)
+from kdcache.replicate.store import save_json
 from kdcache.teacher_dump.corpus import builtin_corpus
 from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
 
@@ -193,6 +194,12 @@ class Ladder:
                                        for k, v in s.items()} for n, s in self.stats.items()}}
 
 
+def tokenizer_ready(out_dir: str) -> str:
+    """The file a teacher in training writes once its tokenizer is saved (what the corpus, which
+    needs only the tokenizer, waits for)."""
+    return os.path.join(out_dir, "kdcache_tokenizer_ready.json")
+
+
 def teacher_record(out_dir: str) -> str:
     """The JSON record a trained teacher leaves beside its weights (its presence: trained)."""
     return os.path.join(out_dir, "kdcache_retrieval.json")
@@ -215,6 +222,7 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     cfg = replace(TeacherConfig(**model), seed=seed, train_seconds=0.0,
                   max_positions=max(model.get("max_positions", 0), 4 * context))
     build_teacher(out_dir, cfg, log=lambda m: None)
+    save_json(tokenizer_ready(out_dir), {"tokenizer": out_dir})
     tok = AutoTokenizer.from_pretrained(out_dir)
     net = LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).to(device)
     net.train()

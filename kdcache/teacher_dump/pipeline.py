@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from kdcache.formats.window import WindowRecord
 from kdcache.formats.writer import write_shard
+from kdcache.teacher_dump.engines.base import TeacherEngine
 from kdcache.teacher_dump.pack import PackedWindow
 
 ENGINE_CALL_TOKENS = 16384  # windows are sent to the engine in groups of about this many tokens
@@ -72,14 +73,6 @@ def group_records(engine, group: list[PackedWindow]) -> list:
     return window_records(group, engine.topk(group), _sampled(engine))
 
 
-def _phases(engine) -> tuple[Callable, Callable]:
-    """(compute, finish) of an engine: its TeacherEngine split, or all of `topk` on the
-    engine's thread for an object that has only `topk`."""
-    if hasattr(engine, "compute") and hasattr(engine, "finish"):
-        return engine.compute, engine.finish
-    return engine.topk, lambda group, targets: targets
-
-
 def ahead(items: Iterable, depth: int = 1) -> Iterator:
     """`items`, produced on a thread of their own up to `depth` items ahead of the consumer: the
     next shard's windows are packed (tokenized) while the engine computes this one's, instead
@@ -121,7 +114,7 @@ class _Aborted(Exception):
 class ShardPipeline:
     """An engine and the writers of the shards it computes (see the module docstring)."""
 
-    def __init__(self, engine, *, max_writing: int = MAX_WRITING,
+    def __init__(self, engine: TeacherEngine, *, max_writing: int = MAX_WRITING,
                  call_tokens: int = ENGINE_CALL_TOKENS) -> None:
         self.engine = engine
         self.call_tokens = call_tokens
@@ -144,7 +137,7 @@ class ShardPipeline:
             self._slots.release()
             raise
         written.add_done_callback(lambda _: self._slots.release())
-        compute, finish = _phases(self.engine)
+        compute, finish = self.engine.compute, self.engine.finish
         sampled = _sampled(self.engine)
         try:
             for group in engine_groups(windows, self.call_tokens):

@@ -48,7 +48,7 @@ def test_arms_differ_only_in_what_they_name():
     preset = get_preset("smoke")
     data = {f"{w}-{s}": f"/d/{w}-{s}" for w in ("long", "short")
             for s in ("main", "docpos", "shortteacher", "causal")}
-    runs = {arm: student_run(arm, 1, data, f"/o/{arm}", preset, holdout=2, tokenizer="/t")
+    runs = {arm: student_run(arm, 1, data, f"/o/{arm}", preset, tokenizer="/t")
             for arm in preset.arms}
     for arm, run in runs.items():
         loss, schedule, source = arm_parts(arm)
@@ -58,9 +58,10 @@ def test_arms_differ_only_in_what_they_name():
             "phasewise": (1e4, 5e5), "fixed10k": (1e4, 1e4), "fixed500k": (5e5, 5e5)}[schedule]
         assert s1["trainer"]["max_steps"] == preset.stage1_steps
         assert s2["trainer"]["max_steps"] == preset.stage2_steps
-        assert s2["data"]["holdout_windows"] == 2 and s2["init_from"] == "previous"
+        assert s2["init_from"] == "previous"
         assert run["defaults"]["model"]["init_seed"] == 1 and run["defaults"]["data"]["seed"] == 1
         assert s2["data"]["paths"] == [data["long-" + source]]
+        assert s1["data"]["paths"] == [data["short-" + source]]  # the same shapes for every arm
         assert run["defaults"]["model"]["tokenizer"] == "/t"
     docpos = runs["kd-phasewise-docpos"]["defaults"]["model"]
     assert docpos["positions"] == "global" and docpos["force_mode"]
@@ -175,3 +176,49 @@ def test_task_processes_share_the_cores_and_keep_what_the_user_set(monkeypatch):
     assert task_env(parallel=64)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     assert task_env(parallel=6)["OMP_NUM_THREADS"] == "7"
+
+
+def test_heldout_documents_are_in_no_training_corpus(tmp_path):
+    """One document in HOLDOUT_FRACTION goes to the held-out file, the rest to the training
+    file; none is in both, none is lost; too few documents to hold one out is refused."""
+    from kdcache.replicate.pipeline import HOLDOUT_FRACTION, ReplicateError, split_heldout
+
+    docs = [json.dumps({"text": f"document {i}"}) for i in range(3 * HOLDOUT_FRACTION + 2)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(docs) + "\n")
+    record = split_heldout(str(corpus), str(tmp_path / "t.jsonl"), str(tmp_path / "h.jsonl"))
+    train = (tmp_path / "t.jsonl").read_text().splitlines()
+    held = (tmp_path / "h.jsonl").read_text().splitlines()
+    assert record == {"train_documents": len(train), "heldout_documents": 3}
+    assert not set(train) & set(held) and sorted(train + held) == sorted(docs)
+    corpus.write_text("\n".join(docs[:HOLDOUT_FRACTION - 1]) + "\n")
+    with pytest.raises(ReplicateError, match="too few"):
+        split_heldout(str(corpus), str(tmp_path / "t.jsonl"), str(tmp_path / "h.jsonl"))
+
+
+def test_findings_are_untestable_when_no_student_retrieves_within_a_document():
+    """A retrieving teacher is not enough: students at 0 even at short distances test nothing
+    about distance, and the verdicts say why; students that retrieve within their documents make
+    the comparisons real tests."""
+    from kdcache.replicate.report import build_findings
+
+    preset = get_preset("smoke")
+    short, far = preset.doc_max_tokens // 2, preset.short_window * 2
+
+    def record(near_score: float, far_score: float) -> dict:
+        return {"samples": [{"distance": short, "score": near_score}] * 10
+                + [{"distance": far, "score": far_score}] * 10}
+
+    students = {arm: [{"seed": 0}] for arm in preset.arms}
+    evaluation = {"probe": {"runs": []}, "diff": None,
+                  "needle": {"teacher-main": record(1.0, 1.0),
+                             **{f"{arm}/seed0": record(0.0, 0.0) for arm in preset.arms}}}
+    findings = build_findings(preset, students, evaluation)
+    assert not findings["testable"]
+    assert findings["untestable_because"] == "no student retrieves even within one document's length"
+    assert all(c["verdict"].startswith("not testable (no student") for c in findings["kd_vs_ce"])
+    evaluation["needle"].update({f"{arm}/seed0": record(1.0, 0.5) for arm in preset.arms})
+    findings = build_findings(preset, students, evaluation)
+    assert findings["testable"] and findings["untestable_because"] is None
+    assert findings["arms_within_document"]["kd-phasewise"]["mean"] == 1.0
+    assert not any(c["verdict"].startswith("not testable") for c in findings["kd_vs_ce"])

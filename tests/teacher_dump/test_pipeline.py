@@ -14,7 +14,7 @@ import pytest
 
 from kdcache.errors import TargetValidationError
 from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
-from kdcache.teacher_dump.engines.base import EngineConfig
+from kdcache.teacher_dump.engines.base import EngineConfig, TeacherEngine
 from kdcache.teacher_dump.engines.hf import HFEngine
 from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.pipeline import EngineThread, ShardPipeline, engine_groups
@@ -50,11 +50,13 @@ def _files(root) -> dict[str, bytes]:
             for name in sorted(os.listdir(root / "shards"))}
 
 
-class _Recording:
-    """The HF engine, noting the thread of each call and failing on call `fail_at` (if set)."""
+class _Recording(TeacherEngine):
+    """The HF engine, noting the thread of each call and failing on call `fail_at` (if set);
+    TeacherEngine's default split (all of `topk` on the engine's thread)."""
 
     def __init__(self, engine, fail_at: int | None = None) -> None:
-        self.engine, self.fail_at, self.threads, self.calls = engine, fail_at, [], 0
+        self.engine, self.cfg = engine, engine.cfg
+        self.fail_at, self.threads, self.calls = fail_at, [], 0
 
     def topk(self, group):
         self.calls += 1
@@ -118,7 +120,7 @@ def test_engine_thread_builds_and_calls_on_one_thread(engine, windows):
     assert thread.engine.threads == [built_on[0]] * 2
 
 
-class _Split:
+class _Split(TeacherEngine):
     """The HF engine behind the compute / finish split of TeacherEngine (the vLLM engine's
     shape): compute on the engine's thread, finish wherever the pipeline runs it; each call's
     thread noted, finish failing on call `fail_at` (if set)."""

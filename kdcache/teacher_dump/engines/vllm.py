@@ -229,12 +229,14 @@ def raw_targets(windows: list[PackedWindow], raw: RawTargets) -> list[WindowTarg
 
 
 def _from_pooler(raw: RawTargets, out, sampled) -> None:
+    from kdcache.teacher_dump.engines.vllm_topk import row_width  # imports vLLM: only here
+
     k, draws = raw.k, raw.draws
+    width = row_width(k, draws)
     for (w, start, end, _), data in zip(raw.where, raw.datas):
-        if tuple(data.shape) != (end - start, 2 * k + 2 * draws):
+        if tuple(data.shape) != (end - start, width):
             raise EngineError(f"vLLM's top-k pooler returned {tuple(data.shape)} for a "
-                              f"{end - start}-token request, expected "
-                              f"{(end - start, 2 * k + 2 * draws)}")
+                              f"{end - start}-token request, expected {(end - start, width)}")
         arr = data.numpy() if hasattr(data, "numpy") else np.asarray(data)
         # ids travel as float32 (exact below 2^24, vllm_topk): cast as they are copied
         out[w][0][start:end], out[w][1][start:end] = arr[:, :k], arr[:, k:2 * k]
