@@ -27,10 +27,10 @@ import random
 from typing import Any
 
 from kdcache.errors import KdcacheError
-from kdcache.evaluate.needle_tasks import (ADJECTIVES, NOUNS, PASSKEY_INTRO, PASSKEY_NEEDLE,
-                                           PASSKEY_QUESTION, Haystack, build_sample)
+from kdcache.evaluate.needle_tasks import ADJECTIVES, NOUNS, Haystack, build_sample
 from kdcache.formats.storage import atomic_write_bytes, resolve
 from kdcache.replicate.presets import Preset
+from kdcache.replicate.teacher import shortest_passkey
 from kdcache.teacher_dump.corpus import builtin_corpus
 
 COPY_MIN_WORDS = 4  # the shortest copied span (the teacher's copy rows: 8-64 tokens)
@@ -40,13 +40,6 @@ WORDS = ADJECTIVES + NOUNS
 def _n_tokens(tok: Any, text: str) -> int:
     """Tokens of `text` as the dump packs it: BOS + text + EOS."""
     return len(tok(text, add_special_tokens=False)["input_ids"]) + 2
-
-
-def shortest_passkey(tok: Any) -> int:
-    """The shortest passkey prompt: instruction, needle and question, no haystack (+ slack for
-    keys that take more tokens)."""
-    pieces = (PASSKEY_INTRO, " " + PASSKEY_QUESTION, " " + PASSKEY_NEEDLE.format(value=99999))
-    return 1 + 4 + sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in pieces)
 
 
 def passkey_document(tok: Any, haystack: Haystack, shortest: int, limit: int,

@@ -70,6 +70,13 @@ def passkey_lengths(context: int) -> list[int]:
     return sorted(rungs)
 
 
+def shortest_passkey(tokenizer) -> int:
+    """The shortest passkey prompt: BOS, instruction, needle, question and no haystack (+ slack
+    for keys that take more tokens)."""
+    pieces = (PASSKEY_INTRO, " " + PASSKEY_QUESTION, " " + PASSKEY_NEEDLE.format(value=99999))
+    return 1 + 4 + sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pieces)
+
+
 class PasskeyBatches:
     """Batches [B, L] of passkey prompt + answer + EOS with labels on the needle and the answer,
     and a mask of the answer tokens (to score retrieval from the step's own logits)."""
@@ -78,11 +85,7 @@ class PasskeyBatches:
         self.tok, self.tokens = tokenizer, tokens_per_step
         self.haystack = Haystack(tokenizer)
         self.rng = random.Random(seed)
-        # the shortest prompt: instruction, needle, question and no haystack (+ slack for keys
-        # that take more tokens)
-        pieces = (PASSKEY_INTRO, " " + PASSKEY_QUESTION, " " + PASSKEY_NEEDLE.format(value=99999))
-        self.shortest = 1 + 4 + sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
-                                    for p in pieces)
+        self.shortest = shortest_passkey(tokenizer)
 
     def batch(self, length: int):
         import torch
