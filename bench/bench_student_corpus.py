@@ -5,7 +5,9 @@ targets), documents of at most --doc-max tokens packed into --window windows (do
 one CE stage (alpha 0) through the replicate run file's trainer, then the evaluation's passkey
 prompts at lengths within the document limit. Prints one JSON line per run.
 
-    python3 bench/bench_student_corpus.py --passkey-share 0 0.1 0.2 --copy-share 0 0 0.1
+    python3 bench/bench_student_corpus.py --passkey-share 0 0.2 0.2 --copy-share 0 0 0.3
+    python3 bench/bench_student_corpus.py --passkey-share 0.2 --copy-share 0.3 \
+        --copy-stage-steps 450   # a first stage on copying documents alone
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def one_run(work: str, teacher: str, passkey: float, copy: float, args) -> dict:
                                      "progress_bar": False, "log_every_n_steps": 10}},
             "stages": [{"name": "stage1", "model": {"rope_theta": 10_000.0},
                         "data": {"paths": [data]}, "trainer": {"max_steps": args.steps}}]}
+    if args.copy_stage_steps:
+        # a first stage on copying documents alone (the teacher's phase 1), then the mix
+        copy_preset = replace(preset, passkey_share=0.0, copy_share=1.0)
+        copy_corpus = os.path.join(work, f"corpus-copy-{tag}.jsonl")
+        write_short_corpus(copy_corpus, teacher, copy_preset, seed=1)
+        copy_data = os.path.join(work, f"data-copy-{tag}")
+        run_dump(DumpConfig.from_options(**dump_options(teacher, copy_corpus, copy_data,
+                                                        args.window, "document-global",
+                                                        copy_preset)), log=lambda m: None)
+        spec["stages"] = [{"name": "copy", "model": {"rope_theta": 10_000.0},
+                           "data": {"paths": [copy_data]},
+                           "trainer": {"max_steps": args.copy_stage_steps}},
+                          {**spec["stages"][0], "init_from": "previous"}]
     t0 = time.perf_counter()
     summary = run(parse_run(spec, source="bench"))[-1]
     train_s = time.perf_counter() - t0
@@ -59,6 +74,7 @@ def one_run(work: str, teacher: str, passkey: float, copy: float, args) -> dict:
         "samples": args.samples, "max_new_tokens": 8, "engine": "hf", "dtype": "float32",
         "device": "cpu", "seed": 0})
     return {"passkey_share": passkey, "copy_share": copy, "student": args.student,
+            "copy_stage_steps": args.copy_stage_steps,
             "steps": args.steps, "tokens_per_step": args.batch * args.window,
             "doc_max": args.doc_max, "corpus": record["by_kind"],
             "final_loss": summary.get("final_loss"), "train_s": round(train_s, 1),
@@ -82,6 +98,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lengths", type=int, nargs="+", default=[192, 288, 384])
     ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--copy-stage-steps", type=int, default=0,
+                    help="steps of a first stage on copying documents alone (0: none)")
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="kdcache-student-corpus-")
