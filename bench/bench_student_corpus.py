@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 
 from kdcache.replicate.corpus import write_short_corpus
-from kdcache.replicate.evaluation import needle_record
+from kdcache.replicate.evaluation import needle_config, needle_record
 from kdcache.replicate.pipeline import dump_options
 from kdcache.replicate.presets import get_preset
 from kdcache.student_train.stages import parse_run, run
@@ -69,10 +69,9 @@ def one_run(work: str, teacher: str, passkey: float, copy: float, args) -> dict:
     summary = run(parse_run(spec, source="bench"))[-1]
     train_s = time.perf_counter() - t0
     lengths = [n for n in args.lengths if n <= args.doc_max]
-    needle = needle_record(summary["hf_dir"], {
-        "tasks": ["passkey"], "lengths": lengths, "depths": [0.1, 0.5, 0.9],
-        "samples": args.samples, "max_new_tokens": 8, "engine": "hf", "dtype": "float32",
-        "device": "cpu", "seed": 0})
+    needle = needle_record(summary["hf_dir"], needle_config(replace(
+        preset, needle_lengths=tuple(lengths), needle_depths=(0.1, 0.5, 0.9),
+        needle_samples=args.samples)))
     return {"passkey_share": passkey, "copy_share": copy, "student": args.student,
             "copy_stage_steps": args.copy_stage_steps,
             "steps": args.steps, "tokens_per_step": args.batch * args.window,

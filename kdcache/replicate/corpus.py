@@ -18,21 +18,27 @@ Documents are stored as text (the dump tokenizes them); a retrieval document who
 re-tokenized with BOS and EOS, is over the limit is dropped and counted. The kinds are
 interleaved in a seeded order, so every window mixes them (the held-out documents too: their
 perplexity is over all three kinds).
+
+The corpus step (`make_corpus`, a task of its own) writes it, or takes the user's, and splits
+one document in HOLDOUT_FRACTION off before any dump packs it (`split_heldout`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from typing import Any
 
 from kdcache.errors import KdcacheError
 from kdcache.evaluate.needle_tasks import ADJECTIVES, NOUNS, Haystack, build_sample
 from kdcache.formats.storage import atomic_write_bytes, resolve
-from kdcache.replicate.presets import Preset
+from kdcache.replicate.presets import Preset, ReplicateError
+from kdcache.replicate.store import save_json
 from kdcache.replicate.teacher import shortest_passkey
 from kdcache.teacher_dump.corpus import builtin_corpus
 
+HOLDOUT_FRACTION = 8  # one document in 8 is never trained on (held-out perplexity and KL)
 COPY_MIN_WORDS = 4  # the shortest copied span (the teacher's copy rows: 8-64 tokens)
 WORDS = ADJECTIVES + NOUNS
 
@@ -128,3 +134,45 @@ def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -
                                "dropped_longer": dropped[kind]}
                         for kind, texts in kinds.items()},
             "dropped_longer": sum(dropped.values())}
+
+
+def split_heldout(corpus: str, train: str, heldout: str) -> dict:
+    """Every HOLDOUT_FRACTION-th document of `corpus` into `heldout` (the documents the held-out
+    perplexity and KL are measured on), the rest into `train` (what every dump packs). The
+    split is by document, so no window of any dump, short or long, holds a held-out document."""
+    fs, base = resolve(corpus)
+    with fs.open(base, "rb") as fh:
+        lines = [line for line in fh.read().decode().splitlines() if line.strip()]
+    held = lines[HOLDOUT_FRACTION - 1::HOLDOUT_FRACTION]
+    kept = [line for i, line in enumerate(lines) if i % HOLDOUT_FRACTION != HOLDOUT_FRACTION - 1]
+    if not held or not kept:
+        raise ReplicateError(f"{corpus}: {len(lines)} documents are too few to hold out one in "
+                             f"{HOLDOUT_FRACTION}")
+    for path, part in ((train, kept), (heldout, held)):
+        fs, base = resolve(path)
+        atomic_write_bytes(fs, base, ("\n".join(part) + "\n").encode())
+    return {"train_documents": len(kept), "heldout_documents": len(held)}
+
+
+def make_corpus(out: str, preset: dict, teacher: str, corpus: str | None) -> dict:
+    """The students' corpus (built in, or the user's), split into training and held-out
+    documents; its record lands at corpus_record(out)."""
+    paths = corpus_paths(out)
+    record: dict[str, Any] = {}
+    source = corpus
+    if source is None:
+        source = os.path.join(out, "corpus-short.jsonl")
+        record = write_short_corpus(source, teacher, Preset(**preset), seed=0)
+    record.update(split_heldout(source, paths["train"], paths["heldout"]), source=source,
+                  train=paths["train"], heldout=paths["heldout"])
+    save_json(corpus_record(out), record)
+    return record
+
+
+def corpus_paths(out: str) -> dict[str, str]:
+    return {"train": os.path.join(out, "corpus-train.jsonl"),
+            "heldout": os.path.join(out, "corpus-heldout.jsonl")}
+
+
+def corpus_record(out: str) -> str:
+    return os.path.join(out, "corpus.json")

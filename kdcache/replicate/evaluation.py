@@ -21,6 +21,7 @@ from kdcache.evaluate.diff import diff_checkpoints
 from kdcache.evaluate.lm import evaluate_lm
 from kdcache.evaluate.needle import NeedleConfig, run_needle
 from kdcache.evaluate.probe import ProbeConfig, run_probe
+from kdcache.formats.manifest import MANIFEST_NAME
 from kdcache.replicate.presets import Preset
 from kdcache.replicate.store import cached_json
 
@@ -79,14 +80,14 @@ def teacher_jobs(out: str, preset: Preset, teachers: dict[str, str],
 
 
 def student_jobs(out: str, preset: Preset, teachers: dict[str, str],
-                 students: dict[str, list[dict]], heldout: tuple[str, str],
+                 students: dict[str, list[dict]], heldout: str,
                  ready: dict[str, tuple[str, ...]]) -> list[EvalJob]:
     """Each student's needle test and held-out LM metrics (each starts once its student is done,
     `run["done"]`), the main teacher's LM metrics on the same windows (`heldout`: the dump of
-    the held-out documents and its manifest, which the LM jobs wait for too), the phase-wise
-    arm's diff."""
+    the held-out documents, whose manifest the LM jobs wait for too), the phase-wise arm's
+    diff."""
     device = preset.torch_device
-    data, written = heldout
+    written = os.path.join(heldout, MANIFEST_NAME)
     jobs, lm = [], []
     for arm, runs in students.items():
         for r in runs:
@@ -98,7 +99,7 @@ def student_jobs(out: str, preset: Preset, teachers: dict[str, str],
             lm.append((name, r["stage2"], after))
     lm.append(("teacher-main", teachers["main"], ready["main"]))
     jobs += [EvalJob("lm", "lm-" + name.replace("/", "-"),
-                     {"model": path, "data": data, "device": device},
+                     {"model": path, "data": heldout, "device": device},
                      lm_path(out, name), name, after + (written,))
              for name, path, after in lm]
     runs = students.get("kd-phasewise")

@@ -3,7 +3,7 @@
 1. teachers: one trained with passkey retrieval up to its context, one (the causal test's arm b)
    only up to the short window; their needle accuracy by distance is measured first;
 2. a corpus of short documents only (at most `doc_max_tokens` tokens each), one document in
-   HOLDOUT_FRACTION held out of every dump the students train on;
+   corpus.HOLDOUT_FRACTION held out of every dump the students train on;
 3. dumps (hf engine, the only one that serves `document-global`): the short window and the long
    window in `document-global` mode (document mask, global positions: the paper's setting), in
    `document` mode (arm a) and in `causal` mode (arm c), the short-context teacher's
@@ -31,68 +31,17 @@ import os
 from dataclasses import asdict
 from typing import Any, Callable
 
-from kdcache.errors import KdcacheError
 from kdcache.formats.manifest import MANIFEST_NAME
-from kdcache.formats.storage import atomic_write_bytes, resolve
-from kdcache.replicate.corpus import write_short_corpus
+from kdcache.replicate.corpus import corpus_paths, corpus_record
 from kdcache.replicate.evaluation import EvalJob, evaluate_all, student_jobs, teacher_jobs
 from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
-from kdcache.replicate.store import cached_json, save_json
+from kdcache.replicate.store import save_json
 from kdcache.replicate.tasks import Task, run_tasks
 from kdcache.replicate.teacher import (teacher_record, tokenizer_ready,
                                        train_retrieval_teacher)
 from kdcache.student_train.stages import (parse_run, run, stage_export_dir,
                                           stage_summary_path)
-
-HOLDOUT_FRACTION = 8  # one document in 8 is never trained on (held-out perplexity and KL)
-
-
-class ReplicateError(KdcacheError):
-    """The experiment cannot run as asked."""
-
-
-def split_heldout(corpus: str, train: str, heldout: str) -> dict:
-    """Every HOLDOUT_FRACTION-th document of `corpus` into `heldout` (the documents the held-out
-    perplexity and KL are measured on), the rest into `train` (what every dump packs). The
-    split is by document, so no window of any dump, short or long, holds a held-out document."""
-    fs, base = resolve(corpus)
-    with fs.open(base, "rb") as fh:
-        lines = [line for line in fh.read().decode().splitlines() if line.strip()]
-    held = lines[HOLDOUT_FRACTION - 1::HOLDOUT_FRACTION]
-    kept = [line for i, line in enumerate(lines) if i % HOLDOUT_FRACTION != HOLDOUT_FRACTION - 1]
-    if not held or not kept:
-        raise ReplicateError(f"{corpus}: {len(lines)} documents are too few to hold out one in "
-                             f"{HOLDOUT_FRACTION}")
-    for path, part in ((train, kept), (heldout, held)):
-        fs, base = resolve(path)
-        atomic_write_bytes(fs, base, ("\n".join(part) + "\n").encode())
-    return {"train_documents": len(kept), "heldout_documents": len(held)}
-
-
-def make_corpus(out: str, preset: dict, teacher: str, corpus: str | None) -> dict:
-    """The students' corpus (built in, or the user's), split into training and held-out
-    documents; its record lands at corpus_record(out)."""
-    paths = corpus_paths(out)
-    record: dict[str, Any] = {}
-    source = corpus
-    if source is None:
-        source = os.path.join(out, "corpus-short.jsonl")
-        record = write_short_corpus(source, teacher, Preset(**preset), seed=0)
-    record.update(split_heldout(source, paths["train"], paths["heldout"]), source=source,
-                  train=paths["train"], heldout=paths["heldout"])
-    save_json(corpus_record(out), record)
-    return record
-
-
-def corpus_paths(out: str) -> dict[str, str]:
-    return {"train": os.path.join(out, "corpus-train.jsonl"),
-            "heldout": os.path.join(out, "corpus-heldout.jsonl")}
-
-
-def corpus_record(out: str) -> str:
-    return os.path.join(out, "corpus.json")
-
 
 def dump_options(teacher: str, corpus: str, out: str, window: int, mode: str,
                  preset: Preset) -> dict:
@@ -110,7 +59,7 @@ def _task(job: EvalJob) -> Task:
 def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset: Preset,
                 tokenizer: str | None = None) -> dict:
     """The run-file dict of one student: two stages, same steps and data for every arm (the
-    datasets hold no held-out document: split_heldout).
+    datasets hold no held-out document: corpus.split_heldout).
     `tokenizer`: the teachers' (shared) tokenizer directory, exported with the student."""
     loss, schedule, source = arm_parts(arm)
     theta1, theta2 = THETAS[schedule]
@@ -180,7 +129,7 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
                        "corpus": corpus},
                       corpus_record(out),
                       (tokenizer_ready(teachers["main"]),) if "main" in trained else ()))
-    train_corpus, heldout_corpus = corpus_paths(out)["train"], corpus_paths(out)["heldout"]
+    corpus_files = corpus_paths(out)
 
     # 3. dumps: which (teacher, window, mode) each arm needs, plus the held-out documents
     sources = {arm_parts(a)[2] for a in preset.arms}
@@ -203,11 +152,11 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     for name, (who, window, mode) in plan.items():
         dumps.setdefault(data[name], Task(
             "dump", f"dump-{who}-{mode}-{window}",
-            dump_options(teachers[who], train_corpus, data[name], window, mode, preset),
+            dump_options(teachers[who], corpus_files["train"], data[name], window, mode, preset),
             written[name], ready[who] + (corpus_record(out),)))
     dumps[heldout] = Task(
         "dump", f"dump-heldout-main-document-global-{preset.long_window}",
-        dump_options(teachers["main"], heldout_corpus, heldout, preset.long_window,
+        dump_options(teachers["main"], corpus_files["heldout"], heldout, preset.long_window,
                      "document-global", preset),
         os.path.join(heldout, MANIFEST_NAME), ready["main"] + (corpus_record(out),))
     tasks += list(dumps.values())
@@ -228,8 +177,7 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     by_arm: dict[str, list[dict]] = {}
     for (arm, _), r in planned.items():
         by_arm.setdefault(arm, []).append(r)
-    later = student_jobs(out, preset, teachers, by_arm,
-                         (heldout, os.path.join(heldout, MANIFEST_NAME)), ready)
+    later = student_jobs(out, preset, teachers, by_arm, heldout, ready)
     source_of = {arm: arm_parts(arm)[2] for arm in preset.arms}
     tasks += [Task("student", f"student-{arm}-seed{seed}",
                    {"run": specs[(arm, seed)], "source": f"replicate:{arm}"},

@@ -13,6 +13,10 @@ from typing import Any
 
 from kdcache.errors import KdcacheError
 
+
+class ReplicateError(KdcacheError):
+    """The experiment cannot run as asked."""
+
 # Student arms. Each is (loss, theta schedule, targets): the main grid is KD/CE x three theta
 # schedules on document-masked, global-position targets; the causal-test arms keep KD and the
 # phase-wise schedule and change only where the targets come from.

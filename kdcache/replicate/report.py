@@ -26,6 +26,9 @@ from kdcache.replicate.store import save_json
 RETRIEVES = 0.5  # teacher accuracy at long distance above which transfer is testable
 # best arm's accuracy at distances within one document below which no student retrieves at all
 STUDENTS_RETRIEVE = 0.25
+# why the student comparisons test nothing (findings["untestable_because"])
+TEACHER_CANNOT = "the teacher does not retrieve at long distance"
+STUDENTS_CANNOT = "no student retrieves even within one document's length"
 
 
 def _scores(needle: dict, names: list[str], min_distance: int = 0,
@@ -67,9 +70,9 @@ def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
                       default=None)
     untestable = None
     if teacher["mean"] is None or teacher["mean"] < RETRIEVES:
-        untestable = "the teacher does not retrieve at long distance"
+        untestable = TEACHER_CANNOT
     elif best_within is None or best_within < STUDENTS_RETRIEVE:
-        untestable = "no student retrieves even within one document's length"
+        untestable = STUDENTS_CANNOT
     testable = untestable is None
     findings: dict[str, Any] = {"teacher_long_distance": teacher, "testable": testable,
                                 "untestable_because": untestable, "long_distance_from": long,
@@ -155,12 +158,12 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
         lines += ["", "Training (the retrieval curriculum, teacher.py):"]
         lines += [x for x in trained if x]
     because = findings.get("untestable_because")
-    if because and because.startswith("the teacher"):
+    if because == TEACHER_CANNOT:
         lines += ["", f"**The teacher does not retrieve at long distance (accuracy below "
                       f"{RETRIEVES:.0%}), so nothing can transfer: the student comparisons below "
                       "are not tests of the paper's findings at this scale.** A larger teacher, "
                       "longer retrieval training, or the `toy` preset on a GPU is needed."]
-    elif because:
+    elif because == STUDENTS_CANNOT:
         lines += ["", f"**No student retrieves even within one document's length (best arm "
                       f"below {STUDENTS_RETRIEVE:.0%} at distances under {preset.doc_max_tokens} "
                       "tokens), so whether retrieval reaches past the documents cannot be seen: "

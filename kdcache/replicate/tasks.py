@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kdcache.errors import KdcacheError
+from kdcache.replicate.corpus import make_corpus
 from kdcache.replicate.evaluation import EVAL_KINDS, eval_record
 from kdcache.replicate.store import save_json
 from kdcache.replicate.teacher import train_retrieval_teacher
@@ -48,8 +49,6 @@ def execute(kind: str, args: dict[str, Any]) -> None:
     elif kind == "dump":
         run_dump(DumpConfig.from_options(**args), log=lambda m: None)
     elif kind == "corpus":
-        from kdcache.replicate.pipeline import make_corpus  # pipeline imports this module
-
         make_corpus(**args)
     elif kind == "student":
         run(parse_run(args["run"], source=args["source"]))

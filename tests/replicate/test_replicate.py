@@ -181,7 +181,8 @@ def test_task_processes_share_the_cores_and_keep_what_the_user_set(monkeypatch):
 def test_heldout_documents_are_in_no_training_corpus(tmp_path):
     """One document in HOLDOUT_FRACTION goes to the held-out file, the rest to the training
     file; none is in both, none is lost; too few documents to hold one out is refused."""
-    from kdcache.replicate.pipeline import HOLDOUT_FRACTION, ReplicateError, split_heldout
+    from kdcache.replicate.corpus import HOLDOUT_FRACTION, split_heldout
+    from kdcache.replicate.presets import ReplicateError
 
     docs = [json.dumps({"text": f"document {i}"}) for i in range(3 * HOLDOUT_FRACTION + 2)]
     corpus = tmp_path / "c.jsonl"
