@@ -90,7 +90,11 @@ def cpu_bind_for_ranks(ranks: int, error: type[Exception]) -> str | None:
     given = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "").strip()
     if "|" in given or given in ("auto", "nobind"):
         return None
-    cpus = _cpu_list(given) if given else sorted(os.sched_getaffinity(0))
+    try:
+        cpus = _cpu_list(given) if given else sorted(os.sched_getaffinity(0))
+    except ValueError:
+        raise error(f"VLLM_CPU_OMP_THREADS_BIND={given!r} is not a CPU list such as "
+                    "'0,2,4-7' (or 'a|b' per rank, 'auto', 'nobind')") from None
     if len(cpus) < ranks:
         raise error(f"{ranks} vLLM-CPU ranks need at least {ranks} CPUs; this engine may use "
                     f"{len(cpus)}")

@@ -217,3 +217,6 @@ def test_cpu_ranks_get_an_equal_share_of_the_cpus(monkeypatch):
         cpu_bind_for_ranks(8, EngineError)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     assert cpu_bind_for_ranks(2, EngineError) is None  # the user's own binding stays
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0,two")  # a typo: a clear error, no crash
+    with pytest.raises(EngineError, match="is not a CPU list"):
+        cpu_bind_for_ranks(2, EngineError)
