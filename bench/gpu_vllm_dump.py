@@ -9,6 +9,11 @@ prompt-logprobs path and the hf engine, and the targets checked against the hf e
                                                 # k = 16/64/256, 8k and 32k, causal then document
     python bench/gpu_vllm_dump.py writer-smoke  # the same on a tiny teacher (CPU: tests the path)
     WRITER_CELLS=causal:32768:256,... python bench/gpu_vllm_dump.py writer   # only those cells
+    WRITER_FEED=both|fed|blocking WRITER_ROUNDS=3 WRITER_SCALE=4 ... writer
+        # the dump's engine calls: fed (the next group queued before this one is collected,
+        # the dump's default), blocking (one vLLM call per group), or both side by side on one
+        # engine (default: `dump_*` fed, `dump_blocking_*` blocking); rounds per timing
+        # (default 2); SCALE x the windows per cell (shards stay 16 windows)
 
 Writes JSON lines to $OUT/gpu_vllm_dump.jsonl (and prints them). Engines run one at a time in
 this process (kdcache.teacher_dump.bench), memory released between them. Teachers are random
@@ -234,9 +239,15 @@ def writer(smoke: bool = False) -> None:
     dtype = "float32" if smoke else "bfloat16"
     # smoke: the 1,024-token windows at k=256 are large enough for the worker processes
     short, long = (512, 1024) if smoke else (8192, 32768)
-    base = BenchConfig(model=model, dtype=dtype, rounds=1 if smoke else 2, baseline=False)
+    feed = os.environ.get("WRITER_FEED", "both")
+    if feed not in ("both", "fed", "blocking"):
+        raise SystemExit(f"WRITER_FEED={feed!r}: choose both, fed or blocking")
+    rounds = int(os.environ.get("WRITER_ROUNDS", "1" if smoke else "2"))
+    base = BenchConfig(model=model, dtype=dtype, rounds=rounds, baseline=False,
+                       feed=feed != "blocking", compare_blocking=feed == "both")
     # one series (two engine starts, not four: the step has ~6 minutes), causal first
-    counts = (8, 4) if smoke else (16, 8)
+    scale = int(os.environ.get("WRITER_SCALE", "1"))
+    counts = tuple(scale * n for n in ((8, 4) if smoke else (16, 8)))
     cfgs = [replace(base, mode=mode, window=window, windows=n, k=k)
             for mode in ("causal", "document") for window, n in zip((short, long), counts)
             for k in (16, 64, 256)]

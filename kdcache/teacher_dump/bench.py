@@ -15,7 +15,11 @@
   until the engine's thread is done with the last window (a long dump's pace, when the writer
   keeps up), and `dump_tail_s`, the writing after that (once per run in a real dump).
 - engine: the engine's `topk` alone on every window in one call, and (`engine_grouped`, one
-  round) in the dump's ~16k-token groups, one call each.
+  round) in the dump's ~16k-token groups, one call each; for an engine that queues ahead,
+  `engine_fed` (one round): the same groups, each queued before the last is collected.
+- feed: the dump queues the next group ahead when the engine can (its default;
+  pipeline.computed_groups); `compare_blocking` also times the same dump with one blocking
+  engine call per group (`dump_blocking_*`, `ratio_blocking`), side by side on the same engine.
 - baseline (side by side): vLLM's own `prompt_logprobs=k, flat_logprobs=True` path through the
   same conversion, encoding and writing.
 
@@ -44,7 +48,7 @@ from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk, segments_for_mode
 from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import teacher_fingerprint
-from kdcache.teacher_dump.pipeline import ShardPipeline, engine_groups
+from kdcache.teacher_dump.pipeline import ShardPipeline, grouped_targets
 
 
 
@@ -64,6 +68,8 @@ class BenchConfig:
     windows_per_shard: int = 16  # the timed windows are written as shards of this many (the
     #                              dump's default --windows-per-shard)
     encode_workers: int | None = None  # the dump's --encode-workers (None: its default)
+    feed: bool = True  # the dump queues the next group ahead when the engine can (its default)
+    compare_blocking: bool = False  # also time the dump with one blocking call per group
 
 
 WARMUP_WINDOWS = 2
@@ -101,12 +107,21 @@ def lm_head_weight(model_dir: str):
 def _timed(fn: Callable[[], object], rounds: int,
            warmup: Callable[[], object] | None = None) -> list[tuple[float, object]]:
     """(seconds, result) of `rounds` calls of `fn` after one call of `warmup` (default: fn)."""
-    (warmup or fn)()
-    out = []
+    return _alternating([fn], rounds, [warmup or fn])[0]
+
+
+def _alternating(fns: list[Callable[[], object]], rounds: int,
+                 warmups: list[Callable[[], object]]) -> list[list[tuple[float, object]]]:
+    """`_timed` for several functions side by side: each warmed up, then `rounds` rounds that
+    call each once in turn (drift on a shared machine falls on all of them alike)."""
+    for warmup in warmups:
+        warmup()
+    out: list[list[tuple[float, object]]] = [[] for _ in fns]
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        result = fn()
-        out.append((time.perf_counter() - t0, result))
+        for fn, runs in zip(fns, out):
+            t0 = time.perf_counter()
+            result = fn()
+            runs.append((time.perf_counter() - t0, result))
     return out
 
 
@@ -137,13 +152,15 @@ class _Writer:
                                packing={"window": window, "mode": mode})
         return header, prepare_codec(header)
 
-    def dump_fn(self, engine, windows, c: BenchConfig) -> Callable[[], float]:
+    def dump_fn(self, engine, windows, c: BenchConfig,
+                feed: bool | None = None) -> Callable[[], float]:
         """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
         into shards, the engine called on ~16k-token groups on this thread while the writer's
         threads encode the previous group and finish the previous shard. The function returns
-        the seconds until the engine's thread was done with the last shard."""
+        the seconds until the engine's thread was done with the last shard. `feed`: None
+        for the config's."""
         header, codec = self.header(c.k, c.window, c.mode)
-        pipeline = ShardPipeline(engine)
+        pipeline = ShardPipeline(engine, feed=c.feed if feed is None else feed)
         self._pipelines.append(pipeline)
         step = c.windows_per_shard
 
@@ -225,17 +242,26 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
         try:
             for c, wins, sec, res in zip(cfgs, windows, seconds, results):
                 engine.reconfigure(k=c.k, mode=c.mode, window=c.window)
-                runs = _timed(writer.dump_fn(engine, wins, c), c.rounds,
-                              writer.dump_fn(engine, wins[:WARMUP_WINDOWS], c))
-                sec["dump"] = statistics.median(t for t, _ in runs)
-                sec["dump_engine_side"] = statistics.median(e for _, e in runs)
-                sec["dump_tail"] = statistics.median(t - e for t, e in runs)
+                # the dump as configured, and (compare_blocking) the same dump with one blocking
+                # call per group: same engine and windows, rounds alternating between the two
+                feeds = [c.feed] + ([False] if c.compare_blocking and c.feed and engine.feeds
+                                    else [])
+                timed = _alternating([writer.dump_fn(engine, wins, c, feed=f) for f in feeds],
+                                     c.rounds, [writer.dump_fn(engine, wins[:WARMUP_WINDOWS],
+                                                               c, feed=f) for f in feeds])
+                for key, runs in zip(("dump", "dump_blocking"), timed):
+                    sec[key] = statistics.median(t for t, _ in runs)
+                    sec[f"{key}_engine_side"] = statistics.median(e for _, e in runs)
+                sec["dump_tail"] = statistics.median(t - e for t, e in timed[0])
                 sec["engine"] = _median_seconds(lambda: engine.topk(wins), c.rounds,
                                                 lambda: engine.topk(wins[:WARMUP_WINDOWS]))
                 # the same, called in the dump's ~16k-token groups (one round, warm by now):
                 # what the calls themselves cost against one call of every window
                 sec["engine_grouped"] = _median_seconds(
-                    lambda: [engine.topk(g) for g in engine_groups(wins)], 1, lambda: None)
+                    lambda: grouped_targets(engine, wins, feed=False), 1, lambda: None)
+                if engine.feeds:  # the same groups, each queued before the last is collected
+                    sec["engine_fed"] = _median_seconds(
+                        lambda: grouped_targets(engine, wins, feed=True), 1, lambda: None)
                 capture("pooler" if first.engine == "vllm" else "hf", engine, c, wins)
                 res["engine_start_s"] = round(start_s, 1)
                 if first.engine == "hf":  # prefill-only: the backbone alone, same engine
@@ -298,12 +324,21 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
             "engine_tokens_per_s": round(tokens / sec["engine"], 1),
             "engine_ratio": round(tokens / sec["engine"] / ceiling, 3),
             "engine_grouped_tokens_per_s": round(tokens / sec["engine_grouped"], 1),
+            "feed": bool(c.feed and "engine_fed" in sec),
             "ratio": round(tokens / sec["dump"] / ceiling, 3),
             "vllm_path": "pooler" if c.engine == "vllm" else None,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
             "encode_workers": c.encode_workers or default_encode_workers(), "device": device,
         })
+        if "engine_fed" in sec:
+            res["engine_fed_tokens_per_s"] = round(tokens / sec["engine_fed"], 1)
+        if "dump_blocking" in sec:  # the same dump, one blocking engine call per group
+            res.update({
+                "dump_blocking_tokens_per_s": round(tokens / sec["dump_blocking"], 1),
+                "dump_blocking_engine_side_tokens_per_s": round(
+                    tokens / sec["dump_blocking_engine_side"], 1),
+                "ratio_blocking": round(tokens / sec["dump_blocking"] / ceiling, 3)})
         if "baseline" in sec:
             res["baseline"] = "vllm prompt_logprobs flat"
             res["baseline_tokens_per_s"] = round(tokens / sec["baseline"], 1)

@@ -2,8 +2,10 @@
 
 The engine is called on the thread that drives the pipeline, in groups of about
 `ENGINE_CALL_TOKENS` tokens (all requests of a group, thousands of short documents included, go
-to the engine in one call). That thread does only the engine's own part (`engine.compute`) and
-hands its result on: the conversion into targets (`engine.finish`, O(rows x k) copies and casts)
+to the engine together). An engine that can queue work ahead (vLLM's pooler path) gets the next
+group's requests before this group's results are collected, so its scheduler never runs dry
+between groups (`computed_groups`); others get one blocking call per group. That thread does
+only the engine's own part (`engine.compute`, or `submit` / `collect`) and hands its result on: the conversion into targets (`engine.finish`, O(rows x k) copies and casts)
 runs on the pipeline's converting thread while the engine computes the next group, and the
 group's WindowRecords go to the shard's writer, which validates, encodes (worker processes
 inside `write_shard`) and writes on background threads. `start` returns
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
@@ -32,6 +35,7 @@ from kdcache.teacher_dump.engines.base import TeacherEngine
 from kdcache.teacher_dump.pack import PackedWindow
 
 ENGINE_CALL_TOKENS = 16384  # windows are sent to the engine in groups of about this many tokens
+FEED_AHEAD = 1  # groups queued in a feeding engine behind the one being collected
 MAX_WRITING = 2  # shards being encoded / written at once behind the engine
 _QUEUED_GROUPS = 2  # engine groups converted or converting ahead of a shard's writer
 _END = object()
@@ -50,6 +54,41 @@ def engine_groups(windows: Iterable[PackedWindow],
             group, tokens = [], 0
     if group:
         yield group
+
+
+def computed_groups(engine: TeacherEngine, groups: Iterable[list[PackedWindow]],
+                    feed: bool = True) -> Iterator[tuple[list[PackedWindow], Any]]:
+    """Each group with the engine's result for it (`compute`'s), in order. An engine that
+    `feeds` (and `feed`) gets group i+1 queued before group i is collected, so that its
+    scheduler has the next group's requests while it finishes this one's; else one blocking
+    `compute` per group. The queue drains at the end of `groups` (one shard): a shard's
+    schedule depends only on its own windows, as a resumed shard's must. A consumer that stops
+    early leaves nothing queued in the engine."""
+    if not (feed and engine.feeds):
+        for group in groups:
+            yield group, engine.compute(group)
+        return
+    queued: deque = deque()
+    try:
+        for group in groups:
+            queued.append((group, engine.submit(group)))
+            if len(queued) > FEED_AHEAD:
+                done, submitted = queued.popleft()
+                yield done, engine.collect(submitted)
+        while queued:
+            done, submitted = queued.popleft()
+            yield done, engine.collect(submitted)
+    finally:
+        engine.abandon()  # nothing left after a full run; the rest of a stopped one
+
+
+def grouped_targets(engine: TeacherEngine, windows: list[PackedWindow],
+                    call_tokens: int = ENGINE_CALL_TOKENS, feed: bool = True) -> list:
+    """The engine's targets for `windows`, called as a dump calls it (in groups, fed ahead
+    when `feed` and the engine can) but with no writer: benches and tests."""
+    return [t for group, computed in computed_groups(engine, engine_groups(windows, call_tokens),
+                                                      feed)
+            for t in engine.finish(group, computed)]
 
 
 def window_records(group: list[PackedWindow], targets: list, sampled: bool) -> list:
@@ -115,9 +154,10 @@ class ShardPipeline:
     """An engine and the writers of the shards it computes (see the module docstring)."""
 
     def __init__(self, engine: TeacherEngine, *, max_writing: int = MAX_WRITING,
-                 call_tokens: int = ENGINE_CALL_TOKENS) -> None:
+                 call_tokens: int = ENGINE_CALL_TOKENS, feed: bool = True) -> None:
         self.engine = engine
         self.call_tokens = call_tokens
+        self.feed = feed  # queue the next group ahead when the engine can (computed_groups)
         self._writers = ThreadPoolExecutor(max_workers=max_writing,
                                            thread_name_prefix="kdcache-shard-writer")
         # one thread: groups are converted in order, each while the engine computes the next
@@ -137,11 +177,12 @@ class ShardPipeline:
             self._slots.release()
             raise
         written.add_done_callback(lambda _: self._slots.release())
-        compute, finish = self.engine.compute, self.engine.finish
+        finish = self.engine.finish
         sampled = _sampled(self.engine)
+        computed_all = computed_groups(self.engine, engine_groups(windows, self.call_tokens),
+                                       self.feed)
         try:
-            for group in engine_groups(windows, self.call_tokens):
-                computed = compute(group)
+            for group, computed in computed_all:
                 records = self._converter.submit(
                     lambda g=group, c=computed: window_records(g, finish(g, c), sampled))
                 if not _put_unless_done(groups, records, written):
@@ -150,6 +191,8 @@ class ShardPipeline:
         except BaseException:
             _put_unless_done(groups, _Aborted("the teacher stopped mid-shard"), written)
             raise
+        finally:
+            computed_all.close()  # a stopped shard leaves nothing queued in the engine
         return written
 
     def write(self, out: str, name: str, windows: list[PackedWindow], header, codec,

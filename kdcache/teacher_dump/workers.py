@@ -28,7 +28,7 @@ from kdcache.formats.manifest import DatasetHeader
 from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig
 from kdcache.teacher_dump.pack import PackedWindow
-from kdcache.teacher_dump.pipeline import EngineThread, ShardPipeline
+from kdcache.teacher_dump.pipeline import EngineThread, ShardPipeline, grouped_targets
 from kdcache.teacher_dump.plan import DumpError
 
 SHARDS_PER_ACTOR = 2  # in flight per engine: one computing, one being written
@@ -81,9 +81,16 @@ class DumpWorker:
         gpus = [] if getattr(self.engine, "device", "") == "cpu" else _visible_gpus()
         return {"pid": os.getpid(), "node_id": "local", "node_ip": "127.0.0.1", "gpu_ids": gpus}
 
-    def topk(self, windows: list[dict]) -> list[tuple]:
-        """Raw engine output (ids, logprobs, valid) per window; for tests and benches."""
-        out = self._thread.call(self.engine.topk, [PackedWindow(**w) for w in windows])
+    def topk(self, windows: list[dict], call_tokens: int | None = None,
+             feed: bool = False) -> list[tuple]:
+        """Raw engine output (ids, logprobs, valid) per window; for tests and benches. One
+        engine call, or (`call_tokens`) the pipeline's groups of about that many tokens, fed
+        ahead when `feed` and the engine can (pipeline.grouped_targets)."""
+        wins = [PackedWindow(**w) for w in windows]
+        if call_tokens is None:
+            out = self._thread.call(self.engine.topk, wins)
+        else:
+            out = self._thread.call(grouped_targets, self.engine, wins, call_tokens, feed)
         return [(t.ids, t.logprobs, t.valid) for t in out]
 
     def start_shard(self, name: str, windows: list[PackedWindow]) -> Future:

@@ -143,10 +143,39 @@ class _Split(TeacherEngine):
         return self.finish(group, self.compute(group))
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["topk", "compute-finish"])
+class _Queued(_Split):
+    """A `_Split` that queues work ahead as vLLM's pooler path does (`feeds`): `submit` only
+    notes the group, `collect` computes it (failing on collect `fail_at`, if set); the order of
+    the calls is recorded, and what `abandon` found still queued."""
+
+    feeds = True
+
+    def __init__(self, engine, fail_at: int | None = None) -> None:
+        super().__init__(engine)
+        self.fail_collect, self.events, self.queued, self.abandoned = fail_at, [], {}, []
+
+    def submit(self, group):
+        ticket = sum(e[0] == "submit" for e in self.events)
+        self.events.append(("submit", ticket))
+        self.queued[ticket] = group
+        return ticket
+
+    def collect(self, ticket):
+        self.events.append(("collect", ticket))
+        if sum(e[0] == "collect" for e in self.events) == self.fail_collect:
+            raise RuntimeError("collect fell over")
+        return self.compute(self.queued.pop(ticket))
+
+    def abandon(self) -> None:
+        self.abandoned.append(sorted(self.queued))
+        self.queued.clear()
+
+
+@pytest.mark.parametrize("split", ["topk", "compute-finish", "fed"])
 def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path, split):
     """Pipelined shards (several engine calls per shard; with an engine split like vLLM's, its
-    results finished on the converting thread) have the bytes of shards written serially."""
+    results finished on the converting thread; with one that queues ahead, each group
+    submitted before the last is collected) have the bytes of shards written serially."""
     from kdcache.formats.writer import write_shard
     from kdcache.teacher_dump.pipeline import group_records
 
@@ -155,7 +184,8 @@ def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path, split):
     shards = [("shard-00000", windows[:3]), ("shard-00001", windows[3:])]
     for name, wins in shards:
         write_shard(str(serial), name, group_records(engine, wins), header, codec)
-    piped_engine = _Split(engine) if split else engine
+    piped_engine = {"topk": engine, "compute-finish": _Split(engine),
+                    "fed": _Queued(engine)}[split]
     pipeline = ShardPipeline(piped_engine, call_tokens=200)
     try:
         infos = pipeline.write_all(str(piped), shards, header, codec)
@@ -163,7 +193,18 @@ def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path, split):
         pipeline.close()
     assert [i.windows for i in infos] == [3, len(windows) - 3]
     assert _files(piped) == _files(serial)
-    if split:
+    if split == "fed":  # group i+1 queued before group i is collected; drained per shard
+        expected, ticket = [], 0
+        for _, wins in shards:
+            n = len(list(engine_groups(wins, 200)))
+            calls = [("submit", ticket)]
+            for i in range(ticket + 1, ticket + n):
+                calls += [("submit", i), ("collect", i - 1)]
+            expected += calls + [("collect", ticket + n - 1)]
+            ticket += n
+        assert ticket > 3 and piped_engine.events == expected
+        assert piped_engine.queued == {} and piped_engine.abandoned == [[], []]
+    if split != "topk":
         assert set(piped_engine.compute_threads) == {threading.get_ident()}
         assert len(piped_engine.finish_threads) == len(piped_engine.compute_threads) > 2
         assert threading.get_ident() not in piped_engine.finish_threads
@@ -179,6 +220,45 @@ def test_conversion_failure_leaves_nothing(engine, windows, tmp_path):
     finally:
         pipeline.close()
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]  # no shard, no temporary
+
+
+def test_fed_shard_stopped_mid_way_leaves_nothing_queued(engine, windows, tmp_path):
+    """A queueing engine whose collect fails, or whose shard's writer fails, has everything
+    still queued abandoned (nothing runs on into the next shard), and no shard is left."""
+    header, codec = _header()
+    failing = _Queued(engine, fail_at=2)
+    pipeline = ShardPipeline(failing, call_tokens=1)
+    try:
+        with pytest.raises(RuntimeError, match="collect fell over"):
+            pipeline.start(str(tmp_path), "shard-00000", windows, header, codec)
+        assert failing.abandoned == [[1, 2]] and failing.queued == {}
+        info = pipeline.write(str(tmp_path), "shard-00001", windows[:2], header, codec)
+    finally:
+        pipeline.close()
+    assert info.windows == 2
+    assert sorted(os.listdir(tmp_path / "shards")) == ["shard-00001.arrow"]
+    bad_header, bad_codec = _header(vocab_size=16)  # the writer refuses the first group
+    queued = _Queued(engine)
+    pipeline = ShardPipeline(queued, call_tokens=1)
+    try:
+        with pytest.raises(TargetValidationError):
+            pipeline.write(str(tmp_path / "bad"), "shard-00000", windows, bad_header, bad_codec)
+    finally:
+        pipeline.close()
+    assert queued.queued == {} and len(queued.abandoned) == 1
+    assert not (tmp_path / "bad").exists() or not os.listdir(tmp_path / "bad" / "shards")
+
+
+def test_pipeline_without_feed_calls_compute(engine, windows, tmp_path):
+    """`ShardPipeline(feed=False)`: one blocking call per group even for a queueing engine."""
+    header, codec = _header()
+    queued = _Queued(engine)
+    pipeline = ShardPipeline(queued, call_tokens=200, feed=False)
+    try:
+        pipeline.write(str(tmp_path), "shard-00000", windows, header, codec)
+    finally:
+        pipeline.close()
+    assert queued.events == [] and len(queued.compute_threads) > 2
 
 
 def test_ahead_keeps_order_raises_and_stops_early():

@@ -104,6 +104,22 @@ class TeacherEngine(ABC):
         """The targets of `windows` from `compute`'s result (any thread)."""
         return computed
 
+    # An engine that `feeds` can take the next group's requests before this group's results
+    # are back, so that its scheduler never runs dry between groups (pipeline.computed_groups):
+    # `collect(submit(windows))` is what `compute(windows)` returns. Engine's thread only.
+    feeds: bool = False
+
+    def submit(self, windows: list[PackedWindow]) -> Any:
+        """Queue the windows' work without waiting for it."""
+        raise EngineError(f"engine {self.name!r} cannot queue work ahead; call compute")
+
+    def collect(self, submitted: Any) -> Any:
+        """`compute`'s result for what `submit` queued (waits for it)."""
+        raise EngineError(f"engine {self.name!r} cannot queue work ahead; call compute")
+
+    def abandon(self) -> None:
+        """Drop everything submitted and not collected (a caller that stopped mid-way)."""
+
     def close(self) -> None:
         """Release the model (engines hold large memory)."""
 

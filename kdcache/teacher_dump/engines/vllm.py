@@ -7,7 +7,10 @@ Two paths to the same targets (`EngineConfig.vllm_path`):
   (`compute_logits`: bias, soft-capping, logit scale, tied or untied head, vocab-parallel under
   tensor parallelism) a block of rows at a time, then logsumexp and top-k (and sampled draws);
   only ids and log-probs leave the worker (see vllm_topk.py). One request per document, so
-  thousands of short documents batch into the same forward and the same logits blocks.
+  thousands of short documents batch into the same forward and the same logits blocks. Besides
+  the blocking `compute` (one `LLM.encode` call), this path `feeds`: `submit` queues a group's
+  requests in vLLM's `LLMEngine` and `collect` steps it until they are done, so the dump's
+  pipeline queues the next group before collecting this one (vllm_feed.py).
 - `prompt-logprobs`: vLLM's own path, `SamplingParams(max_tokens=1, prompt_logprobs=k,
   detokenize=False, flat_logprobs=True)`, the side-by-side baseline. Each prompt position then
   carries k + 1 entries: the actual next token first (with its rank), then ranks 1..k; the first
@@ -105,6 +108,7 @@ class VLLMEngine(TeacherEngine):
             self.llm = start_llm(EngineError, **common, skip_tokenizer_init=True,
                                  max_logprobs=cfg.k)
         self.max_logprobs = cfg.k
+        self._feed = None  # vllm_feed.RequestFeed, made on the first `submit`
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         if cfg.k > self.vocab_size:
             raise EngineError(f"k={cfg.k} exceeds the teacher's vocabulary ({self.vocab_size})")
@@ -128,34 +132,68 @@ class VLLMEngine(TeacherEngine):
 
     def compute(self, windows: list[PackedWindow]) -> "RawTargets":
         """vLLM's results, as it returns them (the engine's thread does nothing per entry:
-        `finish` converts them, on the pipeline's converting thread)."""
+        `finish` converts them, on the pipeline's converting thread). One blocking vLLM call."""
+        if self._feed is not None and self._feed.pending:
+            raise EngineError("a blocking engine call while fed requests are outstanding "
+                              "(collect or abandon them first)")
         prompts, where = self._requests(windows)
-        k, draws = self.cfg.k, self.cfg.draws
         if self.cfg.vllm_path == "pooler":
-            results = self._pooler(prompts, where)
+            results = self.llm.encode(prompts, pooling_task="token_embed",
+                                      pooling_params=self._pooling_params(where),
+                                      use_tqdm=False)
             datas = [res.outputs.data for res in results]
         else:
             results = self._prompt_logprobs(prompts)
             datas = [res.prompt_logprobs for res in results]
-        return RawTargets(path=self.cfg.vllm_path, mode=self.cfg.mode, k=k, draws=draws,
-                          where=where, datas=datas)
+        return self._raw(where, datas)
+
+    @property
+    def feeds(self) -> bool:
+        """The pooler path can queue the next group's requests ahead (vllm_feed.py)."""
+        return self.cfg.vllm_path == "pooler"
+
+    def submit(self, windows: list[PackedWindow]) -> "_Submitted":
+        """Queue the windows' requests in vLLM without waiting for them (`collect` returns
+        what `compute` would have)."""
+        if not self.feeds:
+            raise EngineError(f"vllm path {self.cfg.vllm_path!r} runs blocking calls only")
+        if self._feed is None:
+            from kdcache.teacher_dump.engines.vllm_feed import RequestFeed
+
+            self._feed = RequestFeed(self.llm.llm_engine)
+        prompts, where = self._requests(windows)
+        ticket = self._feed.submit(prompts, self._pooling_params(where, task="token_embed"))
+        # the settings at submission: a reconfigure before collect must not relabel them
+        return _Submitted(ticket=ticket, raw=self._raw(where, []))
+
+    def collect(self, submitted: "_Submitted") -> "RawTargets":
+        results = self._feed.collect(submitted.ticket)
+        submitted.raw.datas = [res.outputs.data for res in results]
+        return submitted.raw
+
+    def abandon(self) -> None:
+        if self._feed is not None:
+            self._feed.abandon()
 
     def finish(self, windows: list[PackedWindow], computed: "RawTargets") -> list[WindowTargets]:
         return raw_targets(windows, computed)
 
-    def _pooler(self, prompts, where):
+    def _raw(self, where, datas) -> "RawTargets":
+        return RawTargets(path=self.cfg.vllm_path, mode=self.cfg.mode, k=self.cfg.k,
+                          draws=self.cfg.draws, where=where, datas=datas)
+
+    def _pooling_params(self, where, task: str | None = None) -> list:
         from vllm import PoolingParams
 
         from kdcache.teacher_dump.engines.vllm_topk import request_kwargs
 
         k, draws = self.cfg.k, self.cfg.draws
-        # draws are seeded per (dump seed, window, request start): a resumed shard redraws the same
-        params = [PoolingParams(extra_kwargs=request_kwargs(
+        # draws are seeded per (dump seed, window, request start): a resumed shard redraws the
+        # same. `task`: fed requests skip `encode`, which names it.
+        return [PoolingParams(task=task, extra_kwargs=request_kwargs(
             k, draws, self.cfg.temperature,
             seed=zlib.crc32(f"{self.cfg.seed}:{index}:{start}".encode())))
             for _, start, _, index in where]
-        return self.llm.encode(prompts, pooling_task="token_embed", pooling_params=params,
-                               use_tqdm=False)
 
     def _prompt_logprobs(self, prompts):
         from vllm import SamplingParams
@@ -189,6 +227,14 @@ class VLLMEngine(TeacherEngine):
             cleanup_dist_env_and_memory()
         except Exception:  # best effort: nothing else in this process uses vLLM's groups
             pass
+
+
+@dataclass
+class _Submitted:
+    """A group queued by `VLLMEngine.submit`: its feed ticket and its results' labels."""
+
+    ticket: Any
+    raw: "RawTargets"
 
 
 def request_layout(windows: list[PackedWindow], mode: str) -> list[tuple[int, int, int, int]]:
