@@ -13,7 +13,8 @@ prompt-logprobs path and the hf engine, and the targets checked against the hf e
         # the dump's engine calls: fed (the next group queued before this one is collected,
         # the dump's default), blocking (one vLLM call per group), or both side by side on one
         # engine (default: `dump_*` fed, `dump_blocking_*` blocking); rounds per timing
-        # (default 2); SCALE x the windows per cell (shards stay 16 windows)
+        # (default 2); SCALE x the windows per cell (shards stay 16 windows);
+        # WRITER_CALL_TOKENS: the engine groups' tokens (default: the dump's 16384; smoke 1024)
 
 Writes JSON lines to $OUT/gpu_vllm_dump.jsonl (and prints them). Engines run one at a time in
 this process (kdcache.teacher_dump.bench), memory released between them. Teachers are random
@@ -243,8 +244,13 @@ def writer(smoke: bool = False) -> None:
     if feed not in ("both", "fed", "blocking"):
         raise SystemExit(f"WRITER_FEED={feed!r}: choose both, fed or blocking")
     rounds = int(os.environ.get("WRITER_ROUNDS", "1" if smoke else "2"))
+    # smoke: groups of 2-3 windows, as the dump's 16k-token groups of 8k windows on a GPU
+    from kdcache.teacher_dump.pipeline import ENGINE_CALL_TOKENS
+
+    call = int(os.environ.get("WRITER_CALL_TOKENS") or (1024 if smoke else ENGINE_CALL_TOKENS))
     base = BenchConfig(model=model, dtype=dtype, rounds=rounds, baseline=False,
-                       feed=feed != "blocking", compare_blocking=feed == "both")
+                       feed=feed != "blocking", compare_blocking=feed == "both",
+                       call_tokens=call)
     # one series (two engine starts, not four: the step has ~6 minutes), causal first
     scale = int(os.environ.get("WRITER_SCALE", "1"))
     counts = tuple(scale * n for n in ((8, 4) if smoke else (16, 8)))

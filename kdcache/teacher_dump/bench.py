@@ -48,7 +48,7 @@ from kdcache.teacher_dump.engines import make_engine
 from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk, segments_for_mode
 from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import teacher_fingerprint
-from kdcache.teacher_dump.pipeline import ShardPipeline, grouped_targets
+from kdcache.teacher_dump.pipeline import ENGINE_CALL_TOKENS, ShardPipeline, grouped_targets
 
 
 
@@ -70,6 +70,7 @@ class BenchConfig:
     encode_workers: int | None = None  # the dump's --encode-workers (None: its default)
     feed: bool = True  # the dump queues the next group ahead when the engine can (its default)
     compare_blocking: bool = False  # also time the dump with one blocking call per group
+    call_tokens: int = ENGINE_CALL_TOKENS  # the dump's engine groups (smaller for tiny windows)
 
 
 WARMUP_WINDOWS = 2
@@ -160,7 +161,8 @@ class _Writer:
         the seconds until the engine's thread was done with the last shard. `feed`: None
         for the config's."""
         header, codec = self.header(c.k, c.window, c.mode)
-        pipeline = ShardPipeline(engine, feed=c.feed if feed is None else feed)
+        pipeline = ShardPipeline(engine, call_tokens=c.call_tokens,
+                                 feed=c.feed if feed is None else feed)
         self._pipelines.append(pipeline)
         step = c.windows_per_shard
 
@@ -258,10 +260,10 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
                 # the same, called in the dump's ~16k-token groups (one round, warm by now):
                 # what the calls themselves cost against one call of every window
                 sec["engine_grouped"] = _median_seconds(
-                    lambda: grouped_targets(engine, wins, feed=False), 1, lambda: None)
+                    lambda: grouped_targets(engine, wins, c.call_tokens, feed=False), 1, lambda: None)
                 if engine.feeds:  # the same groups, each queued before the last is collected
                     sec["engine_fed"] = _median_seconds(
-                        lambda: grouped_targets(engine, wins, feed=True), 1, lambda: None)
+                        lambda: grouped_targets(engine, wins, c.call_tokens, feed=True), 1, lambda: None)
                 capture("pooler" if first.engine == "vllm" else "hf", engine, c, wins)
                 res["engine_start_s"] = round(start_s, 1)
                 if first.engine == "hf":  # prefill-only: the backbone alone, same engine
@@ -324,7 +326,7 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
             "engine_tokens_per_s": round(tokens / sec["engine"], 1),
             "engine_ratio": round(tokens / sec["engine"] / ceiling, 3),
             "engine_grouped_tokens_per_s": round(tokens / sec["engine_grouped"], 1),
-            "feed": bool(c.feed and "engine_fed" in sec),
+            "feed": bool(c.feed and "engine_fed" in sec), "call_tokens": c.call_tokens,
             "ratio": round(tokens / sec["dump"] / ceiling, 3),
             "vllm_path": "pooler" if c.engine == "vllm" else None,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
