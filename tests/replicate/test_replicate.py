@@ -139,7 +139,8 @@ def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
 
 
 @pytest.mark.slow
-def test_tasks_in_processes_of_their_own_finish_or_stop_the_run_with_the_log(tmp_path):
+def test_tasks_in_processes_of_their_own_finish_or_stop_the_run_with_the_log(tmp_path,
+                                                                           monkeypatch):
     """Steps run `parallel` at a time in their own processes: done ones are skipped next time; a
     failing one stops the run with its name and the end of its log, nothing marked done."""
     from kdcache.replicate.pipeline import dump_options
@@ -178,6 +179,23 @@ def test_tasks_in_processes_of_their_own_finish_or_stop_the_run_with_the_log(tmp
     run_tasks([second, first], parallel=2, log_dir=logs, log=lambda m: None)
     # the spec of a task is written as it starts
     assert os.path.getmtime(first.done) <= os.path.getmtime(os.path.join(logs, "dump-second.json"))
+    # a task started by a quiet command is quiet too: no library banners in its log
+    from kdcache.cli import QUIET_ENV
+
+    def student(name: str) -> Task:
+        spec = {"name": name, "output_dir": str(tmp_path / name),
+                "defaults": {"data": {"seed": 0}, "model": {"vocab_size": "dataset"},
+                             "trainer": {"accelerator": "cpu", "progress_bar": False}},
+                "stages": [{"name": "s", "data": {"paths": [str(tmp_path / "causal")]},
+                            "trainer": {"max_steps": 1}}]}
+        return Task("student", name, {"run": spec, "source": name},
+                    str(tmp_path / name / "s" / "summary.json"))
+    for quiet in ("1", "0"):
+        monkeypatch.setenv(QUIET_ENV, quiet)
+        run_tasks([student(f"student-quiet{quiet}")], parallel=2, log_dir=logs,
+                  log=lambda m: None)
+        text = open(os.path.join(logs, f"student-quiet{quiet}.log")).read()
+        assert ("GPU available" in text) == (quiet == "0"), text[-2000:]
     orphan = Task("dump", "dump-orphan", dict(good[0].args, out=str(tmp_path / "o")),
                   str(tmp_path / "o" / "manifest.json"), after=(str(tmp_path / "never"),))
     for parallel in (1, 2):
