@@ -37,7 +37,7 @@ running() { pgrep -f "python3 -m kdcache replicate .*--out $REP" > /dev/null; }
 collect() {
   tail -15 "$REP/run.log" 2>/dev/null
   (cd "$REP" && tar czf "$OUT/replicate/run.tgz" --ignore-failed-read run.log logs eval \
-     gpu.csv preset.json corpus.json teacher/kdcache_retrieval.json teacher-short/kdcache_retrieval.json \
+     gpu.csv preset.json corpus.json teacher/kdcache_retrieval.json teacher-short/kdcache_retrieval.json student-base/kdcache_retrieval.json \
      report.md report.json ./*.png 2>/dev/null)
   for f in report.md report.json; do [ -e "$REP/$f" ] && cp "$REP/$f" "$OUT/replicate/"; done
   du -sh "$REP"/* 2>/dev/null | tr '\n' ' '; echo

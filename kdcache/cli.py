@@ -85,6 +85,9 @@ def _version() -> str:
     return f"kdcache {__version__}"
 
 
+QUIET_ENV = "KDCACHE_QUIET_LIBRARIES"
+
+
 def quiet_libraries() -> None:
     """Keep Ray's, vLLM's and Lightning's info messages and deprecation warnings off stderr
     (kdcache prints its own progress and summary). Set before they are imported, so that the
@@ -93,6 +96,7 @@ def quiet_libraries() -> None:
     import os
     import warnings
 
+    os.environ[QUIET_ENV] = "1"  # kdcache's own worker processes quiet themselves too
     os.environ.setdefault("RAY_LOGGER_LEVEL", "error")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")

@@ -24,6 +24,7 @@ from kdcache.evaluate.probe import ProbeConfig, run_probe
 from kdcache.formats.manifest import MANIFEST_NAME
 from kdcache.replicate.presets import Preset
 from kdcache.replicate.store import cached_json
+from kdcache.replicate.teacher import teacher_record
 
 
 def needle_config(preset: Preset) -> dict:
@@ -52,6 +53,7 @@ def lm_path(out: str, name: str) -> str:
 
 
 EVAL_KINDS = ("needle", "lm", "probe", "diff")
+STUDENT_BASE = "student-base"  # the students' start's label in the evaluation
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,19 @@ class EvalJob:
 
 
 def teacher_jobs(out: str, preset: Preset, teachers: dict[str, str],
-                 ready: dict[str, tuple[str, ...]]) -> list[EvalJob]:
+                 ready: dict[str, tuple[str, ...]], base: str | None = None) -> list[EvalJob]:
     """What needs only the teachers (each once the files in `ready[who]` exist): their needle
-    tests and the probe (they run beside the dumps)."""
+    tests and the probe (they run beside the dumps); the students' start's needle test
+    (`base`, model label STUDENT_BASE) once it is trained."""
     jobs = [EvalJob("needle", f"needle-teacher-{who}",
                     {"model": path, "config": needle_config(preset)},
                     needle_path(out, f"teacher-{who}"), f"teacher-{who}", ready[who])
             for who, path in teachers.items()]
+    if base is not None:
+        jobs.append(EvalJob("needle", f"needle-{STUDENT_BASE}",
+                            {"model": base, "config": needle_config(preset)},
+                            needle_path(out, STUDENT_BASE), STUDENT_BASE,
+                            (teacher_record(base),)))
     jobs.append(EvalJob("probe", "probe",
                         {"model": teachers["main"], **_probe_args(preset)},
                         os.path.join(out, "eval", "probe.json"), after=ready["main"]))

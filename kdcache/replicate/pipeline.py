@@ -8,8 +8,11 @@
    window in `document-global` mode (document mask, global positions: the paper's setting), in
    `document` mode (arm a) and in `causal` mode (arm c), the short-context teacher's
    document-global dumps (arm b), and the held-out documents at the long window;
-4. students, `seeds` of each arm, same data and steps: stage 1 at the short window, stage 2 at
-   the long window starting from stage 1 (theta per schedule, KD alpha 1 or CE alpha 0);
+4. students, `seeds` of each arm, same data and steps: stage 1 at the short window from the
+   students' start (`preset.student_base`: a student-shaped model trained with the teachers'
+   retrieval curriculum at the short window, beside the teachers; random init without one),
+   stage 2 at the long window starting from stage 1 (theta per schedule, KD alpha 1 or CE
+   alpha 0);
 5. evaluation: passkey accuracy by needle distance up to and past the training window (every
    student and teacher), held-out perplexity and KL to the teacher, the probe on the teacher in
    every packing mode and dtype, the checkpoint diff between the phase-wise arm's two stages;
@@ -57,10 +60,11 @@ def _task(job: EvalJob) -> Task:
 
 
 def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset: Preset,
-                tokenizer: str | None = None) -> dict:
+                tokenizer: str | None = None, base: str | None = None) -> dict:
     """The run-file dict of one student: two stages, same steps and data for every arm (the
     datasets hold no held-out document: corpus.split_heldout).
-    `tokenizer`: the teachers' (shared) tokenizer directory, exported with the student."""
+    `tokenizer`: the teachers' (shared) tokenizer directory, exported with the student.
+    `base`: the HF directory stage 1 starts from (every arm and seed the same), else random."""
     loss, schedule, source = arm_parts(arm)
     theta1, theta2 = THETAS[schedule]
     alpha = 1.0 if loss == "kd" else 0.0
@@ -86,7 +90,8 @@ def student_run(arm: str, seed: int, data: dict[str, str], out_dir: str, preset:
         "stages": [
             {"name": "stage1", "model": {"rope_theta": theta1},
              "data": {"paths": [data["short-" + source]]},
-             "trainer": {"max_steps": preset.stage1_steps}},
+             "trainer": {"max_steps": preset.stage1_steps},
+             **({"init_from": base} if base else {})},
             {"name": "stage2", "init_from": "previous", "model": {"rope_theta": theta2},
              "data": {"paths": [data["long-" + source]]},
              "trainer": {"max_steps": preset.stage2_steps}},
@@ -121,6 +126,18 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
              teachers.items()}  # what a teacher's users wait for
     tasks = [Task("teacher", f"teacher-{who}", args, teacher_record(args["out_dir"]))
              for who, args in teacher_args.items()]
+    # the students' start: the same curriculum at the short window, in the teachers' token ids
+    base_args = None
+    if preset.student_base is not None:
+        base_args = dict(out_dir=os.path.join(out, "student-base"), model=preset.student_base,
+                         context=preset.short_window, seconds=preset.student_base_seconds,
+                         device=preset.device, tokens_per_step=preset.teacher_tokens_per_step,
+                         lr=preset.teacher_lr, tokenizer_of=teachers["main"])
+        tasks.append(Task("teacher", "student-base", base_args,
+                          teacher_record(base_args["out_dir"]),
+                          (tokenizer_ready(teachers["main"]),) if "main" in trained else ()))
+    base_dir = base_args["out_dir"] if base_args else None
+    base_ready = (teacher_record(base_dir),) if base_dir else ()
 
     # 2. short documents only (split into training and held-out documents): needs only the
     # main teacher's tokenizer, so it is built while the teachers train
@@ -161,14 +178,15 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
         os.path.join(heldout, MANIFEST_NAME), ready["main"] + (corpus_record(out),))
     tasks += list(dumps.values())
     # the teachers' own evaluation needs no dump: it fills the slots the dumps leave
-    jobs = teacher_jobs(out, preset, teachers, ready)
+    jobs = teacher_jobs(out, preset, teachers, ready, base_dir)
     tasks += [_task(j) for j in jobs]
 
     # 4. students, and each one's evaluation as soon as it is done
     runs = {(arm, seed): (os.path.join(out, "students", arm, f"seed{seed}"))
             for arm in preset.arms for seed in range(preset.seeds)}
     specs = {key: student_run(key[0], key[1], data, run_dir, preset,
-                              tokenizer=teachers["main"]) for key, run_dir in runs.items()}
+                              tokenizer=teachers["main"], base=base_dir)
+             for key, run_dir in runs.items()}
     planned = {key: {"seed": key[1],
                      "stage1": stage_export_dir(os.path.join(run_dir, "stage1")),
                      "stage2": stage_export_dir(os.path.join(run_dir, "stage2")),
@@ -182,7 +200,8 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     tasks += [Task("student", f"student-{arm}-seed{seed}",
                    {"run": specs[(arm, seed)], "source": f"replicate:{arm}"},
                    planned[(arm, seed)]["done"],
-                   (written["short-" + source_of[arm]], written["long-" + source_of[arm]]))
+                   (written["short-" + source_of[arm]], written["long-" + source_of[arm]])
+                   + base_ready)
               for arm, seed in runs]
     tasks += [_task(j) for j in later]
     run_tasks(tasks, parallel=preset.parallel, log_dir=os.path.join(out, "logs"), log=log)
@@ -192,6 +211,8 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     for who, args in teacher_args.items():
         steps["teacher" if who == "main" else "teacher_short"] = \
             train_retrieval_teacher(**args, log=log)
+    if base_args is not None:
+        steps["student_base"] = train_retrieval_teacher(**base_args, log=log)
     with open(corpus_record(out)) as fh:
         steps["corpus"] = json.load(fh)
     students: dict[str, list[dict]] = {}
@@ -201,4 +222,4 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
             {"seed": seed, "stage1": summaries[0]["hf_dir"], "stage2": summaries[-1]["hf_dir"],
              "final_loss": summaries[-1].get("final_loss")})
     evaluation = evaluate_all(jobs + later, preset, log=log)
-    return write_report(out, preset, steps, teachers, students, evaluation)
+    return write_report(out, preset, steps, teachers, students, evaluation, base_dir)

@@ -69,6 +69,13 @@ class Preset:
     batch_windows: int = 1
     lr: float = 3e-3
     parallel: int = 1  # independent steps at once, each its own process (tasks.py)
+    # The students' start (TeacherConfig fields, tied embeddings, the student preset's shape):
+    # trained with the teachers' retrieval curriculum at context = short_window for
+    # `student_base_seconds`, beside the teachers, and loaded by every arm's stage 1, as the
+    # paper's students start from a pretrained short-context model. None: random init (a
+    # student trained from random weights on the corpus alone learns no retrieval at all).
+    student_base: dict[str, Any] | None = None
+    student_base_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,7 +97,11 @@ PRESETS: dict[str, Preset] = {
         long_window=512, student_preset="tiny",
         student_overrides={"n_layer": 1}, stage1_steps=12, stage2_steps=12, seeds=1, k=8,
         needle_lengths=(256, 512, 768), needle_depths=(0.2, 0.8), needle_samples=2,
-        probe_block=64, probe_repeats=4),
+        probe_block=64, probe_repeats=4,
+        student_base=dict(vocab_size=1024, tokenizer_vocab=1024, hidden_size=128,
+                          intermediate_size=256, num_layers=1, num_heads=2, num_kv_heads=1,
+                          max_positions=4096, rope_theta=10_000.0, tie_embeddings=True),
+        student_base_seconds=10.0),
     "toy": Preset(
         name="toy",
         teacher_model=dict(vocab_size=2048, tokenizer_vocab=2048, hidden_size=512,
@@ -115,7 +126,12 @@ PRESETS: dict[str, Preset] = {
         needle_samples=8, probe_block=2048, probe_repeats=8,
         arms=MAIN_ARMS + tuple(CAUSAL_ARMS), device="cuda", dtype="bfloat16",
         # 14 at once: each student 162-167 s against 143-147 s nine at a time (the GPU had room)
-        batch_windows=2, lr=2e-3, parallel=14),
+        batch_windows=2, lr=2e-3, parallel=14,
+        # tiny-4l's shape, beside the two teachers (done 150 s before them: less contention)
+        student_base=dict(vocab_size=2048, tokenizer_vocab=2048, hidden_size=256,
+                          intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
+                          max_positions=65536, rope_theta=10_000.0, tie_embeddings=True),
+        student_base_seconds=300.0),
 }
 
 
@@ -138,11 +154,39 @@ def get_preset(name: str, **overrides: Any) -> Preset:
             and preset.passkey_share + preset.copy_share <= 1):
         raise KdcacheError("passkey_share and copy_share must be >= 0 and sum to at most 1 (got "
                            f"{preset.passkey_share}, {preset.copy_share})")
+    if preset.student_base is not None:
+        check_student_base(preset)
     if preset.seeds < 1:
         raise KdcacheError("seeds must be >= 1")
     if preset.parallel < 1:
         raise KdcacheError("parallel must be >= 1")
     return preset
+
+
+def check_student_base(preset: Preset) -> None:
+    """Refuse a student base the students could not start from exactly: a shape other than the
+    student preset's, another vocabulary or tokenizer size than the teachers', untied weights."""
+    from kdcache.student_train.model import PRESETS as MODEL_PRESETS
+
+    base = preset.student_base or {}
+    if preset.student_preset not in MODEL_PRESETS:
+        raise KdcacheError(f"unknown student preset {preset.student_preset!r}")
+    student = {**MODEL_PRESETS[preset.student_preset], **preset.student_overrides}
+    pairs = {"num_layers": "n_layer", "num_heads": "n_head", "num_kv_heads": "n_kv_head",
+             "hidden_size": "dim", "intermediate_size": "ffn_dim"}
+    wrong = {b: (base.get(b), student.get(s)) for b, s in pairs.items()
+             if base.get(b) != student.get(s)}
+    for key in ("vocab_size", "tokenizer_vocab"):
+        if base.get(key) != preset.teacher_model.get(key):
+            wrong[key] = (base.get(key), preset.teacher_model.get(key))
+    if wrong:
+        raise KdcacheError("student_base must have the student's shape and the teachers' "
+                           "vocabulary; (base, wanted): "
+                           + ", ".join(f"{k} {v}" for k, v in wrong.items()))
+    if not base.get("tie_embeddings"):
+        raise KdcacheError("student_base needs tie_embeddings: true (the student's layout)")
+    if preset.student_base_seconds <= 0:
+        raise KdcacheError("student_base_seconds must be > 0")
 
 
 def arm_parts(arm: str) -> tuple[str, str, str]:

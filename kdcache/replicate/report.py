@@ -19,6 +19,7 @@ from typing import Any
 
 from kdcache.evaluate.report import save_figure
 from kdcache.formats.storage import atomic_write_bytes, resolve
+from kdcache.replicate.evaluation import STUDENT_BASE
 from kdcache.replicate.presets import CAUSAL_ARMS, Preset
 from kdcache.replicate.stats import diff_ci, mean_ci
 from kdcache.replicate.store import save_json
@@ -77,6 +78,10 @@ def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
     findings: dict[str, Any] = {"teacher_long_distance": teacher, "testable": testable,
                                 "untestable_because": untestable, "long_distance_from": long,
                                 "arms_long_distance": arms, "arms_within_document": within}
+    if STUDENT_BASE in needle:  # where every arm starts: what training added is the difference
+        findings["start"] = {
+            "within_document": mean_ci(_scores(needle, [STUDENT_BASE], 0, preset.doc_max_tokens)),
+            "long_distance": mean_ci(_scores(needle, [STUDENT_BASE], long))}
 
     def compare(a: str, b: str) -> dict | None:
         if a not in students or b not in students:
@@ -153,10 +158,18 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
              f"Passkey accuracy at long distance: {_fmt(t)}."]
     trained = [teacher_training_line(name, (steps or {}).get(key))
                for name, key in (("long-context teacher", "teacher"),
-                                 ("short-context teacher", "teacher_short"))]
+                                 ("short-context teacher", "teacher_short"),
+                                 ("students' start", "student_base"))]
     if any(trained):
         lines += ["", "Training (the retrieval curriculum, teacher.py):"]
         lines += [x for x in trained if x]
+    start = findings.get("start")
+    if start:
+        lines += ["", f"Every student starts from the students' start ({preset.student_preset} "
+                      f"shape, trained with the same curriculum up to {preset.short_window} "
+                      f"tokens, theta {(preset.student_base or {}).get('rope_theta', 0):g}): "
+                      f"passkey accuracy within a document {_fmt(start['within_document'])}, at "
+                      f"long distance {_fmt(start['long_distance'])}."]
     because = findings.get("untestable_because")
     if because == TEACHER_CANNOT:
         lines += ["", f"**The teacher does not retrieve at long distance (accuracy below "
@@ -222,6 +235,8 @@ def plot_arms(path: str, needle: dict, students: dict, arms: list[str], teacher:
     bins = _bins(needle)
     fig, ax = plt.subplots(figsize=(8, 4.2))
     series = [("teacher", ["teacher-main"])] if teacher else []
+    if teacher and STUDENT_BASE in needle:
+        series.append(("students' start", [STUDENT_BASE]))
     series += [(arm, _arm_models(students, arm)) for arm in arms if arm in students]
     for i, (label, names) in enumerate(series):
         xs, ys, lo, hi = [], [], [], []
@@ -234,7 +249,7 @@ def plot_arms(path: str, needle: dict, students: dict, arms: list[str], teacher:
             lo.append(ci["mean"] - ci["lo"])
             hi.append(ci["hi"] - ci["mean"])
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label,
-                    linestyle="--" if label == "teacher" else "-")
+                    linestyle={"teacher": "--", "students' start": ":"}.get(label, "-"))
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("needle distance (tokens, bin centre)")
@@ -288,7 +303,7 @@ def plot_diff(path: str, diff: dict) -> str:
 
 
 def write_report(out: str, preset: Preset, steps: dict, teachers: dict, students: dict,
-                 evaluation: dict) -> dict:
+                 evaluation: dict, student_base: str | None = None) -> dict:
     findings = build_findings(preset, students, evaluation)
     needle = evaluation["needle"]
     main = [a for a in students if a not in CAUSAL_ARMS]
@@ -300,7 +315,8 @@ def write_report(out: str, preset: Preset, steps: dict, teachers: dict, students
              plot_probe(os.path.join(out, "probe.png"), evaluation["probe"])]
     if evaluation.get("diff"):
         plots.append(plot_diff(os.path.join(out, "diff.png"), evaluation["diff"]))
-    report = {"preset": preset.name, "steps": steps, "teachers": teachers, "students": students,
+    report = {"preset": preset.name, "steps": steps, "teachers": teachers,
+              "student_base": student_base, "students": students,
               "findings": findings, "lm": evaluation["lm"], "probe": evaluation["probe"],
               "diff": evaluation.get("diff"), "plots": [os.path.basename(p) for p in plots]}
     save_json(os.path.join(out, "report.json"), report)

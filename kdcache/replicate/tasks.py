@@ -146,6 +146,10 @@ def _tail(path: str, lines: int = 15) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from kdcache.cli import QUIET_ENV, quiet_libraries
+
+    if os.environ.get(QUIET_ENV) == "1":  # as quiet as the command that started the task
+        quiet_libraries()
     with open(argv[0]) as fh:
         spec = json.load(fh)
     execute(spec["kind"], spec["args"])

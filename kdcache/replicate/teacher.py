@@ -45,6 +45,7 @@ from typing import Callable
 
 from kdcache.evaluate.needle_tasks import (PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION,
                                            Haystack, build_sample)
+from kdcache.replicate.presets import ReplicateError
 from kdcache.replicate.store import save_json
 from kdcache.teacher_dump.corpus import builtin_corpus
 from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
@@ -208,12 +209,29 @@ def teacher_record(out_dir: str) -> str:
     return os.path.join(out_dir, "kdcache_retrieval.json")
 
 
+def _check_same_tokenizer(out_dir: str, reference: str) -> None:
+    def read(directory: str) -> bytes:
+        try:
+            with open(os.path.join(directory, "tokenizer.json"), "rb") as fh:
+                return fh.read()
+        except OSError as exc:
+            raise ReplicateError(f"{directory}: no readable tokenizer.json ({exc})") from None
+
+    if read(out_dir) != read(reference):
+        raise ReplicateError(f"{out_dir}: its tokenizer differs from {reference}'s (its token "
+                             "ids would not be the teachers'); build both with the same "
+                             "tokenizer_vocab and seed")
+
+
 def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds: float,
                             device: str = "cpu", seed: int = 0, tokens_per_step: int = 8192,
                             lr: float = 3e-3, max_steps: int | None = None,
+                            tokenizer_of: str | None = None,
                             log: Callable[[str], None] = print) -> dict:
     """Build the teacher into `out_dir` and train it for `seconds` (or `max_steps`, whichever
-    comes first); returns its summary (also written to teacher_record(out_dir))."""
+    comes first); returns its summary (also written to teacher_record(out_dir)).
+    `tokenizer_of`: a model directory whose tokenizer this model's must be byte for byte (the
+    students' start model learns the teachers' token ids), refused before training otherwise."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -225,6 +243,8 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     cfg = replace(TeacherConfig(**model), seed=seed, train_seconds=0.0,
                   max_positions=max(model.get("max_positions", 0), 4 * context))
     build_teacher(out_dir, cfg, log=lambda m: None)
+    if tokenizer_of is not None:
+        _check_same_tokenizer(out_dir, tokenizer_of)
     save_json(tokenizer_ready(out_dir), {"tokenizer": out_dir})
     tok = AutoTokenizer.from_pretrained(out_dir)
     net = LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).to(device)

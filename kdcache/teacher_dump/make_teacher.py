@@ -57,6 +57,7 @@ class TeacherConfig:
     train_batch: int = 8
     learning_rate: float = 3e-3
     corpus_documents: int = 2000
+    tie_embeddings: bool = False  # lm_head = embed_tokens (the native student's layout)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads != 64:
@@ -118,7 +119,7 @@ def build_teacher(out_dir: str, cfg: TeacherConfig, *, log=print) -> dict:
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.hidden_size // cfg.num_heads, max_position_embeddings=cfg.max_positions,
         rope_theta=cfg.rope_theta, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
-        tie_word_embeddings=False, torch_dtype="float32")
+        tie_word_embeddings=cfg.tie_embeddings, torch_dtype="float32")
     model = LlamaForCausalLM(model_cfg).float()
     steps, loss_value = 0, None  # no loss without training: JSON null, never NaN
     if cfg.train_seconds > 0:

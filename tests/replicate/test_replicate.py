@@ -40,6 +40,17 @@ def test_presets_refuse_inconsistent_sizes():
         get_preset("smoke", doc_max_tokens=4096)
     with pytest.raises(KdcacheError, match="unknown arm"):
         get_preset("smoke", arms=("kd-phasewise", "kd-sideways"))
+    # a students' start the students could not load exactly
+    base = get_preset("smoke").student_base
+    with pytest.raises(KdcacheError, match=r"num_layers \(1, 2\)"):
+        get_preset("smoke", student_overrides={})
+    with pytest.raises(KdcacheError, match=r"vocab_size \(2048, 1024\)"):
+        get_preset("smoke", student_base=dict(base, vocab_size=2048))
+    with pytest.raises(KdcacheError, match="tie_embeddings"):
+        get_preset("smoke", student_base=dict(base, tie_embeddings=False))
+    with pytest.raises(KdcacheError, match="student_base_seconds"):
+        get_preset("smoke", student_base_seconds=0.0)
+    assert get_preset("smoke", student_base=None, student_base_seconds=0.0).student_base is None
 
 
 def test_arms_differ_only_in_what_they_name():
@@ -48,7 +59,7 @@ def test_arms_differ_only_in_what_they_name():
     preset = get_preset("smoke")
     data = {f"{w}-{s}": f"/d/{w}-{s}" for w in ("long", "short")
             for s in ("main", "docpos", "shortteacher", "causal")}
-    runs = {arm: student_run(arm, 1, data, f"/o/{arm}", preset, tokenizer="/t")
+    runs = {arm: student_run(arm, 1, data, f"/o/{arm}", preset, tokenizer="/t", base="/b")
             for arm in preset.arms}
     for arm, run in runs.items():
         loss, schedule, source = arm_parts(arm)
@@ -58,7 +69,7 @@ def test_arms_differ_only_in_what_they_name():
             "phasewise": (1e4, 5e5), "fixed10k": (1e4, 1e4), "fixed500k": (5e5, 5e5)}[schedule]
         assert s1["trainer"]["max_steps"] == preset.stage1_steps
         assert s2["trainer"]["max_steps"] == preset.stage2_steps
-        assert s2["init_from"] == "previous"
+        assert s2["init_from"] == "previous" and s1["init_from"] == "/b"  # one start for all
         assert run["defaults"]["model"]["init_seed"] == 1 and run["defaults"]["data"]["seed"] == 1
         assert s2["data"]["paths"] == [data["long-" + source]]
         assert s1["data"]["paths"] == [data["short-" + source]]  # the same shapes for every arm
@@ -66,6 +77,8 @@ def test_arms_differ_only_in_what_they_name():
     docpos = runs["kd-phasewise-docpos"]["defaults"]["model"]
     assert docpos["positions"] == "global" and docpos["force_mode"]
     assert "force_mode" not in runs["kd-phasewise"]["defaults"]["model"]
+    random_start = student_run("kd-phasewise", 1, data, "/o/r", preset, tokenizer="/t")
+    assert "init_from" not in random_start["stages"][0]
 
 
 @pytest.mark.slow
@@ -90,6 +103,15 @@ def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
         assert all(c["verdict"].startswith("not testable") for c in findings["kd_vs_ce"])
         assert "does not retrieve at long distance" in open(os.path.join(out, "report.md")).read()
     text = open(os.path.join(out, "report.md")).read()
+    # every arm starts from the students' start, which is in the teachers' token ids and is
+    # itself evaluated
+    base = report["student_base"]
+    assert base and report["steps"]["student_base"]["context"] == preset.short_window
+    assert {"within_document", "long_distance"} <= set(findings["start"])
+    assert "Every student starts from the students' start" in text
+    for arm, runs in report["students"].items():
+        with open(os.path.join(out, "students", arm, "seed0", "stage1", "summary.json")) as fh:
+            assert json.load(fh)["init_from"] == base, arm
     record = report["steps"]["teacher"]
     assert f"- long-context teacher: {record['steps']} steps" in text
     assert f"passkey prompts up to {record['passkey']['longest_open']} tokens" in text
@@ -117,7 +139,8 @@ def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
 
 
 @pytest.mark.slow
-def test_tasks_in_processes_of_their_own_finish_or_stop_the_run_with_the_log(tmp_path):
+def test_tasks_in_processes_of_their_own_finish_or_stop_the_run_with_the_log(tmp_path,
+                                                                           monkeypatch):
     """Steps run `parallel` at a time in their own processes: done ones are skipped next time; a
     failing one stops the run with its name and the end of its log, nothing marked done."""
     from kdcache.replicate.pipeline import dump_options
@@ -156,6 +179,23 @@ def test_tasks_in_processes_of_their_own_finish_or_stop_the_run_with_the_log(tmp
     run_tasks([second, first], parallel=2, log_dir=logs, log=lambda m: None)
     # the spec of a task is written as it starts
     assert os.path.getmtime(first.done) <= os.path.getmtime(os.path.join(logs, "dump-second.json"))
+    # a task started by a quiet command is quiet too: no library banners in its log
+    from kdcache.cli import QUIET_ENV
+
+    def student(name: str) -> Task:
+        spec = {"name": name, "output_dir": str(tmp_path / name),
+                "defaults": {"data": {"seed": 0}, "model": {"vocab_size": "dataset"},
+                             "trainer": {"accelerator": "cpu", "progress_bar": False}},
+                "stages": [{"name": "s", "data": {"paths": [str(tmp_path / "causal")]},
+                            "trainer": {"max_steps": 1}}]}
+        return Task("student", name, {"run": spec, "source": name},
+                    str(tmp_path / name / "s" / "summary.json"))
+    for quiet in ("1", "0"):
+        monkeypatch.setenv(QUIET_ENV, quiet)
+        run_tasks([student(f"student-quiet{quiet}")], parallel=2, log_dir=logs,
+                  log=lambda m: None)
+        text = open(os.path.join(logs, f"student-quiet{quiet}.log")).read()
+        assert ("GPU available" in text) == (quiet == "0"), text[-2000:]
     orphan = Task("dump", "dump-orphan", dict(good[0].args, out=str(tmp_path / "o")),
                   str(tmp_path / "o" / "manifest.json"), after=(str(tmp_path / "never"),))
     for parallel in (1, 2):

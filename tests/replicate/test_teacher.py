@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -103,3 +104,40 @@ def test_a_tiny_teacher_learns_to_retrieve_the_passkey(tmp_path):
 
 
 TEST_STEPS = 1500
+
+
+def test_a_model_in_other_token_ids_is_refused_before_training(tmp_path):
+    """The students' start must share the teachers' tokenizer byte for byte: another tokenizer
+    size is refused before any step, and nothing is marked trained."""
+    from kdcache.replicate.presets import ReplicateError
+    from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+    reference = str(tmp_path / "teacher")
+    build_teacher(reference, TeacherConfig(**SMOKE_MODEL), log=lambda m: None)
+    other = dict(SMOKE_MODEL, tokenizer_vocab=512)
+    out = str(tmp_path / "base")
+    with pytest.raises(ReplicateError, match="tokenizer differs"):
+        train_retrieval_teacher(out, other, context=256, seconds=60, max_steps=1,
+                                tokenizer_of=reference, log=lambda m: None)
+    assert not os.path.exists(teacher_record(out))
+
+
+def test_a_tied_start_model_is_what_the_native_student_computes(tmp_path):
+    """The students' start is built tied (lm_head = embed_tokens), so the native Student loads
+    it and computes the same logits as transformers."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from kdcache.student_train.model import load_hf
+    from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+    out = str(tmp_path / "base")
+    build_teacher(out, TeacherConfig(**SMOKE_MODEL, rope_theta=10_000.0, tie_embeddings=True),
+                  log=lambda m: None)
+    hf = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings
+    student = load_hf(out).eval()
+    tokens = torch.randint(0, SMOKE_MODEL["vocab_size"], (1, 96))
+    with torch.no_grad():
+        torch.testing.assert_close(student.logits(student(tokens)), hf(tokens).logits,
+                                   atol=1e-4, rtol=1e-4)
