@@ -69,57 +69,6 @@ class _Recording(TeacherEngine):
         pass
 
 
-def test_engine_groups_cover_windows_in_order(windows):
-    groups = list(engine_groups(windows, call_tokens=300))
-    assert [w for g in groups for w in g] == windows
-    assert all(sum(w.n_tokens for w in g) >= 300 for g in groups[:-1])
-    assert list(engine_groups(windows, call_tokens=1)) == [[w] for w in windows]
-
-
-def test_writer_error_reaches_the_caller(engine, windows, tmp_path):
-    header, codec = _header(vocab_size=16)  # the teacher's ids exceed this vocabulary
-    pipeline = ShardPipeline(engine)
-    try:
-        with pytest.raises(TargetValidationError):
-            pipeline.write(str(tmp_path), "shard-00000", windows, header, codec)
-    finally:
-        pipeline.close()
-    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]  # no shard, no temporary
-
-
-def test_engine_failure_mid_shard_leaves_nothing(engine, windows, tmp_path):
-    header, codec = _header()
-    failing = _Recording(engine, fail_at=2)
-    pipeline = ShardPipeline(failing, call_tokens=1)
-    try:
-        with pytest.raises(RuntimeError, match="teacher fell over"):
-            pipeline.start(str(tmp_path), "shard-00000", windows, header, codec)
-        # the pipeline still works for the next shard (its writer slot was given back)
-        info = pipeline.write(str(tmp_path), "shard-00001", windows[:1],
-                              header, codec)
-    finally:
-        pipeline.close()
-    assert info.windows == 1
-    assert sorted(os.listdir(tmp_path / "shards")) == ["shard-00001.arrow"]
-
-
-def test_engine_thread_builds_and_calls_on_one_thread(engine, windows):
-    built_on = []
-
-    def build():
-        built_on.append(threading.get_ident())
-        return _Recording(engine)
-
-    thread = EngineThread(build)
-    try:
-        for w in windows[:2]:
-            thread.call(thread.engine.topk, [w])
-    finally:
-        thread.close()
-    assert built_on[0] != threading.get_ident()
-    assert thread.engine.threads == [built_on[0]] * 2
-
-
 class _Split(TeacherEngine):
     """The HF engine behind the compute / finish split of TeacherEngine (the vLLM engine's
     shape): compute on the engine's thread, finish wherever the pipeline runs it; each call's
@@ -171,6 +120,67 @@ class _Queued(_Split):
         self.queued.clear()
 
 
+def test_engine_groups_cover_windows_in_order(windows):
+    groups = list(engine_groups(windows, call_tokens=300))
+    assert [w for g in groups for w in g] == windows
+    assert all(sum(w.n_tokens for w in g) >= 300 for g in groups[:-1])
+    assert list(engine_groups(windows, call_tokens=1)) == [[w] for w in windows]
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["compute", "fed"])
+def test_writer_error_reaches_the_caller(engine, windows, tmp_path, queued):
+    """... and a queueing engine is left with nothing queued (none runs on into the next
+    shard)."""
+    header, codec = _header(vocab_size=16)  # the teacher's ids exceed this vocabulary
+    piped = _Queued(engine) if queued else engine
+    pipeline = ShardPipeline(piped, call_tokens=1)
+    try:
+        with pytest.raises(TargetValidationError):
+            pipeline.write(str(tmp_path), "shard-00000", windows, header, codec)
+    finally:
+        pipeline.close()
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]  # no shard, no temporary
+    if queued:
+        assert piped.queued == {} and len(piped.abandoned) == 1
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["compute", "fed"])
+def test_engine_failure_mid_shard_leaves_nothing(engine, windows, tmp_path, queued):
+    """... and what a queueing engine still held is abandoned."""
+    header, codec = _header()
+    failing = _Queued(engine, fail_at=2) if queued else _Recording(engine, fail_at=2)
+    pipeline = ShardPipeline(failing, call_tokens=1)
+    try:
+        with pytest.raises(RuntimeError, match="fell over"):
+            pipeline.start(str(tmp_path), "shard-00000", windows, header, codec)
+        if queued:  # groups 0 and 1 collected (1 failing), 2 submitted behind it
+            assert failing.abandoned == [[1, 2]] and failing.queued == {}
+        # the pipeline still works for the next shard (its writer slot was given back)
+        info = pipeline.write(str(tmp_path), "shard-00001", windows[:1],
+                              header, codec)
+    finally:
+        pipeline.close()
+    assert info.windows == 1
+    assert sorted(os.listdir(tmp_path / "shards")) == ["shard-00001.arrow"]
+
+
+def test_engine_thread_builds_and_calls_on_one_thread(engine, windows):
+    built_on = []
+
+    def build():
+        built_on.append(threading.get_ident())
+        return _Recording(engine)
+
+    thread = EngineThread(build)
+    try:
+        for w in windows[:2]:
+            thread.call(thread.engine.topk, [w])
+    finally:
+        thread.close()
+    assert built_on[0] != threading.get_ident()
+    assert thread.engine.threads == [built_on[0]] * 2
+
+
 @pytest.mark.parametrize("split", ["topk", "compute-finish", "fed"])
 def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path, split):
     """Pipelined shards (several engine calls per shard; with an engine split like vLLM's, its
@@ -220,33 +230,6 @@ def test_conversion_failure_leaves_nothing(engine, windows, tmp_path):
     finally:
         pipeline.close()
     assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]  # no shard, no temporary
-
-
-def test_fed_shard_stopped_mid_way_leaves_nothing_queued(engine, windows, tmp_path):
-    """A queueing engine whose collect fails, or whose shard's writer fails, has everything
-    still queued abandoned (nothing runs on into the next shard), and no shard is left."""
-    header, codec = _header()
-    failing = _Queued(engine, fail_at=2)
-    pipeline = ShardPipeline(failing, call_tokens=1)
-    try:
-        with pytest.raises(RuntimeError, match="collect fell over"):
-            pipeline.start(str(tmp_path), "shard-00000", windows, header, codec)
-        assert failing.abandoned == [[1, 2]] and failing.queued == {}
-        info = pipeline.write(str(tmp_path), "shard-00001", windows[:2], header, codec)
-    finally:
-        pipeline.close()
-    assert info.windows == 2
-    assert sorted(os.listdir(tmp_path / "shards")) == ["shard-00001.arrow"]
-    bad_header, bad_codec = _header(vocab_size=16)  # the writer refuses the first group
-    queued = _Queued(engine)
-    pipeline = ShardPipeline(queued, call_tokens=1)
-    try:
-        with pytest.raises(TargetValidationError):
-            pipeline.write(str(tmp_path / "bad"), "shard-00000", windows, bad_header, bad_codec)
-    finally:
-        pipeline.close()
-    assert queued.queued == {} and len(queued.abandoned) == 1
-    assert not (tmp_path / "bad").exists() or not os.listdir(tmp_path / "bad" / "shards")
 
 
 def test_pipeline_without_feed_calls_compute(engine, windows, tmp_path):
