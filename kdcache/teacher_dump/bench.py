@@ -17,7 +17,7 @@
 - engine: the engine's `topk` alone on every window in one call, and (`engine_grouped`, one
   round) in the dump's ~16k-token groups, one call each; for an engine that queues ahead,
   `engine_fed` (one round): the same groups, each queued before the last is collected.
-- feed: the dump queues the next group ahead when the engine can (its default;
+- feed: the dump queues the next group ahead when the engine can (a ShardPipeline option;
   pipeline.computed_groups); `compare_blocking` also times the same dump with one blocking
   engine call per group (`dump_blocking_*`, `ratio_blocking`), side by side on the same engine.
 - baseline (side by side): vLLM's own `prompt_logprobs=k, flat_logprobs=True` path through the
@@ -68,7 +68,7 @@ class BenchConfig:
     windows_per_shard: int = 16  # the timed windows are written as shards of this many (the
     #                              dump's default --windows-per-shard)
     encode_workers: int | None = None  # the dump's --encode-workers (None: its default)
-    feed: bool = True  # the dump queues the next group ahead when the engine can (its default)
+    feed: bool = True  # the dump queues the next group ahead when the engine can
     compare_blocking: bool = False  # also time the dump with one blocking call per group
     call_tokens: int = ENGINE_CALL_TOKENS  # the dump's engine groups (smaller for tiny windows)
 

@@ -154,10 +154,13 @@ class ShardPipeline:
     """An engine and the writers of the shards it computes (see the module docstring)."""
 
     def __init__(self, engine: TeacherEngine, *, max_writing: int = MAX_WRITING,
-                 call_tokens: int = ENGINE_CALL_TOKENS, feed: bool = True) -> None:
+                 call_tokens: int = ENGINE_CALL_TOKENS, feed: bool = False) -> None:
         self.engine = engine
         self.call_tokens = call_tokens
-        self.feed = feed  # queue the next group ahead when the engine can (computed_groups)
+        # queue the next group ahead when the engine can (computed_groups). Off by default: on
+        # an H200 (8k windows, one round) fed dumps were not faster than blocking ones in 3 of
+        # 4 cells (BENCHMARKS.md); the benches measure both
+        self.feed = feed
         self._writers = ThreadPoolExecutor(max_workers=max_writing,
                                            thread_name_prefix="kdcache-shard-writer")
         # one thread: groups are converted in order, each while the engine computes the next

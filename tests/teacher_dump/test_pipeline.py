@@ -133,7 +133,7 @@ def test_writer_error_reaches_the_caller(engine, windows, tmp_path, queued):
     shard)."""
     header, codec = _header(vocab_size=16)  # the teacher's ids exceed this vocabulary
     piped = _Queued(engine) if queued else engine
-    pipeline = ShardPipeline(piped, call_tokens=1)
+    pipeline = ShardPipeline(piped, call_tokens=1, feed=True)
     try:
         with pytest.raises(TargetValidationError):
             pipeline.write(str(tmp_path), "shard-00000", windows, header, codec)
@@ -149,7 +149,7 @@ def test_engine_failure_mid_shard_leaves_nothing(engine, windows, tmp_path, queu
     """... and what a queueing engine still held is abandoned."""
     header, codec = _header()
     failing = _Queued(engine, fail_at=2) if queued else _Recording(engine, fail_at=2)
-    pipeline = ShardPipeline(failing, call_tokens=1)
+    pipeline = ShardPipeline(failing, call_tokens=1, feed=True)
     try:
         with pytest.raises(RuntimeError, match="fell over"):
             pipeline.start(str(tmp_path), "shard-00000", windows, header, codec)
@@ -196,7 +196,7 @@ def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path, split):
         write_shard(str(serial), name, group_records(engine, wins), header, codec)
     piped_engine = {"topk": engine, "compute-finish": _Split(engine),
                     "fed": _Queued(engine)}[split]
-    pipeline = ShardPipeline(piped_engine, call_tokens=200)
+    pipeline = ShardPipeline(piped_engine, call_tokens=200, feed=True)
     try:
         infos = pipeline.write_all(str(piped), shards, header, codec)
     finally:
@@ -222,7 +222,7 @@ def test_pipelined_shards_equal_serial_shards(engine, windows, tmp_path, split):
 
 def test_conversion_failure_leaves_nothing(engine, windows, tmp_path):
     header, codec = _header()
-    pipeline = ShardPipeline(_Split(engine, fail_at=2), call_tokens=1)
+    pipeline = ShardPipeline(_Split(engine, fail_at=2), call_tokens=1, feed=True)
     try:
         future = pipeline.start(str(tmp_path), "shard-00000", windows, header, codec)
         with pytest.raises(RuntimeError, match="conversion fell over"):
@@ -233,10 +233,11 @@ def test_conversion_failure_leaves_nothing(engine, windows, tmp_path):
 
 
 def test_pipeline_without_feed_calls_compute(engine, windows, tmp_path):
-    """`ShardPipeline(feed=False)`: one blocking call per group even for a queueing engine."""
+    """`ShardPipeline` by default (feed=False): one blocking call per group even for a queueing
+    engine."""
     header, codec = _header()
     queued = _Queued(engine)
-    pipeline = ShardPipeline(queued, call_tokens=200, feed=False)
+    pipeline = ShardPipeline(queued, call_tokens=200)
     try:
         pipeline.write(str(tmp_path), "shard-00000", windows, header, codec)
     finally:
