@@ -107,6 +107,7 @@ def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
             "KD's advantage disappears without the teacher's positional signal: consistent with "
             "it being the cause" if main["sign"] == "positive" and not survives else
             "inconclusive at this scale")
+    findings["heldout"] = _heldout_comparison(evaluation)
     probe = evaluation["probe"]["runs"]
     findings["probe"] = {f"{r['mode']}/{r['dtype']}": max(r["kl_mean"][1:] or [0.0])
                          for r in probe}
@@ -117,6 +118,20 @@ def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
                                                                        "position_cv")}
                             for layer, e in diff["layers"].items()}
     return findings
+
+
+def _heldout_comparison(evaluation: dict) -> dict | None:
+    """The teacher's held-out perplexity against the best CE student's: a teacher that predicts
+    the students' documents worse than CE on them does (`teacher_worse`) hands KD wrong targets,
+    and KD against CE then measures that, not distillation as such."""
+    label_of = {entry.get("model"): name for name, entry in evaluation["needle"].items()}
+    ppl = {label_of.get(m["model"], m["model"]): m["perplexity"]
+           for m in (evaluation.get("lm") or {}).get("models", [])}
+    ce = [v for name, v in ppl.items() if name.startswith("ce-")]
+    if "teacher-main" not in ppl or not ce:
+        return None
+    return {"teacher_perplexity": ppl["teacher-main"], "best_ce_perplexity": min(ce),
+            "teacher_worse": ppl["teacher-main"] > min(ce)}
 
 
 def _fmt(ci: dict | None) -> str:
@@ -196,6 +211,13 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
     for title, key in sections:
         lines += ["", f"## {title}", "", "| comparison | difference | verdict |", "|---|---|---|"]
         lines += [f"| {c['a']} - {c['b']} | {_fmt(c)} | {c['verdict']} |" for c in findings[key]]
+    heldout = findings.get("heldout")
+    if heldout and heldout["teacher_worse"]:
+        lines += ["", f"**Caveat: the teacher predicts the students' held-out documents worse "
+                      f"than the CE students do (perplexity {heldout['teacher_perplexity']:.4g} "
+                      f"against {heldout['best_ce_perplexity']:.4g}).** KD distils a teacher "
+                      "that is wrong about this corpus, so the KD-CE differences measure that "
+                      "as well as distillation."]
     if "causal_reading" in findings:
         lines += ["", f"Reading: {findings['causal_reading']}."]
     lines += ["", "## Finding 3: RoPE perturbations reach the teacher's output (probe)", "",

@@ -263,3 +263,27 @@ def test_findings_are_untestable_when_no_student_retrieves_within_a_document():
     assert findings["testable"] and findings["untestable_because"] is None
     assert findings["arms_within_document"]["kd-phasewise"]["mean"] == 1.0
     assert not any(c["verdict"].startswith("not testable") for c in findings["kd_vs_ce"])
+    assert findings["heldout"] is None  # no held-out metrics: nothing to compare
+
+
+def test_a_teacher_worse_than_ce_on_the_heldout_documents_is_flagged():
+    """KD against CE is read against how well the teacher predicts the students' documents: a
+    teacher above the best CE student's held-out perplexity is flagged, one below is not."""
+    from kdcache.replicate.report import build_findings
+
+    preset = get_preset("smoke")
+    students = {arm: [{"seed": 0}] for arm in preset.arms}
+    needle = {"teacher-main": {"model": "/t", "samples": []},
+              **{f"{arm}/seed0": {"model": f"/s/{arm}", "samples": []} for arm in preset.arms}}
+
+    def findings(teacher_ppl: float) -> dict:
+        models = [{"model": "/t", "perplexity": teacher_ppl}] + [
+            {"model": f"/s/{arm}", "perplexity": 2.5 if arm.startswith("ce-") else 500.0}
+            for arm in preset.arms]
+        return build_findings(preset, students, {"probe": {"runs": []}, "diff": None,
+                                                 "needle": needle, "lm": {"models": models}})
+
+    worse = findings(8000.0)["heldout"]
+    assert worse == {"teacher_perplexity": 8000.0, "best_ce_perplexity": 2.5,
+                     "teacher_worse": True}
+    assert findings(2.0)["heldout"]["teacher_worse"] is False
