@@ -30,7 +30,6 @@ import os
 import random
 from typing import Any
 
-from kdcache.errors import KdcacheError
 from kdcache.evaluate.needle_tasks import ADJECTIVES, NOUNS, Haystack, build_sample
 from kdcache.formats.storage import atomic_write_bytes, resolve
 from kdcache.replicate.presets import Preset, ReplicateError
@@ -114,8 +113,8 @@ def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -
         keep("text", text)
     shortest = shortest_passkey(tok)
     if n_passkey and shortest + 8 > limit:
-        raise KdcacheError(f"doc_max_tokens {limit} is too short for a passkey document "
-                           f"(the shortest takes {shortest + 8} tokens)")
+        raise ReplicateError(f"doc_max_tokens {limit} is too short for a passkey document "
+                             f"(the shortest takes {shortest + 8} tokens)")
     haystack = Haystack(tok)
     for kind, count in (("passkey", n_passkey), ("copy", n_copy)):
         for _ in range(10 * count):  # drops are rare (a re-tokenization longer than the ids)

@@ -10,7 +10,7 @@ import pytest
 
 from kdcache.errors import KdcacheError
 from kdcache.replicate.corpus import write_short_corpus
-from kdcache.replicate.presets import get_preset
+from kdcache.replicate.presets import ReplicateError, get_preset
 
 NEEDLE = re.compile(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.")
 
@@ -73,7 +73,7 @@ def test_prose_only_corpus_and_a_limit_too_short_for_a_passkey(tokenizer_dir, tm
     assert record["by_kind"]["text"]["documents"] == 30
     assert record["by_kind"]["passkey"]["documents"] == 0
     short = replace(preset, passkey_share=0.1, doc_max_tokens=64)
-    with pytest.raises(KdcacheError, match="too short for a passkey document"):
+    with pytest.raises(ReplicateError, match="too short for a passkey document"):
         write_short_corpus(str(tmp_path / "s.jsonl"), tokenizer_dir, short, seed=0)
     with pytest.raises(KdcacheError, match="sum to at most 1"):
         get_preset("smoke", passkey_share=0.7, copy_share=0.5)
