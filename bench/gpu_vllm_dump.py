@@ -11,8 +11,9 @@ prompt-logprobs path and the hf engine, and the targets checked against the hf e
     WRITER_CELLS=causal:32768:256,... python bench/gpu_vllm_dump.py writer   # only those cells
     WRITER_FEED=both|fed|blocking WRITER_ROUNDS=3 WRITER_SCALE=4 ... writer
         # the dump's engine calls: fed (the next group queued before this one is collected,
-        # the dump's default), blocking (one vLLM call per group), or both side by side on one
-        # engine (default: `dump_*` fed, `dump_blocking_*` blocking); rounds per timing
+        # ShardPipeline(feed=True)), blocking (one vLLM call per group: the dump's default),
+        # or both side by side on one engine (default: `dump_*` fed, `dump_blocking_*`
+        # blocking); rounds per timing
         # (default 2); SCALE x the windows per cell (shards stay 16 windows);
         # WRITER_CALL_TOKENS: the engine groups' tokens (default: the dump's 16384; smoke 1024)
 

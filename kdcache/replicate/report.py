@@ -120,11 +120,16 @@ def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
     return findings
 
 
+def _labels(evaluation: dict) -> dict[str, str]:
+    """Each evaluated model's directory -> its label (an arm's seed, "teacher-main", ...)."""
+    return {entry.get("model"): name for name, entry in evaluation["needle"].items()}
+
+
 def _heldout_comparison(evaluation: dict) -> dict | None:
     """The teacher's held-out perplexity against the best CE student's: a teacher that predicts
     the students' documents worse than CE on them does (`teacher_worse`) hands KD wrong targets,
     and KD against CE then measures that, not distillation as such."""
-    label_of = {entry.get("model"): name for name, entry in evaluation["needle"].items()}
+    label_of = _labels(evaluation)
     ppl = {label_of.get(m["model"], m["model"]): m["perplexity"]
            for m in (evaluation.get("lm") or {}).get("models", [])}
     ce = [v for name, v in ppl.items() if name.startswith("ce-")]
@@ -238,7 +243,7 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
     lm = evaluation["lm"]
     lines += ["", "## Held-out perplexity and KL to the teacher", "",
               "| model | perplexity | KL to teacher |", "|---|---|---|"]
-    label_of = {entry["model"]: name for name, entry in evaluation["needle"].items()}
+    label_of = _labels(evaluation)
     lines += [f"| {label_of.get(m['model'], m['model'])} | {m['perplexity']:.2f} | "
               f"{m['kl_to_teacher']:.3f} |" for m in lm["models"]]
     lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"

@@ -49,6 +49,7 @@ from kdcache.replicate.presets import ReplicateError
 from kdcache.replicate.store import save_json
 from kdcache.teacher_dump.corpus import builtin_corpus
 from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+from kdcache.teacher_dump.pack import tokenizer_hash
 
 MIN_PASSKEY = 176  # a passkey prompt's instruction, needle and question take ~150 tokens
 COPY_DONE = 0.5  # copy loss (running mean) that ends the copying phase: induction is there
@@ -210,14 +211,13 @@ def teacher_record(out_dir: str) -> str:
 
 
 def _check_same_tokenizer(out_dir: str, reference: str) -> None:
-    def read(directory: str) -> bytes:
+    def fingerprint(directory: str) -> str:
         try:
-            with open(os.path.join(directory, "tokenizer.json"), "rb") as fh:
-                return fh.read()
+            return tokenizer_hash(directory)  # the identity a dataset records for its teacher
         except OSError as exc:
-            raise ReplicateError(f"{directory}: no readable tokenizer.json ({exc})") from None
+            raise ReplicateError(f"{directory}: tokenizer files not readable ({exc})") from None
 
-    if read(out_dir) != read(reference):
+    if fingerprint(out_dir) != fingerprint(reference):
         raise ReplicateError(f"{out_dir}: its tokenizer differs from {reference}'s (its token "
                              "ids would not be the teachers'); build both with the same "
                              "tokenizer_vocab and seed")

@@ -68,7 +68,8 @@ class BenchConfig:
     windows_per_shard: int = 16  # the timed windows are written as shards of this many (the
     #                              dump's default --windows-per-shard)
     encode_workers: int | None = None  # the dump's --encode-workers (None: its default)
-    feed: bool = True  # the dump queues the next group ahead when the engine can
+    feed: bool = False  # the dump queues the next group ahead when the engine can (off, as in
+    #                     the dump: ShardPipeline's default)
     compare_blocking: bool = False  # also time the dump with one blocking call per group
     call_tokens: int = ENGINE_CALL_TOKENS  # the dump's engine groups (smaller for tiny windows)
 
@@ -260,10 +261,11 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
                 # the same, called in the dump's ~16k-token groups (one round, warm by now):
                 # what the calls themselves cost against one call of every window
                 sec["engine_grouped"] = _median_seconds(
-                    lambda: grouped_targets(engine, wins, c.call_tokens, feed=False), 1, lambda: None)
+                    lambda: grouped_targets(engine, wins, c.call_tokens), 1, lambda: None)
                 if engine.feeds:  # the same groups, each queued before the last is collected
                     sec["engine_fed"] = _median_seconds(
-                        lambda: grouped_targets(engine, wins, c.call_tokens, feed=True), 1, lambda: None)
+                        lambda: grouped_targets(engine, wins, c.call_tokens, feed=True), 1,
+                        lambda: None)
                 capture("pooler" if first.engine == "vllm" else "hf", engine, c, wins)
                 res["engine_start_s"] = round(start_s, 1)
                 if first.engine == "hf":  # prefill-only: the backbone alone, same engine

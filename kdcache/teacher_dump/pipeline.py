@@ -2,10 +2,11 @@
 
 The engine is called on the thread that drives the pipeline, in groups of about
 `ENGINE_CALL_TOKENS` tokens (all requests of a group, thousands of short documents included, go
-to the engine together). An engine that can queue work ahead (vLLM's pooler path) gets the next
-group's requests before this group's results are collected, so its scheduler never runs dry
-between groups (`computed_groups`); others get one blocking call per group. That thread does
-only the engine's own part (`engine.compute`, or `submit` / `collect`) and hands its result on: the conversion into targets (`engine.finish`, O(rows x k) copies and casts)
+to the engine together), one blocking call per group; with `feed`, an engine that can queue work
+ahead (vLLM's pooler path) gets the next group's requests before this group's results are
+collected, so its scheduler never runs dry between groups (`computed_groups`). That thread does
+only the engine's own part (`engine.compute`, or `submit` / `collect`) and hands its result on:
+the conversion into targets (`engine.finish`, O(rows x k) copies and casts)
 runs on the pipeline's converting thread while the engine computes the next group, and the
 group's WindowRecords go to the shard's writer, which validates, encodes (worker processes
 inside `write_shard`) and writes on background threads. `start` returns
@@ -57,7 +58,7 @@ def engine_groups(windows: Iterable[PackedWindow],
 
 
 def computed_groups(engine: TeacherEngine, groups: Iterable[list[PackedWindow]],
-                    feed: bool = True) -> Iterator[tuple[list[PackedWindow], Any]]:
+                    feed: bool = False) -> Iterator[tuple[list[PackedWindow], Any]]:
     """Each group with the engine's result for it (`compute`'s), in order. An engine that
     `feeds` (and `feed`) gets group i+1 queued before group i is collected, so that its
     scheduler has the next group's requests while it finishes this one's; else one blocking
@@ -83,7 +84,7 @@ def computed_groups(engine: TeacherEngine, groups: Iterable[list[PackedWindow]],
 
 
 def grouped_targets(engine: TeacherEngine, windows: list[PackedWindow],
-                    call_tokens: int = ENGINE_CALL_TOKENS, feed: bool = True) -> list:
+                    call_tokens: int = ENGINE_CALL_TOKENS, feed: bool = False) -> list:
     """The engine's targets for `windows`, called as a dump calls it (in groups, fed ahead
     when `feed` and the engine can) but with no writer: benches and tests."""
     return [t for group, computed in computed_groups(engine, engine_groups(windows, call_tokens),
