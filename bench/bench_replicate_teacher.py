@@ -21,6 +21,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kdcache.replicate.corpus import document_mix  # noqa: E402
 from kdcache.replicate.evaluation import needle_config, needle_record  # noqa: E402
 from kdcache.replicate.presets import get_preset  # noqa: E402
 from kdcache.replicate.teacher import train_retrieval_teacher  # noqa: E402
@@ -51,7 +52,8 @@ def main() -> None:
         seconds=args.seconds if args.seconds is not None else preset.teacher_seconds,
         device=preset.device, tokens_per_step=args.tokens_per_step
         or preset.teacher_tokens_per_step, lr=args.lr or preset.teacher_lr,
-        max_steps=args.max_steps, log=lambda m: print(m, file=sys.stderr, flush=True))
+        max_steps=args.max_steps, documents=document_mix(preset),
+        log=lambda m: print(m, file=sys.stderr, flush=True))
     trained = time.perf_counter() - started
     config = needle_config(preset)
     config["lengths"] = [int(n) for n in args.lengths.split(",")]

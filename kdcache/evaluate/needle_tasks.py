@@ -137,6 +137,13 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def shortest_passkey(tokenizer: Any) -> int:
+    """Tokens of the shortest passkey prompt: BOS, instruction, needle, question and no haystack
+    (+ slack for keys that take more tokens)."""
+    pieces = (PASSKEY_INTRO, " " + PASSKEY_QUESTION, " " + PASSKEY_NEEDLE.format(value=99999))
+    return 1 + 4 + sum(len(_encode(tokenizer, p)) for p in pieces)
+
+
 def build_sample(tokenizer: Any, haystack: Haystack, task: str, value_type: str, length: int,
                  depth: float, rng: random.Random) -> NeedleSample:
     """One prompt of exactly `length` tokens (see the module docstring)."""

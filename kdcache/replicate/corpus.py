@@ -30,11 +30,11 @@ import os
 import random
 from typing import Any
 
-from kdcache.evaluate.needle_tasks import ADJECTIVES, NOUNS, Haystack, build_sample
+from kdcache.evaluate.needle_tasks import (ADJECTIVES, NOUNS, Haystack, build_sample,
+                                           shortest_passkey)
 from kdcache.formats.storage import atomic_write_bytes, resolve
 from kdcache.replicate.presets import Preset, ReplicateError
 from kdcache.replicate.store import save_json
-from kdcache.replicate.teacher import shortest_passkey
 from kdcache.teacher_dump.corpus import builtin_corpus
 
 HOLDOUT_FRACTION = 8  # one document in 8 is never trained on (held-out perplexity and KL)
@@ -76,58 +76,98 @@ def copy_document(tok: Any, limit: int, rng: random.Random) -> dict:
     items: list[str] = []
     used = 0
     while len(items) < COPY_MIN_WORDS or used < budget:
-        items.append(copy_item(rng))
-        used += len(tok(" " + items[-1], add_special_tokens=False)["input_ids"])
+        chunk = [copy_item(rng) for _ in range(32)]  # tokenized in one call: 5x faster
+        lengths = tok([" " + item for item in chunk], add_special_tokens=False)["input_ids"]
+        for item, ids in zip(chunk, lengths):
+            if len(items) >= COPY_MIN_WORDS and used >= budget:
+                break
+            items.append(item)
+            used += len(ids)
     span = " ".join(items)
     return {"text": span + " " + span}
 
 
+KINDS = ("text", "passkey", "copy")  # the corpus's kinds of document, in its record's order
+
+
+class DocumentSource:
+    """The students' kinds of document, one at a time, as text: built-in prose (`text`),
+    passkey and copying documents of at most `limit` tokens (BOS and EOS included). The corpus
+    step writes a fixed number of each; the teachers train on fresh ones of the same kinds (a
+    teacher that never saw them predicts them badly, and KD students distil that)."""
+
+    def __init__(self, tok: Any, limit: int, seed: str, prose_seed: int) -> None:
+        self.tok, self.limit = tok, limit
+        self.rng = random.Random(seed)
+        self.prose = builtin_corpus(1 << 62, seed=prose_seed)  # lazy: as many as asked for
+        self.shortest = shortest_passkey(tok)
+        self.haystack: Haystack | None = None
+
+    def fits_passkey(self) -> bool:
+        return self.shortest + 8 <= self.limit
+
+    def draw(self, kind: str) -> str:
+        """One document of `kind` (a passkey document needs fits_passkey())."""
+        if kind == "text":
+            return next(self.prose)
+        if kind == "passkey":
+            if self.haystack is None:
+                self.haystack = Haystack(self.tok)
+            return passkey_document(self.tok, self.haystack, self.shortest, self.limit,
+                                    self.rng)["text"]
+        if kind == "copy":
+            return copy_document(self.tok, self.limit, self.rng)["text"]
+        raise ReplicateError(f"unknown document kind {kind!r}; kinds: {', '.join(KINDS)}")
+
+
+def document_mix(preset: Preset) -> dict[str, Any]:
+    """The students' kinds of document as the teachers train on them (JSON: it travels to the
+    teachers' task processes): the length limit and each kind's share of the documents."""
+    return {"limit": preset.doc_max_tokens, "passkey_share": preset.passkey_share,
+            "copy_share": preset.copy_share}
+
+
+def kind_counts(total: int, passkey_share: float, copy_share: float) -> dict[str, int]:
+    """Documents of each kind among `total` (shares of the documents)."""
+    n_passkey, n_copy = round(passkey_share * total), round(copy_share * total)
+    return {"text": total - n_passkey - n_copy, "passkey": n_passkey, "copy": n_copy}
+
+
 def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -> dict:
     """`preset.corpus_documents` documents of at most `doc_max_tokens` tokens (BOS and EOS
-    included) as JSONL: built-in prose, `passkey_share` of passkey and `copy_share` of copying
-    documents (shares of the documents). Returns the record corpus.json keeps."""
+    included) as JSONL (`text` and `kind`): built-in prose, `passkey_share` of passkey and
+    `copy_share` of copying documents (shares of the documents). Returns the record
+    corpus.json keeps."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     limit = preset.doc_max_tokens
-    n_passkey = round(preset.passkey_share * preset.corpus_documents)
-    n_copy = round(preset.copy_share * preset.corpus_documents)
-    n_text = preset.corpus_documents - n_passkey - n_copy
+    counts = kind_counts(preset.corpus_documents, preset.passkey_share, preset.copy_share)
     # the evaluation draws its keys from Random("0:passkey:..."): these strings never meet it
-    rng = random.Random(f"kdcache-student-corpus-{seed}")
-    kinds: dict[str, list[str]] = {"text": [], "passkey": [], "copy": []}
-    dropped = {"text": 0, "passkey": 0, "copy": 0}
-    tokens = {"text": 0, "passkey": 0, "copy": 0}
-
-    def keep(kind: str, text: str) -> None:
-        n = _n_tokens(tok, text)
-        if n > limit:
-            dropped[kind] += 1
-            return
-        kinds[kind].append(text)
-        tokens[kind] += n
-
-    for text in builtin_corpus(n_text * 2, seed=seed):
-        if len(kinds["text"]) == n_text:
-            break
-        keep("text", text)
-    shortest = shortest_passkey(tok)
-    if n_passkey and shortest + 8 > limit:
+    source = DocumentSource(tok, limit, f"kdcache-student-corpus-{seed}", prose_seed=seed)
+    if counts["passkey"] and not source.fits_passkey():
         raise ReplicateError(f"doc_max_tokens {limit} is too short for a passkey document "
-                             f"(the shortest takes {shortest + 8} tokens)")
-    haystack = Haystack(tok)
-    for kind, count in (("passkey", n_passkey), ("copy", n_copy)):
-        for _ in range(10 * count):  # drops are rare (a re-tokenization longer than the ids)
-            if len(kinds[kind]) == count:
+                             f"(the shortest takes {source.shortest + 8} tokens)")
+    kinds: dict[str, list[str]] = {kind: [] for kind in KINDS}
+    dropped = {kind: 0 for kind in KINDS}
+    tokens = {kind: 0 for kind in KINDS}
+    for kind in KINDS:
+        # drops are rare (prose longer than the limit, a re-tokenization longer than the ids)
+        for _ in range(10 * counts[kind]):
+            if len(kinds[kind]) == counts[kind]:
                 break
-            doc = (passkey_document(tok, haystack, shortest, limit, rng) if kind == "passkey"
-                   else copy_document(tok, limit, rng))
-            keep(kind, doc["text"])
+            text = source.draw(kind)
+            n = _n_tokens(tok, text)
+            if n > limit:
+                dropped[kind] += 1
+                continue
+            kinds[kind].append(text)
+            tokens[kind] += n
     order = [(kind, text) for kind, texts in kinds.items() for text in texts]
-    rng.shuffle(order)
+    source.rng.shuffle(order)
     fs, base = resolve(path)
-    atomic_write_bytes(fs, base, "".join(json.dumps({"text": text}) + "\n"
-                                         for _, text in order).encode())
+    atomic_write_bytes(fs, base, "".join(json.dumps({"text": text, "kind": kind}) + "\n"
+                                         for kind, text in order).encode())
     return {"path": path, "documents": len(order), "max_tokens": limit,
             "by_kind": {kind: {"documents": len(texts), "tokens": tokens[kind],
                                "dropped_longer": dropped[kind]}
@@ -135,28 +175,61 @@ def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -
             "dropped_longer": sum(dropped.values())}
 
 
-def split_heldout(corpus: str, train: str, heldout: str) -> dict:
-    """Every HOLDOUT_FRACTION-th document of `corpus` into `heldout` (the documents the held-out
-    perplexity and KL are measured on), the rest into `train` (what every dump packs). The
-    split is by document, so no window of any dump, short or long, holds a held-out document."""
+def heldout_kinds(preset: Preset, corpus: str | None) -> tuple[str, ...]:
+    """What the held-out documents are split by: each kind of the built-in corpus that has
+    documents to hold out (metrics per kind: a teacher can be right about prose and wrong about
+    retrieval documents), or ("all",) for the user's corpus, whose kinds are not known."""
+    if corpus is not None:
+        return ("all",)
+    counts = kind_counts(preset.corpus_documents, preset.passkey_share, preset.copy_share)
+    return tuple(kind for kind in KINDS if counts[kind] >= HOLDOUT_FRACTION)
+
+
+def _line_kind(line: str) -> str | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("kind") if isinstance(record, dict) else None
+
+
+def split_heldout(corpus: str, train: str, heldout: dict[str, str]) -> dict:
+    """Every HOLDOUT_FRACTION-th document of `corpus` into a held-out file (the documents the
+    held-out perplexity and KL are measured on), the rest into `train` (what every dump packs).
+    `heldout`: {"all": path}, or a path per kind (every HOLDOUT_FRACTION-th document of each
+    kind; a kind not named is trained on whole). The split is by document, so no window of any
+    dump, short or long, holds a held-out document."""
     fs, base = resolve(corpus)
     with fs.open(base, "rb") as fh:
         lines = [line for line in fh.read().decode().splitlines() if line.strip()]
-    held = lines[HOLDOUT_FRACTION - 1::HOLDOUT_FRACTION]
-    kept = [line for i, line in enumerate(lines) if i % HOLDOUT_FRACTION != HOLDOUT_FRACTION - 1]
-    if not held or not kept:
+    held: dict[str, list[str]] = {name: [] for name in heldout}
+    kept: list[str] = []
+    seen: dict[str, int] = {}
+    for line in lines:
+        name = "all" if "all" in heldout else _line_kind(line)
+        if name not in held:
+            kept.append(line)
+            continue
+        seen[name] = seen.get(name, 0) + 1
+        (held[name] if seen[name] % HOLDOUT_FRACTION == 0 else kept).append(line)
+    empty = [name for name, part in held.items() if not part]
+    if empty or not kept:
         raise ReplicateError(f"{corpus}: {len(lines)} documents are too few to hold out one in "
-                             f"{HOLDOUT_FRACTION}")
-    for path, part in ((train, kept), (heldout, held)):
+                             f"{HOLDOUT_FRACTION}" + (f" of each of {', '.join(empty)}"
+                                                     if empty and "all" not in held else ""))
+    for path, part in ((train, kept), *((heldout[name], held[name]) for name in heldout)):
         fs, base = resolve(path)
         atomic_write_bytes(fs, base, ("\n".join(part) + "\n").encode())
-    return {"train_documents": len(kept), "heldout_documents": len(held)}
+    return {"train_documents": len(kept),
+            "heldout_documents": sum(len(part) for part in held.values()),
+            "heldout_by_kind": {name: len(part) for name, part in held.items()}}
 
 
 def make_corpus(out: str, preset: dict, teacher: str, corpus: str | None) -> dict:
     """The students' corpus (built in, or the user's), split into training and held-out
     documents; its record lands at corpus_record(out)."""
-    paths = corpus_paths(out)
+    kinds = heldout_kinds(Preset(**preset), corpus)
+    paths = corpus_paths(out, kinds)
     record: dict[str, Any] = {}
     source = corpus
     if source is None:
@@ -168,9 +241,12 @@ def make_corpus(out: str, preset: dict, teacher: str, corpus: str | None) -> dic
     return record
 
 
-def corpus_paths(out: str) -> dict[str, str]:
+def corpus_paths(out: str, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """The training documents' file, and the held-out documents' file of each of `kinds`."""
     return {"train": os.path.join(out, "corpus-train.jsonl"),
-            "heldout": os.path.join(out, "corpus-heldout.jsonl")}
+            "heldout": {kind: os.path.join(out, "corpus-heldout.jsonl" if kind == "all"
+                                           else f"corpus-heldout-{kind}.jsonl")
+                        for kind in kinds}}
 
 
 def corpus_record(out: str) -> str:

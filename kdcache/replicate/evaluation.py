@@ -88,14 +88,14 @@ def teacher_jobs(out: str, preset: Preset, teachers: dict[str, str],
 
 
 def student_jobs(out: str, preset: Preset, teachers: dict[str, str],
-                 students: dict[str, list[dict]], heldout: str,
+                 students: dict[str, list[dict]], heldout: dict[str, str],
                  ready: dict[str, tuple[str, ...]]) -> list[EvalJob]:
     """Each student's needle test and held-out LM metrics (each starts once its student is done,
     `run["done"]`), the main teacher's LM metrics on the same windows (`heldout`: the dump of
-    the held-out documents, whose manifest the LM jobs wait for too), the phase-wise arm's
-    diff."""
+    the held-out documents, one per kind of document, whose manifests the LM jobs wait for
+    too), the phase-wise arm's diff."""
     device = preset.torch_device
-    written = os.path.join(heldout, MANIFEST_NAME)
+    written = tuple(os.path.join(path, MANIFEST_NAME) for path in heldout.values())
     jobs, lm = [], []
     for arm, runs in students.items():
         for r in runs:
@@ -108,7 +108,7 @@ def student_jobs(out: str, preset: Preset, teachers: dict[str, str],
     lm.append(("teacher-main", teachers["main"], ready["main"]))
     jobs += [EvalJob("lm", "lm-" + name.replace("/", "-"),
                      {"model": path, "data": heldout, "device": device},
-                     lm_path(out, name), name, after + (written,))
+                     lm_path(out, name), name, after + written)
              for name, path, after in lm]
     runs = students.get("kd-phasewise")
     if runs:
@@ -123,14 +123,33 @@ def _probe_args(preset: Preset) -> dict:
             "device": preset.torch_device}
 
 
+def lm_record(model: str, data: dict[str, str], device: str) -> dict:
+    """Held-out perplexity and KL to the teacher over every dataset of `data` (one per kind of
+    document), overall (means over all their rows) and by kind: a teacher can be right about
+    prose and wrong about retrieval documents, and the overall mean hides which."""
+    import math
+
+    parts = {kind: evaluate_lm([model], path, dtype="float32", device=device)["models"][0]
+             for kind, path in data.items()}
+    rows = sum(p["rows"] for p in parts.values())
+    if not rows:
+        raise KdcacheError(f"{model}: the held-out datasets have no rows to score")
+    ce = sum(p["cross_entropy"] * p["rows"] for p in parts.values()) / rows
+    kl = sum(p["kl_to_teacher"] * p["rows"] for p in parts.values()) / rows
+    entry = {"model": model, "name": next(iter(parts.values()))["name"], "rows": rows,
+             "cross_entropy": ce, "perplexity": math.exp(ce), "kl_to_teacher": kl,
+             "by_kind": {kind: {k: p[k] for k in ("rows", "cross_entropy", "perplexity",
+                                                  "kl_to_teacher")}
+                         for kind, p in parts.items()}}
+    return {"data": data, "models": [entry]}
+
+
 def eval_record(kind: str, args: dict[str, Any]) -> dict:
     """Compute one evaluation job's JSON record."""
     if kind == "needle":
         return needle_record(args["model"], args["config"])
     if kind == "lm":
-        result = evaluate_lm([args["model"]], args["data"], dtype="float32",
-                             device=args["device"])
-        return {**result, "models": result["models"][:1]}
+        return lm_record(args["model"], args["data"], args["device"])
     if kind == "probe":
         cfg = ProbeConfig(block_tokens=args["block"], repeats=args["repeats"],
                           dtypes=("float32", "bfloat16"), device=args["device"],

@@ -35,7 +35,7 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 from kdcache.formats.manifest import MANIFEST_NAME
-from kdcache.replicate.corpus import corpus_paths, corpus_record
+from kdcache.replicate.corpus import corpus_paths, corpus_record, document_mix, heldout_kinds
 from kdcache.replicate.evaluation import EvalJob, evaluate_all, student_jobs, teacher_jobs
 from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
@@ -120,7 +120,7 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     teacher_args = {who: dict(out_dir=path, model=preset.teacher_model, context=contexts[who],
                               seconds=preset.teacher_seconds, device=preset.device,
                               tokens_per_step=preset.teacher_tokens_per_step,
-                              lr=preset.teacher_lr)
+                              lr=preset.teacher_lr, documents=document_mix(preset))
                     for who, path in trained.items()}
     ready = {who: (teacher_record(path),) if who in trained else () for who, path in
              teachers.items()}  # what a teacher's users wait for
@@ -132,7 +132,8 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
         base_args = dict(out_dir=os.path.join(out, "student-base"), model=preset.student_base,
                          context=preset.short_window, seconds=preset.student_base_seconds,
                          device=preset.device, tokens_per_step=preset.teacher_tokens_per_step,
-                         lr=preset.teacher_lr, tokenizer_of=teachers["main"])
+                         lr=preset.teacher_lr, tokenizer_of=teachers["main"],
+                         documents=document_mix(preset))
         tasks.append(Task("teacher", "student-base", base_args,
                           teacher_record(base_args["out_dir"]),
                           (tokenizer_ready(teachers["main"]),) if "main" in trained else ()))
@@ -146,7 +147,7 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
                        "corpus": corpus},
                       corpus_record(out),
                       (tokenizer_ready(teachers["main"]),) if "main" in trained else ()))
-    corpus_files = corpus_paths(out)
+    corpus_files = corpus_paths(out, heldout_kinds(preset, corpus))
 
     # 3. dumps: which (teacher, window, mode) each arm needs, plus the held-out documents
     sources = {arm_parts(a)[2] for a in preset.arms}
@@ -163,7 +164,6 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
         plan["short-causal"] = ("main", preset.short_window, "causal")
     data = {name: os.path.join(out, "data", f"{who}-{mode}-{window}")
             for name, (who, window, mode) in plan.items()}
-    heldout = os.path.join(out, "data", f"heldout-main-document-global-{preset.long_window}")
     written = {name: os.path.join(path, MANIFEST_NAME) for name, path in data.items()}
     dumps = {}
     for name, (who, window, mode) in plan.items():
@@ -171,11 +171,17 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
             "dump", f"dump-{who}-{mode}-{window}",
             dump_options(teachers[who], corpus_files["train"], data[name], window, mode, preset),
             written[name], ready[who] + (corpus_record(out),)))
-    dumps[heldout] = Task(
-        "dump", f"dump-heldout-main-document-global-{preset.long_window}",
-        dump_options(teachers["main"], corpus_files["heldout"], heldout, preset.long_window,
-                     "document-global", preset),
-        os.path.join(heldout, MANIFEST_NAME), ready["main"] + (corpus_record(out),))
+    # the held-out documents, one dump per kind of document (or one of the user's corpus)
+    heldout = {}
+    for kind, documents in corpus_files["heldout"].items():
+        name = "heldout" + ("" if kind == "all" else f"-{kind}")
+        heldout[kind] = os.path.join(out, "data",
+                                     f"{name}-main-document-global-{preset.long_window}")
+        dumps[heldout[kind]] = Task(
+            "dump", f"dump-{name}-main-document-global-{preset.long_window}",
+            dump_options(teachers["main"], documents, heldout[kind], preset.long_window,
+                         "document-global", preset),
+            os.path.join(heldout[kind], MANIFEST_NAME), ready["main"] + (corpus_record(out),))
     tasks += list(dumps.values())
     # the teachers' own evaluation needs no dump: it fills the slots the dumps leave
     jobs = teacher_jobs(out, preset, teachers, ready, base_dir)

@@ -126,17 +126,30 @@ def _labels(evaluation: dict) -> dict[str, str]:
 
 
 def _heldout_comparison(evaluation: dict) -> dict | None:
-    """The teacher's held-out perplexity against the best CE student's: a teacher that predicts
-    the students' documents worse than CE on them does (`teacher_worse`) hands KD wrong targets,
-    and KD against CE then measures that, not distillation as such."""
+    """The teacher's held-out perplexity against the best CE student's, overall and per kind of
+    document: a teacher that predicts the students' documents worse than CE on them does
+    (`teacher_worse`; `worse_kinds`: where) hands KD wrong targets, and KD against CE then
+    measures that, not distillation as such."""
     label_of = _labels(evaluation)
-    ppl = {label_of.get(m["model"], m["model"]): m["perplexity"]
-           for m in (evaluation.get("lm") or {}).get("models", [])}
-    ce = [v for name, v in ppl.items() if name.startswith("ce-")]
-    if "teacher-main" not in ppl or not ce:
+    models = {label_of.get(m["model"], m["model"]): m
+              for m in (evaluation.get("lm") or {}).get("models", [])}
+    ce = [name for name in models if name.startswith("ce-")]
+    if "teacher-main" not in models or not ce:
         return None
-    return {"teacher_perplexity": ppl["teacher-main"], "best_ce_perplexity": min(ce),
-            "teacher_worse": ppl["teacher-main"] > min(ce)}
+
+    def compare(get) -> dict:
+        best = min(get(models[name]) for name in ce)
+        return {"teacher_perplexity": get(models["teacher-main"]), "best_ce_perplexity": best,
+                "teacher_worse": get(models["teacher-main"]) > best}
+
+    result = compare(lambda m: m["perplexity"])
+    kinds = models["teacher-main"].get("by_kind") or {}
+    if len(kinds) > 1:
+        result["by_kind"] = {kind: compare(lambda m, kind=kind: m["by_kind"][kind]["perplexity"])
+                             for kind in kinds}
+        result["worse_kinds"] = [kind for kind, c in result["by_kind"].items()
+                                 if c["teacher_worse"]]
+    return result
 
 
 def _fmt(ci: dict | None) -> str:
@@ -217,10 +230,13 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
         lines += ["", f"## {title}", "", "| comparison | difference | verdict |", "|---|---|---|"]
         lines += [f"| {c['a']} - {c['b']} | {_fmt(c)} | {c['verdict']} |" for c in findings[key]]
     heldout = findings.get("heldout")
-    if heldout and heldout["teacher_worse"]:
+    worse = (heldout or {}).get("worse_kinds", [])
+    if heldout and (heldout["teacher_worse"] or worse):
+        where = (f" (worse on {', '.join(worse)} documents)" if worse else "")
         lines += ["", f"**Caveat: the teacher predicts the students' held-out documents worse "
-                      f"than the CE students do (perplexity {heldout['teacher_perplexity']:.4g} "
-                      f"against {heldout['best_ce_perplexity']:.4g}).** KD distils a teacher "
+                      f"than the CE students do{where}: perplexity "
+                      f"{heldout['teacher_perplexity']:.4g} against "
+                      f"{heldout['best_ce_perplexity']:.4g} overall.** KD distils a teacher "
                       "that is wrong about this corpus, so the KD-CE differences measure that "
                       "as well as distillation."]
     if "causal_reading" in findings:
@@ -241,11 +257,19 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
         lines += ["", "A uniform change would put 0.12 of it in the top eighth; a change flat "
                       "across positions has a CV near 0."]
     lm = evaluation["lm"]
+    kinds = [k for k in (lm["models"][0].get("by_kind") or {}) if k != "all"] \
+        if lm["models"] else []
     lines += ["", "## Held-out perplexity and KL to the teacher", "",
-              "| model | perplexity | KL to teacher |", "|---|---|---|"]
+              "| model | perplexity | KL to teacher | "
+              + "".join(f"{k}: perplexity | {k}: KL | " for k in kinds),
+              "|---|---|---|" + "---|---|" * len(kinds)]
     label_of = _labels(evaluation)
-    lines += [f"| {label_of.get(m['model'], m['model'])} | {m['perplexity']:.2f} | "
-              f"{m['kl_to_teacher']:.3f} |" for m in lm["models"]]
+    for m in lm["models"]:
+        by_kind = m.get("by_kind") or {}
+        cells = "".join(f"{by_kind[k]['perplexity']:.2f} | {by_kind[k]['kl_to_teacher']:.3f} | "
+                        if k in by_kind else "n/a | n/a | " for k in kinds)
+        lines.append(f"| {label_of.get(m['model'], m['model'])} | {m['perplexity']:.2f} | "
+                     f"{m['kl_to_teacher']:.3f} | {cells}")
     lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
                                      for p in plots]
     fs, base = resolve(path)

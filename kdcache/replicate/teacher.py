@@ -1,5 +1,5 @@
-"""A teacher that can retrieve at distance: the local Llama teacher, trained on the built-in text
-plus passkey retrieval sequences up to its context length.
+"""A teacher that can retrieve at distance: the local Llama teacher, trained on the students' kinds
+of document plus passkey retrieval sequences up to its context length.
 
 Nothing can transfer from a teacher that cannot retrieve, so the experiment trains its own and
 measures it first. Passkey retrieval is a copy: attend from the question's "The pass key is" to
@@ -17,8 +17,9 @@ little signal to find the mechanism). So the recipe is a curriculum:
 2. then each step is passkey prompts (`PASSKEY_SHARE`; needle_tasks, the evaluation's own
    prompts, fresh keys and random depths, then the answer and EOS; loss on the needle, whose
    second copy of the key is a short-distance retrieval, and on the answer; prompt lengths
-   drawn between half the row and the row), built-in text
-   crops (`TEXT_SHARE`: the students distil the teacher's text distribution) or copying again;
+   drawn between half the row and the row), the students' kinds of document with loss on
+   every token (`DOCUMENT_SHARE`, DocumentBatches: the students distil the teacher's
+   distribution on those documents, so it must be right about them) or copying again;
 3. passkey lengths climb a ladder, MIN_PASSKEY then powers of two up to `context`: the next rung
    opens once answers at the longest open rung are right (`PROMOTE` exact-answer accuracy, read
    off the training batches' own logits, which are fresh keys every step); half the passkey
@@ -43,8 +44,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from kdcache.evaluate.needle_tasks import (PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION,
-                                           Haystack, build_sample)
+from kdcache.evaluate.needle_tasks import Haystack, build_sample, shortest_passkey
 from kdcache.replicate.presets import ReplicateError
 from kdcache.replicate.store import save_json
 from kdcache.teacher_dump.corpus import builtin_corpus
@@ -55,7 +55,9 @@ MIN_PASSKEY = 176  # a passkey prompt's instruction, needle and question take ~1
 COPY_DONE = 0.5  # copy loss (running mean) that ends the copying phase: induction is there
 COPY_STEPS = 1000  # the copying phase's longest (no induction by then: go on without it)
 COPY_LENS = (8, 64)  # tokens copied per row, drawn per row (rows of 2 * 64 + 1 tokens)
-PASSKEY_SHARE, TEXT_SHARE = 0.7, 0.2  # of the steps after the copy phase; the rest copies
+# of the steps after the copy phase: passkey prompts, the students' kinds of document; the rest
+# copies
+PASSKEY_SHARE, DOCUMENT_SHARE = 0.6, 0.3
 PROMOTE = 0.8  # exact-answer accuracy at the longest open rung that opens the next one
 WARMUP_STEPS = 30
 TRACE_EVERY = 25  # steps per point of the record's loss trajectory
@@ -70,13 +72,6 @@ def passkey_lengths(context: int) -> list[int]:
     rungs = {MIN_PASSKEY, context}
     rungs.update(1 << b for b in range(8, context.bit_length()) if 1 << b < context)
     return sorted(rungs)
-
-
-def shortest_passkey(tokenizer) -> int:
-    """The shortest passkey prompt: BOS, instruction, needle, question and no haystack (+ slack
-    for keys that take more tokens)."""
-    pieces = (PASSKEY_INTRO, " " + PASSKEY_QUESTION, " " + PASSKEY_NEEDLE.format(value=99999))
-    return 1 + 4 + sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pieces)
 
 
 class PasskeyBatches:
@@ -139,18 +134,49 @@ def _copy_batch(vocab: int, tokens: int, context: int, generator):
     return ids, labels
 
 
-def _text_batches(tokenizer, documents: int, seq_len: int, batch: int, seed: int):
-    import torch
+class DocumentBatches:
+    """Rows of the students' kinds of document (corpus.DocumentSource: prose, passkey and
+    copying documents in the corpus's shares, fresh ones from the teacher's own seed, never the
+    corpus's documents), BOS + document + EOS back to back, loss on every token. A teacher
+    trained on passkey prompts with loss on the needle and the answer alone, and on copying
+    with loss on the repeat alone, never learns what the haystack or the unrepeated half looks
+    like: it predicts them confidently wrong (toy, H200: held-out perplexity 8,260 on the
+    students' documents, CE students 2.46), and KD students distil that."""
 
-    texts = list(builtin_corpus(documents, seed=10_000 + seed))
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    stream = [t for doc in ids for t in (tokenizer.bos_token_id, *doc, tokenizer.eos_token_id)]
-    data = torch.tensor(stream, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(0, len(data) - seq_len, (batch,), generator=g)
-        crops = torch.stack([data[s:s + seq_len] for s in starts.tolist()])
-        yield crops, crops
+    def __init__(self, tokenizer, mix: dict, row: int, tokens_per_step: int, seed: int) -> None:
+        from kdcache.replicate.corpus import DocumentSource
+
+        self.tok, self.limit, self.row = tokenizer, mix["limit"], row
+        self.rows = max(1, tokens_per_step // row)
+        self.source = DocumentSource(tokenizer, mix["limit"], f"kdcache-teacher-documents-{seed}",
+                                     prose_seed=10_000 + seed)
+        passkey = mix["passkey_share"] if self.source.fits_passkey() else 0.0
+        self.shares = (("passkey", passkey), ("copy", mix["copy_share"]))
+        self.buffer: list[int] = []
+
+    def _kind(self) -> str:
+        u = self.source.rng.random()
+        for kind, share in self.shares:
+            if u < share:
+                return kind
+            u -= share
+        return "text"
+
+    def batch(self):
+        import torch
+
+        need = self.rows * self.row
+        bos, eos = self.tok.bos_token_id, self.tok.eos_token_id
+        while len(self.buffer) < need:
+            text = self.source.draw(self._kind())
+            ids = self.tok(text, add_special_tokens=False)["input_ids"][:self.limit - 2]
+            self.buffer += [bos, *ids, eos]
+        rows = torch.tensor(self.buffer[:need], dtype=torch.long).view(self.rows, self.row)
+        del self.buffer[:need]  # a document cut at a row's end goes on in the next step's row
+        return rows, rows
+
+
+PROSE_ONLY = {"limit": 256, "passkey_share": 0.0, "copy_share": 0.0}  # without `documents`
 
 
 def answers_right(logits, ids, answer_mask) -> list[bool]:
@@ -226,12 +252,14 @@ def _check_same_tokenizer(out_dir: str, reference: str) -> None:
 def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds: float,
                             device: str = "cpu", seed: int = 0, tokens_per_step: int = 8192,
                             lr: float = 3e-3, max_steps: int | None = None,
-                            tokenizer_of: str | None = None,
+                            tokenizer_of: str | None = None, documents: dict | None = None,
                             log: Callable[[str], None] = print) -> dict:
     """Build the teacher into `out_dir` and train it for `seconds` (or `max_steps`, whichever
     comes first); returns its summary (also written to teacher_record(out_dir)).
     `tokenizer_of`: a model directory whose tokenizer this model's must be byte for byte (the
-    students' start model learns the teachers' token ids), refused before training otherwise."""
+    students' start model learns the teachers' token ids), refused before training otherwise.
+    `documents`: the students' kinds of document to train on too (corpus.document_mix: length
+    limit and shares), else built-in prose alone (PROSE_ONLY)."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -252,13 +280,13 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    seq_len = min(256, context)
-    text = _text_batches(tok, 2000, seq_len, max(1, tokens_per_step // seq_len), seed)
+    mix = documents or PROSE_ONLY
+    docs = DocumentBatches(tok, mix, min(mix["limit"], context), tokens_per_step, seed)
     lengths = passkey_lengths(context)
     passkeys = PasskeyBatches(tok, tokens_per_step, seed) if lengths else None
     ladder = Ladder(lengths, rng) if lengths else None
     copy_ok = 2 * COPY_LENS[0] + 1 <= context
-    steps, losses = 0, {"text": [], "copy": [], "passkey": []}
+    steps, losses = 0, {"documents": [], "copy": [], "passkey": []}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
     start = time.perf_counter()
     deadline = start + seconds
@@ -271,13 +299,13 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
     def draw(step: int):
         """The next step's (kind, passkey length or None, ids, labels, answer mask or None)."""
         u = rng.random()
-        if copy_ok and (copy_phase or u >= PASSKEY_SHARE + TEXT_SHARE):
+        if copy_ok and (copy_phase or u >= PASSKEY_SHARE + DOCUMENT_SHARE):
             ids, labels = _copy_batch(cfg.tokenizer_vocab, tokens_per_step, context, g)
             return ("copy", None, ids, labels, None)
         if passkeys is not None and u < PASSKEY_SHARE:
             length = ladder.pick()
             return ("passkey", length, *passkeys.batch(length))
-        return ("text", None, *next(text), None)
+        return ("documents", None, *docs.batch(), None)
 
     upcoming = draw(0)
     while time.perf_counter() < deadline and (max_steps is None or steps < max_steps):

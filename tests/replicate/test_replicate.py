@@ -114,6 +114,9 @@ def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
             assert json.load(fh)["init_from"] == base, arm
     record = report["steps"]["teacher"]
     assert f"- long-context teacher: {record['steps']} steps" in text
+    # the held-out metrics are per kind (one held-out dump each) as well as overall
+    assert all(set(m["by_kind"]) == {"text", "passkey", "copy"} for m in report["lm"]["models"])
+    assert "| passkey: perplexity | passkey: KL |" in text
     assert f"passkey prompts up to {record['passkey']['longest_open']} tokens" in text
     assert {"document-global/float32", "causal/float32"} <= set(findings["probe"])
     assert findings["diff"]
@@ -227,14 +230,42 @@ def test_heldout_documents_are_in_no_training_corpus(tmp_path):
     docs = [json.dumps({"text": f"document {i}"}) for i in range(3 * HOLDOUT_FRACTION + 2)]
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(docs) + "\n")
-    record = split_heldout(str(corpus), str(tmp_path / "t.jsonl"), str(tmp_path / "h.jsonl"))
+    held_path = {"all": str(tmp_path / "h.jsonl")}
+    record = split_heldout(str(corpus), str(tmp_path / "t.jsonl"), held_path)
     train = (tmp_path / "t.jsonl").read_text().splitlines()
     held = (tmp_path / "h.jsonl").read_text().splitlines()
-    assert record == {"train_documents": len(train), "heldout_documents": 3}
+    assert record == {"train_documents": len(train), "heldout_documents": 3,
+                      "heldout_by_kind": {"all": 3}}
     assert not set(train) & set(held) and sorted(train + held) == sorted(docs)
     corpus.write_text("\n".join(docs[:HOLDOUT_FRACTION - 1]) + "\n")
     with pytest.raises(ReplicateError, match="too few"):
-        split_heldout(str(corpus), str(tmp_path / "t.jsonl"), str(tmp_path / "h.jsonl"))
+        split_heldout(str(corpus), str(tmp_path / "t.jsonl"), held_path)
+
+
+def test_heldout_documents_split_by_kind(tmp_path):
+    """The built-in corpus's held-out documents are one file per kind (one in HOLDOUT_FRACTION
+    of each kind named), a kind not named is trained on whole, and a kind with too few
+    documents to hold one out is refused by name."""
+    from kdcache.replicate.corpus import HOLDOUT_FRACTION, split_heldout
+    from kdcache.replicate.presets import ReplicateError
+
+    f = HOLDOUT_FRACTION
+    docs = ([json.dumps({"text": f"prose {i}", "kind": "text"}) for i in range(3 * f)]
+            + [json.dumps({"text": f"key {i}", "kind": "passkey"}) for i in range(2 * f + 1)]
+            + [json.dumps({"text": f"copy {i}", "kind": "copy"}) for i in range(5)])
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(docs) + "\n")
+    paths = {kind: str(tmp_path / f"h-{kind}.jsonl") for kind in ("text", "passkey")}
+    record = split_heldout(str(corpus), str(tmp_path / "t.jsonl"), paths)
+    assert record["heldout_by_kind"] == {"text": 3, "passkey": 2}
+    train = (tmp_path / "t.jsonl").read_text().splitlines()
+    held = {kind: (tmp_path / f"h-{kind}.jsonl").read_text().splitlines() for kind in paths}
+    assert all(json.loads(line)["kind"] == kind for kind, lines in held.items() for line in lines)
+    assert sum(json.loads(line)["kind"] == "copy" for line in train) == 5
+    assert sorted(train + held["text"] + held["passkey"]) == sorted(docs)
+    with pytest.raises(ReplicateError, match="of each of copy"):
+        split_heldout(str(corpus), str(tmp_path / "t.jsonl"),
+                      {**paths, "copy": str(tmp_path / "h-copy.jsonl")})
 
 
 def test_findings_are_untestable_when_no_student_retrieves_within_a_document():
@@ -286,4 +317,16 @@ def test_a_teacher_worse_than_ce_on_the_heldout_documents_is_flagged():
     worse = findings(8000.0)["heldout"]
     assert worse == {"teacher_perplexity": 8000.0, "best_ce_perplexity": 2.5,
                      "teacher_worse": True}
+    # by kind: right about prose, wrong about passkey documents, though better overall
+    by_kind = lambda text, passkey: {"text": {"perplexity": text},  # noqa: E731
+                                     "passkey": {"perplexity": passkey}}
+    models = [{"model": "/t", "perplexity": 2.0, "by_kind": by_kind(1.5, 40.0)}] + [
+        {"model": f"/s/{arm}", "perplexity": 2.5, "by_kind": by_kind(3.0, 2.0)}
+        for arm in preset.arms]
+    mixed = build_findings(preset, students, {"probe": {"runs": []}, "diff": None,
+                                              "needle": needle, "lm": {"models": models}})
+    assert mixed["heldout"]["teacher_worse"] is False
+    assert mixed["heldout"]["worse_kinds"] == ["passkey"]
+    assert mixed["heldout"]["by_kind"]["passkey"] == {
+        "teacher_perplexity": 40.0, "best_ce_perplexity": 2.0, "teacher_worse": True}
     assert findings(2.0)["heldout"]["teacher_worse"] is False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import pytest
 
@@ -77,6 +78,47 @@ def test_passkey_rows_are_the_evaluation_prompt_with_labels_on_needle_and_answer
         assert answer_text == " " + key + ".</s>"
         labelled = tok.decode([t for t in lab if t != -100])
         assert labelled.startswith(" The pass key is " + key) and labelled.endswith(key + ".</s>")
+
+
+def test_document_rows_are_fresh_documents_of_the_students_kinds_with_every_token_labelled(
+        tmp_path):
+    """The teacher trains on the students' kinds of document (prose, passkey, copying) in the
+    corpus's shares, loss on every token, back to back across rows; they are new documents of
+    those kinds, not the students' corpus (other keys)."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from kdcache.replicate.corpus import document_mix, write_short_corpus
+    from kdcache.replicate.presets import get_preset
+    from kdcache.replicate.teacher import DocumentBatches
+    from kdcache.teacher_dump.make_teacher import TeacherConfig, build_teacher
+
+    build_teacher(str(tmp_path), TeacherConfig(**SMOKE_MODEL), log=lambda m: None)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    preset = replace(get_preset("smoke"), passkey_share=0.3, copy_share=0.3, corpus_documents=60)
+    batches = DocumentBatches(tok, document_mix(preset), row=128, tokens_per_step=1024, seed=0)
+    rows = []
+    for _ in range(6):
+        ids, labels = batches.batch()
+        assert ids.shape == (8, 128) and (labels == ids).all()  # every token is a target
+        rows += ids.tolist()
+    stream = [t for row in rows for t in row]
+    docs = []  # the documents between BOS and EOS (the first and last may be cut)
+    for piece in tok.decode(stream).split("<s>")[1:-1]:
+        docs.append(piece.split("</s>")[0].strip())
+    keys = {m.group(1) for d in docs for m in [re.search(r"The pass key is (\d+)\.", d)] if m}
+    copies = [d for d in docs if len(d.split()) % 2 == 0 and d.split()[:len(d.split()) // 2]
+              == d.split()[len(d.split()) // 2:]]
+    assert len(keys) >= 3 and len(copies) >= 3 and len(docs) - len(keys) - len(copies) >= 3
+    assert all(len(tok(d, add_special_tokens=False)["input_ids"]) + 2 <= preset.doc_max_tokens
+               for d in docs)
+    write_short_corpus(str(tmp_path / "c.jsonl"), str(tmp_path), preset, seed=0)
+    with open(tmp_path / "c.jsonl") as fh:
+        corpus = [json.loads(line)["text"] for line in fh]
+    corpus_keys = {m.group(1) for d in corpus
+                   for m in [re.search(r"The pass key is (\d+)\.", d)] if m}
+    assert corpus_keys and not keys & corpus_keys and not set(docs) & set(corpus)
 
 
 @pytest.mark.slow
