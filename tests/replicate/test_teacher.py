@@ -103,6 +103,14 @@ def test_document_rows_are_fresh_documents_of_the_students_kinds_with_every_toke
         ids, labels = batches.batch()
         assert ids.shape == (8, 128) and (labels == ids).all()  # every token is a target
         rows += ids.tolist()
+    # each row at a random offset of the teacher's context (where the dumps put documents)
+    import torch
+
+    positions = batches.positions(1024, torch.Generator().manual_seed(0))
+    assert positions.shape == (8, 128)
+    assert ((positions[:, 1:] - positions[:, :-1]) == 1).all()
+    assert positions.min() >= 0 and positions.max() < 1024 and positions[:, 0].unique().numel() > 1
+    assert (batches.positions(128, torch.Generator()) == torch.arange(128)).all()
     stream = [t for row in rows for t in row]
     docs = []  # the documents between BOS and EOS (the first and last may be cut)
     for piece in tok.decode(stream).split("<s>")[1:-1]:
@@ -119,6 +127,17 @@ def test_document_rows_are_fresh_documents_of_the_students_kinds_with_every_toke
     corpus_keys = {m.group(1) for d in corpus
                    for m in [re.search(r"The pass key is (\d+)\.", d)] if m}
     assert corpus_keys and not keys & corpus_keys and not set(docs) & set(corpus)
+
+
+def test_document_steps_train_at_offset_positions(tmp_path):
+    """A context too short for copying or passkey prompts trains on documents alone: the
+    document steps run (at offsets within the context) and are in the record."""
+    record = train_retrieval_teacher(str(tmp_path / "t"), SMOKE_MODEL, context=16, seconds=60,
+                                     tokens_per_step=64, max_steps=3, log=lambda m: None,
+                                     documents={"limit": 8, "passkey_share": 0.0,
+                                                "copy_share": 0.0})
+    assert record["steps"] == 3 and record["final_loss"]["documents"] > 0
+    assert record["final_loss"]["copy"] is None and record["passkey"] is None
 
 
 @pytest.mark.slow
