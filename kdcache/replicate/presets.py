@@ -1,7 +1,8 @@
 """Sizes of the replication experiment: `smoke` (the whole pipeline on 2 CPU cores in minutes, run
 by the tests) and `toy` (a teacher that can retrieve at 16k, sized for one H200 in under 20
 minutes: two 450 s teachers and the students' 300 s start beside them, then dumps, 27 students
-14 at a time, evaluation; H200 2026-12-02: 18.5 minutes end to end, docs/replication.md).
+14 at a time, evaluation; H200 2026-12-02, fifth run: 16.5 minutes end to end,
+docs/replication.md).
 
 Every arm of a preset trains on the same data for the same steps; only what the arm names differs.
 """
