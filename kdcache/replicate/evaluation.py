@@ -27,21 +27,33 @@ from kdcache.replicate.store import cached_json
 from kdcache.replicate.teacher import teacher_record
 
 
+# passkey: the task the students' corpus and the teachers' curriculum hold (the findings);
+# niah_single: RULER's single-needle wording, which no model trains on (is the retrieval general?)
+NEEDLE_TASKS = ("passkey", "niah_single")
+
+
 def needle_config(preset: Preset) -> dict:
-    """The needle test every model takes (JSON: it also travels to task processes)."""
-    return {"tasks": ["passkey"], "lengths": list(preset.needle_lengths),
+    """The needle test every model takes (JSON: it also travels to task processes). 10 new
+    tokens hold a 5-digit key or a 7-digit value, each digit a token."""
+    return {"tasks": list(NEEDLE_TASKS), "lengths": list(preset.needle_lengths),
             "depths": list(preset.needle_depths), "samples": preset.needle_samples,
-            "max_new_tokens": 8, "engine": "hf", "dtype": preset.dtype,
+            "max_new_tokens": 10, "engine": "hf", "dtype": preset.dtype,
             "device": preset.torch_device, "seed": 0}
 
 
 def needle_record(model: str, config: dict) -> dict:
-    """One model's passkey accuracy by needle distance, with every sample's score."""
+    """One model's passkey accuracy by needle distance, with every sample's score; the other
+    tasks' under "tasks" in the same shape."""
     cfg = NeedleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
-    entry = run_needle([model], cfg)["models"][0]["tasks"]["passkey"]
-    return {"model": model, "accuracy": entry["accuracy"], "by_distance": entry["by_distance"],
-            "samples": [{k: s[k] for k in ("length", "depth", "distance", "score")}
-                        for s in entry["samples"]]}
+    tasks = run_needle([model], cfg)["models"][0]["tasks"]
+
+    def part(entry: dict) -> dict:
+        return {"accuracy": entry["accuracy"], "by_distance": entry["by_distance"],
+                "samples": [{k: s[k] for k in ("length", "depth", "distance", "score")}
+                            for s in entry["samples"]]}
+
+    return {"model": model, **part(tasks["passkey"]),
+            "tasks": {task: part(entry) for task, entry in tasks.items() if task != "passkey"}}
 
 
 def needle_path(out: str, name: str) -> str:

@@ -41,8 +41,7 @@ from kdcache.replicate.presets import THETAS, Preset, arm_parts
 from kdcache.replicate.report import write_report
 from kdcache.replicate.store import save_json
 from kdcache.replicate.tasks import Task, run_tasks
-from kdcache.replicate.teacher import (teacher_record, tokenizer_ready,
-                                       train_retrieval_teacher)
+from kdcache.replicate.teacher import load_teacher_record, teacher_record, tokenizer_ready
 from kdcache.student_train.stages import (parse_run, run, stage_export_dir,
                                           stage_summary_path)
 
@@ -216,9 +215,9 @@ def run_replicate(out: str, preset: Preset, *, log: Callable[[str], None] = prin
     steps: dict[str, Any] = {}
     for who, args in teacher_args.items():
         steps["teacher" if who == "main" else "teacher_short"] = \
-            train_retrieval_teacher(**args, log=log)
+            load_teacher_record(args["out_dir"])
     if base_args is not None:
-        steps["student_base"] = train_retrieval_teacher(**base_args, log=log)
+        steps["student_base"] = load_teacher_record(base_args["out_dir"])
     with open(corpus_record(out)) as fh:
         steps["corpus"] = json.load(fh)
     students: dict[str, list[dict]] = {}

@@ -30,6 +30,7 @@ STUDENTS_RETRIEVE = 0.25
 # why the student comparisons test nothing (findings["untestable_because"])
 TEACHER_CANNOT = "the teacher does not retrieve at long distance"
 STUDENTS_CANNOT = "no student retrieves even within one document's length"
+TASK_TITLES = {"niah_single": "RULER-style NIAH, one needle (numbers)"}
 
 
 def _scores(needle: dict, names: list[str], min_distance: int = 0,
@@ -60,10 +61,13 @@ def _verdict(d: dict, untestable: str | None) -> str:
         d["sign"], "not resolved at this scale (the 95% interval includes 0)")
 
 
-def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
-    needle = evaluation["needle"]
+def retrieval_findings(preset: Preset, students: dict, needle: dict) -> dict:
+    """The student comparisons on one needle task's records (`needle`: label -> record with
+    scored samples): the teacher and each arm within a document and at long distance, whether
+    that is testable, and Findings 1 and 2 and the causal test as differences with verdicts."""
     long = preset.short_window
-    teacher = mean_ci(_scores(needle, ["teacher-main"], long))
+    teacher = mean_ci(_scores(needle, ["teacher-main"], long)) if "teacher-main" in needle \
+        else mean_ci([])
     arms = {arm: mean_ci(_scores(needle, _arm_models(students, arm), long)) for arm in students}
     within = {arm: mean_ci(_scores(needle, _arm_models(students, arm), 0, preset.doc_max_tokens))
               for arm in students}
@@ -107,6 +111,26 @@ def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
             "KD's advantage disappears without the teacher's positional signal: consistent with "
             "it being the cause" if main["sign"] == "positive" and not survives else
             "inconclusive at this scale")
+    return findings
+
+
+def task_view(needle: dict, task: str) -> dict:
+    """The records of another needle task (evaluation.needle_record keeps them under "tasks"),
+    in the shape of the passkey records: label -> {"model", "samples", ...}."""
+    return {name: {"model": rec.get("model"), **rec["tasks"][task]}
+            for name, rec in needle.items() if task in rec.get("tasks", {})}
+
+
+def build_findings(preset: Preset, students: dict, evaluation: dict) -> dict:
+    """Every finding: the student comparisons on passkey retrieval (the task the students'
+    corpus and the teachers' curriculum hold), the same on each other needle task (RULER-style
+    NIAH: a format none of the models trained on, under findings["tasks"]), the held-out
+    comparison, the probe and the diff."""
+    needle = evaluation["needle"]
+    findings = retrieval_findings(preset, students, needle)
+    tasks = sorted({t for rec in needle.values() for t in rec.get("tasks", {})})
+    findings["tasks"] = {t: retrieval_findings(preset, students, task_view(needle, t))
+                         for t in tasks}
     findings["heldout"] = _heldout_comparison(evaluation)
     probe = evaluation["probe"]["runs"]
     findings["probe"] = {f"{r['mode']}/{r['dtype']}": max(r["kl_mean"][1:] or [0.0])
@@ -241,6 +265,19 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
                       "as well as distillation."]
     if "causal_reading" in findings:
         lines += ["", f"Reading: {findings['causal_reading']}."]
+    for task, f in findings.get("tasks", {}).items():
+        lines += ["", f"## {TASK_TITLES.get(task, task)}", "",
+                  "The same models on a needle format none of them trained on (RULER's "
+                  "wording): whether the retrieval learnt on passkey prompts is general. Teacher "
+                  f"at long distance: {_fmt(f['teacher_long_distance'])}"
+                  + (f"; not testable: {f['untestable_because']}." if f["untestable_because"]
+                     else "."), "",
+                  "| arm | within a document | long distance |", "|---|---|---|"]
+        lines += [f"| {arm} | {_fmt(f['arms_within_document'].get(arm))} | {_fmt(ci)} |"
+                  for arm, ci in f["arms_long_distance"].items()]
+        lines += ["", "| comparison | difference | verdict |", "|---|---|---|"]
+        lines += [f"| {c['a']} - {c['b']} | {_fmt(c)} | {c['verdict']} |"
+                  for key in ("phasewise_vs_fixed", "kd_vs_ce", "causal_test") for c in f[key]]
     lines += ["", "## Finding 3: RoPE perturbations reach the teacher's output (probe)", "",
               "Largest mean KL(p_0 || p_r) over repeats, by packing mode and dtype:", "",
               "| mode/dtype | KL |", "|---|---|"]
@@ -364,6 +401,10 @@ def write_report(out: str, preset: Preset, steps: dict, teachers: dict, students
                        ["kd-phasewise", "ce-phasewise", *CAUSAL_ARMS], False,
                        "the causal test: targets without the teacher's positional signal"),
              plot_probe(os.path.join(out, "probe.png"), evaluation["probe"])]
+    for task in findings.get("tasks", {}):
+        plots.append(plot_arms(os.path.join(out, f"accuracy_by_distance_{task}.png"),
+                               task_view(needle, task), students, main, True,
+                               f"{TASK_TITLES.get(task, task)} accuracy by needle distance"))
     if evaluation.get("diff"):
         plots.append(plot_diff(os.path.join(out, "diff.png"), evaluation["diff"]))
     report = {"preset": preset.name, "steps": steps, "teachers": teachers,

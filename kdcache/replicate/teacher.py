@@ -249,6 +249,16 @@ def teacher_record(out_dir: str) -> str:
     return os.path.join(out_dir, "kdcache_retrieval.json")
 
 
+def load_teacher_record(out_dir: str) -> dict:
+    """The record a trained teacher (or the students' start) left beside its weights."""
+    try:
+        with open(teacher_record(out_dir)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ReplicateError(f"{out_dir}: no readable training record ({exc}); train it first"
+                             ) from None
+
+
 def _check_same_tokenizer(out_dir: str, reference: str) -> None:
     def fingerprint(directory: str) -> str:
         try:
@@ -278,8 +288,7 @@ def train_retrieval_teacher(out_dir: str, model: dict, *, context: int, seconds:
 
     done = teacher_record(out_dir)
     if os.path.exists(done):
-        with open(done) as fh:
-            return json.load(fh)
+        return load_teacher_record(out_dir)
     torch.manual_seed(seed)
     cfg = replace(TeacherConfig(**model), seed=seed, train_seconds=0.0,
                   max_positions=max(model.get("max_positions", 0), 4 * context))

@@ -114,6 +114,11 @@ def test_smoke_preset_runs_end_to_end_and_reports_every_finding(tmp_path):
             assert json.load(fh)["init_from"] == base, arm
     record = report["steps"]["teacher"]
     assert f"- long-context teacher: {record['steps']} steps" in text
+    # RULER-style NIAH beside passkey: its own findings, table and plot
+    assert set(findings["tasks"]) == {"niah_single"}
+    assert set(findings["tasks"]["niah_single"]["arms_long_distance"]) == set(preset.arms)
+    assert "## RULER-style NIAH, one needle (numbers)" in text
+    assert os.path.getsize(os.path.join(out, "accuracy_by_distance_niah_single.png")) > 0
     # the held-out metrics are per kind (one held-out dump each) as well as overall
     assert all(set(m["by_kind"]) == {"text", "passkey", "copy"} for m in report["lm"]["models"])
     assert "| passkey: perplexity | passkey: KL |" in text
@@ -295,6 +300,14 @@ def test_findings_are_untestable_when_no_student_retrieves_within_a_document():
     assert findings["arms_within_document"]["kd-phasewise"]["mean"] == 1.0
     assert not any(c["verdict"].startswith("not testable") for c in findings["kd_vs_ce"])
     assert findings["heldout"] is None  # no held-out metrics: nothing to compare
+    assert findings["tasks"] == {}  # passkey records alone
+    # another needle task's records are compared the same way, on their own
+    for name, rec in evaluation["needle"].items():
+        rec["tasks"] = {"niah_single": record(1.0, 0.0 if name == "teacher-main" else 1.0)}
+    niah = build_findings(preset, students, evaluation)["tasks"]["niah_single"]
+    assert niah["untestable_because"] == "the teacher does not retrieve at long distance"
+    assert niah["arms_long_distance"]["ce-phasewise"]["mean"] == 1.0
+    assert all(c["verdict"].startswith("not testable (the teacher") for c in niah["kd_vs_ce"])
 
 
 def test_a_teacher_worse_than_ce_on_the_heldout_documents_is_flagged():
