@@ -106,6 +106,9 @@ class DocumentSource:
     def fits_passkey(self) -> bool:
         return self.shortest + 8 <= self.limit
 
+    def fits_copy(self) -> bool:
+        return 4 * COPY_MIN_WORDS + 2 <= self.limit  # the shortest copying document
+
     def draw(self, kind: str) -> str:
         """One document of `kind` (a passkey document needs fits_passkey())."""
         if kind == "text":
@@ -148,6 +151,9 @@ def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -
     if counts["passkey"] and not source.fits_passkey():
         raise ReplicateError(f"doc_max_tokens {limit} is too short for a passkey document "
                              f"(the shortest takes {source.shortest + 8} tokens)")
+    if counts["copy"] and not source.fits_copy():
+        raise ReplicateError(f"doc_max_tokens {limit} is too short for a copying document "
+                             f"(the shortest takes {4 * COPY_MIN_WORDS + 2} tokens)")
     kinds: dict[str, list[str]] = {kind: [] for kind in KINDS}
     dropped = {kind: 0 for kind in KINDS}
     tokens = {kind: 0 for kind in KINDS}

@@ -152,7 +152,8 @@ class DocumentBatches:
         self.source = DocumentSource(tokenizer, mix["limit"], f"kdcache-teacher-documents-{seed}",
                                      prose_seed=10_000 + seed)
         passkey = mix["passkey_share"] if self.source.fits_passkey() else 0.0
-        self.shares = (("passkey", passkey), ("copy", mix["copy_share"]))
+        copy = mix["copy_share"] if self.source.fits_copy() else 0.0
+        self.shares = (("passkey", passkey), ("copy", copy))
         self.buffer: list[int] = []
 
     def _kind(self) -> str:

@@ -75,5 +75,8 @@ def test_prose_only_corpus_and_a_limit_too_short_for_a_passkey(tokenizer_dir, tm
     short = replace(preset, passkey_share=0.1, doc_max_tokens=64)
     with pytest.raises(ReplicateError, match="too short for a passkey document"):
         write_short_corpus(str(tmp_path / "s.jsonl"), tokenizer_dir, short, seed=0)
+    tiny = replace(preset, copy_share=0.1, doc_max_tokens=12)
+    with pytest.raises(ReplicateError, match="too short for a copying document"):
+        write_short_corpus(str(tmp_path / "t.jsonl"), tokenizer_dir, tiny, seed=0)
     with pytest.raises(KdcacheError, match="sum to at most 1"):
         get_preset("smoke", passkey_share=0.7, copy_share=0.5)

@@ -130,12 +130,13 @@ def test_document_rows_are_fresh_documents_of_the_students_kinds_with_every_toke
 
 
 def test_document_steps_train_at_offset_positions(tmp_path):
-    """A context too short for copying or passkey prompts trains on documents alone: the
-    document steps run (at offsets within the context) and are in the record."""
+    """A context too short for copying or passkey prompts trains on documents alone (prose: a
+    limit too short for passkey or copying documents leaves them out): the document steps run
+    (at offsets within the context) and are in the record."""
     record = train_retrieval_teacher(str(tmp_path / "t"), SMOKE_MODEL, context=16, seconds=60,
                                      tokens_per_step=64, max_steps=3, log=lambda m: None,
-                                     documents={"limit": 8, "passkey_share": 0.0,
-                                                "copy_share": 0.0})
+                                     documents={"limit": 8, "passkey_share": 0.5,
+                                                "copy_share": 0.5})
     assert record["steps"] == 3 and record["final_loss"]["documents"] > 0
     assert record["final_loss"]["copy"] is None and record["passkey"] is None
 
