@@ -79,9 +79,14 @@ def retrieval_findings(preset: Preset, students: dict, needle: dict) -> dict:
     elif best_within is None or best_within < STUDENTS_RETRIEVE:
         untestable = STUDENTS_CANNOT
     testable = untestable is None
+    # each seed's own long-distance accuracy: how much of an interval is the seeds' spread
+    per_seed = {arm: [round(sum(v) / len(v), 4) if v else None
+                      for v in _scores(needle, _arm_models(students, arm), long)]
+                for arm in students}
     findings: dict[str, Any] = {"teacher_long_distance": teacher, "testable": testable,
                                 "untestable_because": untestable, "long_distance_from": long,
-                                "arms_long_distance": arms, "arms_within_document": within}
+                                "arms_long_distance": arms, "arms_within_document": within,
+                                "arms_long_distance_by_seed": per_seed}
     if STUDENT_BASE in needle:  # where every arm starts: what training added is the difference
         findings["start"] = {
             "within_document": mean_ci(_scores(needle, [STUDENT_BASE], 0, preset.doc_max_tokens)),
@@ -242,10 +247,13 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
                       "steps, retrieval among the short documents, a larger student) are needed."]
     lines += ["", "## Accuracy by arm", "",
               f"| arm | within a document (< {preset.doc_max_tokens}) | long distance "
-              f"(>= {findings['long_distance_from']}) |", "|---|---|---|"]
+              f"(>= {findings['long_distance_from']}) | long distance, each seed |",
+              "|---|---|---|---|"]
     within = findings.get("arms_within_document", {})
-    lines += [f"| {arm} | {_fmt(within.get(arm))} | {_fmt(ci)} |"
-              for arm, ci in findings["arms_long_distance"].items()]
+    by_seed = findings.get("arms_long_distance_by_seed", {})
+    lines += [f"| {arm} | {_fmt(within.get(arm))} | {_fmt(ci)} | "
+              + " / ".join("n/a" if v is None else f"{v:.2f}" for v in by_seed.get(arm, []))
+              + " |" for arm, ci in findings["arms_long_distance"].items()]
     sections = [("Finding 1: phase-wise theta beats a fixed theta (KD)", "phasewise_vs_fixed"),
                 ("Finding 2: logit KD beats cross-entropy on the same data", "kd_vs_ce"),
                 ("The causal test: KD arms without the teacher's positional signal vs CE",

@@ -298,6 +298,7 @@ def test_findings_are_untestable_when_no_student_retrieves_within_a_document():
     findings = build_findings(preset, students, evaluation)
     assert findings["testable"] and findings["untestable_because"] is None
     assert findings["arms_within_document"]["kd-phasewise"]["mean"] == 1.0
+    assert findings["arms_long_distance_by_seed"]["kd-phasewise"] == [0.5]
     assert not any(c["verdict"].startswith("not testable") for c in findings["kd_vs_ce"])
     assert findings["heldout"] is None  # no held-out metrics: nothing to compare
     assert findings["tasks"] == {}  # passkey records alone
