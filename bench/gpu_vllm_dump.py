@@ -16,6 +16,8 @@ prompt-logprobs path and the hf engine, and the targets checked against the hf e
         # blocking); rounds per timing
         # (default 2); SCALE x the windows per cell (shards stay 16 windows);
         # WRITER_CALL_TOKENS: the engine groups' tokens (default: the dump's 16384; smoke 1024)
+        # WRITER_FEED_MAX_REQUESTS / _TOKENS: the fed engine's caps on requests / prompt tokens
+        # in vLLM's queue (default: twice a scheduler step's); caps and peaks in `feed_limits`
 
 Writes JSON lines to $OUT/gpu_vllm_dump.jsonl (and prints them). Engines run one at a time in
 this process (kdcache.teacher_dump.bench), memory released between them. Teachers are random
@@ -249,9 +251,11 @@ def writer(smoke: bool = False) -> None:
     from kdcache.teacher_dump.pipeline import ENGINE_CALL_TOKENS
 
     call = int(os.environ.get("WRITER_CALL_TOKENS") or (1024 if smoke else ENGINE_CALL_TOKENS))
+    caps = {f"feed_max_{what}": int(os.environ[f"WRITER_FEED_MAX_{what.upper()}"])
+            for what in ("requests", "tokens") if os.environ.get(f"WRITER_FEED_MAX_{what.upper()}")}
     base = BenchConfig(model=model, dtype=dtype, rounds=rounds, baseline=False,
                        feed=feed != "blocking", compare_blocking=feed == "both",
-                       call_tokens=call)
+                       call_tokens=call, **caps)
     # one series (two engine starts, not four: the step has ~6 minutes), causal first
     scale = int(os.environ.get("WRITER_SCALE", "1"))
     counts = tuple(scale * n for n in ((8, 4) if smoke else (16, 8)))

@@ -45,7 +45,8 @@ from kdcache.formats.manifest import DatasetHeader
 from kdcache.formats.writer import default_encode_workers, prepare_codec
 from kdcache.teacher_dump.corpus import CorpusSpec, CorpusStats, iter_documents
 from kdcache.teacher_dump.engines import make_engine
-from kdcache.teacher_dump.engines.base import EngineConfig, chunked_topk, segments_for_mode
+from kdcache.teacher_dump.engines.base import (EngineConfig, check_feed_caps, chunked_topk,
+                                               segments_for_mode)
 from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import teacher_fingerprint
 from kdcache.teacher_dump.pipeline import ENGINE_CALL_TOKENS, ShardPipeline, grouped_targets
@@ -72,6 +73,12 @@ class BenchConfig:
     #                     the dump: ShardPipeline's default)
     compare_blocking: bool = False  # also time the dump with one blocking call per group
     call_tokens: int = ENGINE_CALL_TOKENS  # the dump's engine groups (smaller for tiny windows)
+    # fed: caps on the requests / prompt tokens in vLLM's engine (None: from its scheduler)
+    feed_max_requests: int | None = None
+    feed_max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        check_feed_caps(self.feed_max_requests, self.feed_max_tokens)  # before any engine starts
 
 
 WARMUP_WINDOWS = 2
@@ -245,6 +252,8 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
         try:
             for c, wins, sec, res in zip(cfgs, windows, seconds, results):
                 engine.reconfigure(k=c.k, mode=c.mode, window=c.window)
+                if engine.feeds:  # this config's caps, and a fresh count of what they held
+                    engine.limit_feed(c.feed_max_requests, c.feed_max_tokens)
                 # the dump as configured, and (compare_blocking) the same dump with one blocking
                 # call per group: same engine and windows, rounds alternating between the two
                 feeds = [c.feed] + ([False] if c.compare_blocking and c.feed and engine.feeds
@@ -267,6 +276,8 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
                         lambda: grouped_targets(engine, wins, c.call_tokens, feed=True), 1,
                         lambda: None)
                 capture("pooler" if first.engine == "vllm" else "hf", engine, c, wins)
+                if c.feed and engine.feeds:
+                    res["feed_limits"] = engine.feed_stats()  # caps, peaks, steps for room
                 res["engine_start_s"] = round(start_s, 1)
                 if first.engine == "hf":  # prefill-only: the backbone alone, same engine
                     sec["prefill"] = _median_seconds(

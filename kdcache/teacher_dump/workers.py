@@ -93,6 +93,14 @@ class DumpWorker:
             out = self._thread.call(grouped_targets, self.engine, wins, call_tokens, feed)
         return [(t.ids, t.logprobs, t.valid) for t in out]
 
+    def limit_feed(self, max_requests: int | None = None, max_tokens: int | None = None) -> None:
+        """Other caps on what `topk(feed=True)` keeps queued in the engine (engine.limit_feed)."""
+        self._thread.call(self.engine.limit_feed, max_requests, max_tokens)
+
+    def feed_stats(self) -> dict[str, int]:
+        """The engine's feed caps and the most they held at once (engine.feed_stats)."""
+        return self._thread.call(self.engine.feed_stats)
+
     def start_shard(self, name: str, windows: list[PackedWindow]) -> Future:
         """Compute a shard's targets (returns once the engine is done with it); the future
         holds its ShardInfo once the shard is written behind the next shard's engine calls."""

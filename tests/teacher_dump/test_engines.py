@@ -242,3 +242,99 @@ def test_vllm_fed_groups_are_the_blocking_groups(vllm_workers, short_windows, mo
     for (ib, lb, _), (i1, l1, _) in zip(blocking, single):
         np.testing.assert_array_equal(ib, i1)
         np.testing.assert_array_equal(lb, l1)
+    stats = ray.get(worker.feed_stats.remote())  # the default caps (twice a scheduler step)
+    assert stats["room_steps"] == 0 and 0 < stats["peak_requests"] <= stats["max_requests"]
+    assert stats["max_tokens"] >= 2 * (512 + 1)  # two requests of the longest length at least
+
+
+@pytest.fixture(scope="module")
+def many_doc_windows(teacher_dir):
+    """Windows of ~40 documents of 2-20 tokens each (one vLLM request each in document mode),
+    at most 448 tokens (each request's targets the same bits in any batch: short_windows)."""
+    from kdcache.teacher_dump.pack import pack_token_docs
+
+    tok = TeacherTokenizer(teacher_dir)
+    rng = np.random.default_rng(11)
+    docs = [(i, rng.integers(3, 1000, size=int(rng.integers(2, 20))).tolist())
+            for i in range(240)]
+    wins = list(pack_token_docs(docs, PackConfig(window=448), tok.bos_id, tok.eos_id,
+                                PackStats()))[:-1]  # the last: the corpus's short tail
+    assert len(wins) >= 4 and min(len(w.doc_offsets) - 1 for w in wins) >= 20
+    return wins
+
+
+@pytest.mark.parametrize("max_requests, max_tokens", [(3, None), (None, 1)],
+                         ids=["3-requests", "1-token"])
+def test_vllm_fed_under_caps_is_the_blocking_path(vllm_workers, many_doc_windows, max_requests,
+                                                   max_tokens):
+    """A document-mode feed of many short documents under caps far below one group: `submit`
+    steps the engine until the next request fits (outputs delivered to their tickets), every
+    group still goes through, the requests and prompt tokens in vLLM never pass the caps (but a
+    request alone longer than the token cap: added once the feed has none in the engine, one
+    at a time), and the targets are the blocking path's bits, in order."""
+    import ray
+
+    from kdcache.formats.manifest import DatasetHeader
+    from kdcache.teacher_dump.engines.vllm import request_layout
+    from kdcache.teacher_dump.pipeline import engine_groups
+
+    worker = vllm_workers["pooler"]
+    header = DatasetHeader(kind="topk", k=K, vocab_size=1024, codec="raw",
+                           packing={"mode": "document", "window": 512})
+    ray.get(worker.configure.remote("/nonexistent", vars(header), None))
+    call = 700  # groups of 1-2 windows, 30-75 requests each, fed behind the last
+    groups = list(engine_groups(many_doc_windows, call))
+    assert len(groups) >= 2 and min(len(request_layout(g, "document")) for g in groups) > 20
+    lengths = [end - start for _, start, end, _ in request_layout(many_doc_windows, "document")]
+    wins = _to_dicts(many_doc_windows)
+    blocking = ray.get(worker.topk.remote(wins, call_tokens=call, feed=False))
+    ray.get(worker.limit_feed.remote(max_requests, max_tokens))
+    try:
+        fed = ray.get(worker.topk.remote(wins, call_tokens=call, feed=True))
+        stats = ray.get(worker.feed_stats.remote())
+    finally:
+        ray.get(worker.limit_feed.remote())  # the default caps again, for the other tests
+    assert len(fed) == len(blocking) == len(many_doc_windows)
+    for (ib, lb, vb), (i_f, lf, vf) in zip(blocking, fed):
+        np.testing.assert_array_equal(vb, vf)
+        np.testing.assert_array_equal(ib, i_f)
+        np.testing.assert_array_equal(lb, lf)
+    assert stats["room_steps"] > len(groups)  # submit stepped for room, many times
+    if max_requests is not None:
+        assert stats["max_requests"] == max_requests == stats["peak_requests"]
+        assert stats["peak_tokens"] <= stats["max_tokens"]
+    else:  # every request longer than the cap: each alone in the engine
+        assert stats["max_tokens"] == 1 and stats["peak_requests"] == 1
+        assert stats["peak_tokens"] == max(lengths) > 1
+
+
+def test_vllm_refuses_bad_feed_caps(vllm_workers):
+    """A cap that is not a whole number >= 1 is an EngineError on a started engine, and the
+    engine keeps its caps (a fed run afterwards is not affected)."""
+    import ray
+
+    from kdcache.teacher_dump.engines.base import EngineError
+
+    worker = vllm_workers["pooler"]
+    before = ray.get(worker.feed_stats.remote())
+    with pytest.raises(EngineError, match="feed_max_requests must be a whole number"):
+        ray.get(worker.limit_feed.remote(0, None))
+    after = ray.get(worker.feed_stats.remote())
+    assert {k: after.get(k) for k in ("max_requests", "max_tokens")} == \
+        {k: before.get(k) for k in ("max_requests", "max_tokens")}
+
+
+@pytest.mark.parametrize("caps", [dict(feed_max_requests=0), dict(feed_max_tokens=-5),
+                                  dict(feed_max_tokens=2.5), dict(feed_max_requests=True),
+                                  dict(feed_max_requests="64")])
+def test_bad_feed_caps_are_refused_before_anything_runs(teacher_dir, caps):
+    """The caps are checked where the engine's options are built (EngineConfig) and where the
+    bench's are (BenchConfig), before an engine starts or a shard is written."""
+    from kdcache.errors import KdcacheError
+    from kdcache.teacher_dump.bench import BenchConfig
+
+    with pytest.raises(KdcacheError, match="must be a whole number of at least 1"):
+        EngineConfig(model=teacher_dir, **caps)
+    with pytest.raises(KdcacheError, match="must be a whole number of at least 1"):
+        BenchConfig(model=teacher_dir, feed=True, **caps)
+    EngineConfig(model=teacher_dir, feed_max_requests=1, feed_max_tokens=1)  # the least caps

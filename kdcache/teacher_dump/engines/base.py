@@ -61,8 +61,25 @@ class EngineConfig:
     kv_cache_gib: float = 1.0  # vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float | None = None  # vLLM's share of the GPU (None: vLLM's default)
     max_num_batched_tokens: int | None = None  # vLLM's tokens per step (None: vLLM's default)
+    # a feeding engine's caps on its requests / prompt tokens in flight (None: from vLLM's
+    # scheduler, see engines/vllm_feed.py)
+    feed_max_requests: int | None = None
+    feed_max_tokens: int | None = None
     draws: int = 0  # > 0: also this many samples per row from softmax(z / temperature)
     temperature: float = 1.0  # of the sampled draws
+
+    def __post_init__(self) -> None:
+        check_feed_caps(self.feed_max_requests, self.feed_max_tokens)
+
+
+def check_feed_caps(max_requests: int | None, max_tokens: int | None) -> None:
+    """Refuse a cap on a feed's requests or tokens in flight that is not None or a whole
+    number of at least 1 (before an engine starts or anything is written)."""
+    for name, value in (("feed_max_requests", max_requests), ("feed_max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise EngineError(f"{name} must be a whole number of at least 1 (or None: from "
+                              f"vLLM's scheduler), got {value!r}")
 
 
 class TeacherEngine(ABC):
@@ -119,6 +136,14 @@ class TeacherEngine(ABC):
 
     def abandon(self) -> None:
         """Drop everything submitted and not collected (a caller that stopped mid-way)."""
+
+    def limit_feed(self, max_requests: int | None = None, max_tokens: int | None = None) -> None:
+        """Cap the requests / tokens that `submit` keeps queued (EngineConfig.feed_max_*)."""
+        raise EngineError(f"engine {self.name!r} cannot queue work ahead")
+
+    def feed_stats(self) -> dict[str, int]:
+        """The feed's caps and the most it held at once ({} for an engine that never fed)."""
+        return {}
 
     def close(self) -> None:
         """Release the model (engines hold large memory)."""

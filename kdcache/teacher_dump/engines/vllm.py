@@ -33,7 +33,7 @@ import gc
 import json
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -158,9 +158,7 @@ class VLLMEngine(TeacherEngine):
         if not self.feeds:
             raise EngineError(f"vllm path {self.cfg.vllm_path!r} runs blocking calls only")
         if self._feed is None:
-            from kdcache.teacher_dump.engines.vllm_feed import RequestFeed
-
-            self._feed = RequestFeed(self.llm.llm_engine)
+            self._feed = self._new_feed()
         prompts, where = self._requests(windows)
         ticket = self._feed.submit(prompts, self._pooling_params(where, task="token_embed"))
         # the settings at submission: a reconfigure before collect must not relabel them
@@ -174,6 +172,25 @@ class VLLMEngine(TeacherEngine):
     def abandon(self) -> None:
         if self._feed is not None:
             self._feed.abandon()
+
+    def limit_feed(self, max_requests: int | None = None, max_tokens: int | None = None) -> None:
+        """Other caps for the feed of a started engine (a fresh feed: its peaks start at 0)."""
+        if not self.feeds:
+            raise EngineError(f"vllm path {self.cfg.vllm_path!r} runs blocking calls only")
+        if self._feed is not None and self._feed.pending:
+            raise EngineError("the feed's caps cannot change while fed requests are outstanding")
+        self.cfg = replace(self.cfg, feed_max_requests=max_requests,
+                           feed_max_tokens=max_tokens)  # validated (EngineConfig)
+        self._feed = self._new_feed()
+
+    def feed_stats(self) -> dict[str, int]:
+        return {} if self._feed is None else self._feed.stats()
+
+    def _new_feed(self):
+        from kdcache.teacher_dump.engines.vllm_feed import RequestFeed
+
+        return RequestFeed(self.llm.llm_engine, self.cfg.feed_max_requests,
+                           self.cfg.feed_max_tokens)
 
     def finish(self, windows: list[PackedWindow], computed: "RawTargets") -> list[WindowTargets]:
         return raw_targets(windows, computed)
