@@ -103,14 +103,15 @@ class DocumentSource:
         self.shortest = shortest_passkey(tok)
         self.haystack: Haystack | None = None
 
-    def fits_passkey(self) -> bool:
-        return self.shortest + 8 <= self.limit
+    def shortest_document(self, kind: str) -> int:
+        """Tokens of the shortest document of `kind` (passkey: the prompt, EOS and " 12345.")."""
+        return {"text": 2, "passkey": self.shortest + 8, "copy": 4 * COPY_MIN_WORDS + 2}[kind]
 
-    def fits_copy(self) -> bool:
-        return 4 * COPY_MIN_WORDS + 2 <= self.limit  # the shortest copying document
+    def fits(self, kind: str) -> bool:
+        return self.shortest_document(kind) <= self.limit
 
     def draw(self, kind: str) -> str:
-        """One document of `kind` (a passkey document needs fits_passkey())."""
+        """One document of `kind` (which must fit the limit: fits(kind))."""
         if kind == "text":
             return next(self.prose)
         if kind == "passkey":
@@ -148,12 +149,10 @@ def write_short_corpus(path: str, teacher_dir: str, preset: Preset, seed: int) -
     counts = kind_counts(preset.corpus_documents, preset.passkey_share, preset.copy_share)
     # the evaluation draws its keys from Random("0:passkey:..."): these strings never meet it
     source = DocumentSource(tok, limit, f"kdcache-student-corpus-{seed}", prose_seed=seed)
-    if counts["passkey"] and not source.fits_passkey():
-        raise ReplicateError(f"doc_max_tokens {limit} is too short for a passkey document "
-                             f"(the shortest takes {source.shortest + 8} tokens)")
-    if counts["copy"] and not source.fits_copy():
-        raise ReplicateError(f"doc_max_tokens {limit} is too short for a copying document "
-                             f"(the shortest takes {4 * COPY_MIN_WORDS + 2} tokens)")
+    for kind, name in (("passkey", "passkey"), ("copy", "copying")):
+        if counts[kind] and not source.fits(kind):
+            raise ReplicateError(f"doc_max_tokens {limit} is too short for a {name} document "
+                                 f"(the shortest takes {source.shortest_document(kind)} tokens)")
     kinds: dict[str, list[str]] = {kind: [] for kind in KINDS}
     dropped = {kind: 0 for kind in KINDS}
     tokens = {kind: 0 for kind in KINDS}

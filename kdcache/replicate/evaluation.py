@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -139,8 +140,6 @@ def lm_record(model: str, data: dict[str, str], device: str) -> dict:
     """Held-out perplexity and KL to the teacher over every dataset of `data` (one per kind of
     document), overall (means over all their rows) and by kind: a teacher can be right about
     prose and wrong about retrieval documents, and the overall mean hides which."""
-    import math
-
     parts = {kind: evaluate_lm([model], path, dtype="float32", device=device)["models"][0]
              for kind, path in data.items()}
     rows = sum(p["rows"] for p in parts.values())

@@ -206,6 +206,23 @@ def teacher_training_line(name: str, record: dict | None) -> str | None:
     return line + "."
 
 
+def _arm_table(preset: Preset, findings: dict) -> list[str]:
+    """Each arm's accuracy within a document and at long distance (interval, then each seed)."""
+    within = findings.get("arms_within_document", {})
+    by_seed = findings.get("arms_long_distance_by_seed", {})
+    return ([f"| arm | within a document (< {preset.doc_max_tokens}) | long distance "
+             f"(>= {findings['long_distance_from']}) | long distance, each seed |",
+             "|---|---|---|---|"]
+            + [f"| {arm} | {_fmt(within.get(arm))} | {_fmt(ci)} | "
+               + " / ".join("n/a" if v is None else f"{v:.2f}" for v in by_seed.get(arm, []))
+               + " |" for arm, ci in findings["arms_long_distance"].items()])
+
+
+def _comparison_table(comparisons: list[dict]) -> list[str]:
+    return (["| comparison | difference | verdict |", "|---|---|---|"]
+            + [f"| {c['a']} - {c['b']} | {_fmt(c)} | {c['verdict']} |" for c in comparisons])
+
+
 def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
                    plots: list[str], steps: dict | None = None) -> None:
     t = findings["teacher_long_distance"]
@@ -245,22 +262,13 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
                       "the student comparisons below are not tests of the paper's findings at "
                       "this scale.** Students that learn retrieval within their documents (more "
                       "steps, retrieval among the short documents, a larger student) are needed."]
-    lines += ["", "## Accuracy by arm", "",
-              f"| arm | within a document (< {preset.doc_max_tokens}) | long distance "
-              f"(>= {findings['long_distance_from']}) | long distance, each seed |",
-              "|---|---|---|---|"]
-    within = findings.get("arms_within_document", {})
-    by_seed = findings.get("arms_long_distance_by_seed", {})
-    lines += [f"| {arm} | {_fmt(within.get(arm))} | {_fmt(ci)} | "
-              + " / ".join("n/a" if v is None else f"{v:.2f}" for v in by_seed.get(arm, []))
-              + " |" for arm, ci in findings["arms_long_distance"].items()]
+    lines += ["", "## Accuracy by arm", ""] + _arm_table(preset, findings)
     sections = [("Finding 1: phase-wise theta beats a fixed theta (KD)", "phasewise_vs_fixed"),
                 ("Finding 2: logit KD beats cross-entropy on the same data", "kd_vs_ce"),
                 ("The causal test: KD arms without the teacher's positional signal vs CE",
                  "causal_test")]
     for title, key in sections:
-        lines += ["", f"## {title}", "", "| comparison | difference | verdict |", "|---|---|---|"]
-        lines += [f"| {c['a']} - {c['b']} | {_fmt(c)} | {c['verdict']} |" for c in findings[key]]
+        lines += ["", f"## {title}", ""] + _comparison_table(findings[key])
     heldout = findings.get("heldout")
     worse = (heldout or {}).get("worse_kinds", [])
     if heldout and (heldout["teacher_worse"] or worse):
@@ -279,13 +287,9 @@ def write_markdown(path: str, preset: Preset, findings: dict, evaluation: dict,
                   "wording): whether the retrieval learnt on passkey prompts is general. Teacher "
                   f"at long distance: {_fmt(f['teacher_long_distance'])}"
                   + (f"; not testable: {f['untestable_because']}." if f["untestable_because"]
-                     else "."), "",
-                  "| arm | within a document | long distance |", "|---|---|---|"]
-        lines += [f"| {arm} | {_fmt(f['arms_within_document'].get(arm))} | {_fmt(ci)} |"
-                  for arm, ci in f["arms_long_distance"].items()]
-        lines += ["", "| comparison | difference | verdict |", "|---|---|---|"]
-        lines += [f"| {c['a']} - {c['b']} | {_fmt(c)} | {c['verdict']} |"
-                  for key in ("phasewise_vs_fixed", "kd_vs_ce", "causal_test") for c in f[key]]
+                     else "."), ""]
+        lines += _arm_table(preset, f) + [""] + _comparison_table(
+            [c for key in ("phasewise_vs_fixed", "kd_vs_ce", "causal_test") for c in f[key]])
     lines += ["", "## Finding 3: RoPE perturbations reach the teacher's output (probe)", "",
               "Largest mean KL(p_0 || p_r) over repeats, by packing mode and dtype:", "",
               "| mode/dtype | KL |", "|---|---|"]

@@ -151,18 +151,15 @@ class DocumentBatches:
         self.rows = max(1, tokens_per_step // row)
         self.source = DocumentSource(tokenizer, mix["limit"], f"kdcache-teacher-documents-{seed}",
                                      prose_seed=10_000 + seed)
-        passkey = mix["passkey_share"] if self.source.fits_passkey() else 0.0
-        copy = mix["copy_share"] if self.source.fits_copy() else 0.0
-        self.shares = (("passkey", passkey), ("copy", copy))
+        # a kind whose shortest document does not fit the limit is left out (prose instead)
+        shares = {kind: mix[f"{kind}_share"] if self.source.fits(kind) else 0.0
+                  for kind in ("passkey", "copy")}
+        self.kinds = ("passkey", "copy", "text")
+        self.weights = (shares["passkey"], shares["copy"], 1.0 - sum(shares.values()))
         self.buffer: list[int] = []
 
     def _kind(self) -> str:
-        u = self.source.rng.random()
-        for kind, share in self.shares:
-            if u < share:
-                return kind
-            u -= share
-        return "text"
+        return self.source.rng.choices(self.kinds, weights=self.weights)[0]
 
     def batch(self):
         import torch
