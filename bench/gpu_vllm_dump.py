@@ -9,6 +9,7 @@ prompt-logprobs path and the hf engine, and the targets checked against the hf e
                                                 # k = 16/64/256, 8k and 32k, causal then document
     python bench/gpu_vllm_dump.py writer-smoke  # the same on a tiny teacher (CPU: tests the path)
     WRITER_CELLS=causal:32768:256,... python bench/gpu_vllm_dump.py writer   # only those cells
+    WRITER_CELLS=causal:8192:16:65536:6,...  # a cell with 65,536-token engine groups, 6 encoders
     WRITER_FEED=both|fed|blocking WRITER_ROUNDS=3 WRITER_SCALE=4 ... writer
         # the dump's engine calls: fed (the next group queued before this one is collected,
         # ShardPipeline(feed=True)), blocking (one vLLM call per group: the dump's default),
@@ -267,7 +268,12 @@ def writer(smoke: bool = False) -> None:
     heaviest = next(c for c in cfgs if (c.mode, c.window, c.k) == ("causal", long, 256))
     cfgs.append(replace(heaviest, encode_workers=2 if smoke else 12))
     if only:
-        cfgs = [c for c in cfgs[:-1] if (c.mode, str(c.window), str(c.k)) in only]
+        # mode:window:k[:call_tokens[:encode_workers]]: a cell once per variant given
+        by_cell = {(c.mode, str(c.window), str(c.k)): c for c in cfgs[:-1]}
+        cfgs = [replace(by_cell[cell[:3]],
+                        **({"call_tokens": int(cell[3])} if len(cell) > 3 and cell[3] else {}),
+                        **({"encode_workers": int(cell[4])} if len(cell) > 4 else {}))
+                for cell in only if cell[:3] in by_cell]
     run_series(model, cfgs, "tiny" if smoke else "gpu-1b")
     emit({"step": "writer_done", "seconds": round(time.perf_counter() - t0, 1)})
 
