@@ -248,10 +248,10 @@ def writer(smoke: bool = False) -> None:
     if feed not in ("both", "fed", "blocking"):
         raise SystemExit(f"WRITER_FEED={feed!r}: choose both, fed or blocking")
     rounds = int(os.environ.get("WRITER_ROUNDS", "1" if smoke else "2"))
-    # smoke: groups of 2-3 windows, as the dump's 16k-token groups of 8k windows on a GPU
-    from kdcache.teacher_dump.pipeline import ENGINE_CALL_TOKENS
-
-    call = int(os.environ.get("WRITER_CALL_TOKENS") or (1024 if smoke else ENGINE_CALL_TOKENS))
+    # smoke: groups of 2-3 windows, as the dump's 16k-token groups of 8k windows on a GPU;
+    # else None: the dump's own groups for each cell's k (pipeline.engine_call_tokens)
+    call = os.environ.get("WRITER_CALL_TOKENS") or (1024 if smoke else None)
+    call = int(call) if call else None
     caps = {f"feed_max_{what}": int(os.environ[f"WRITER_FEED_MAX_{what.upper()}"])
             for what in ("requests", "tokens") if os.environ.get(f"WRITER_FEED_MAX_{what.upper()}")}
     base = BenchConfig(model=model, dtype=dtype, rounds=rounds, baseline=False,

@@ -15,7 +15,7 @@
   until the engine's thread is done with the last window (a long dump's pace, when the writer
   keeps up), and `dump_tail_s`, the writing after that (once per run in a real dump).
 - engine: the engine's `topk` alone on every window in one call, and (`engine_grouped`, one
-  round) in the dump's ~16k-token groups, one call each; for an engine that queues ahead,
+  round) in the dump's groups (engine_call_tokens), one call each; for an engine that queues ahead,
   `engine_fed` (one round): the same groups, each queued before the last is collected.
 - feed: the dump queues the next group ahead when the engine can (a ShardPipeline option;
   pipeline.computed_groups); `compare_blocking` also times the same dump with one blocking
@@ -49,7 +49,7 @@ from kdcache.teacher_dump.engines.base import (EngineConfig, check_feed_caps, ch
                                                segments_for_mode)
 from kdcache.teacher_dump.pack import PackConfig, PackStats, TeacherTokenizer, pack_documents
 from kdcache.teacher_dump.plan import teacher_fingerprint
-from kdcache.teacher_dump.pipeline import ENGINE_CALL_TOKENS, ShardPipeline, grouped_targets
+from kdcache.teacher_dump.pipeline import ShardPipeline, engine_call_tokens, grouped_targets
 
 
 
@@ -72,7 +72,7 @@ class BenchConfig:
     feed: bool = False  # the dump queues the next group ahead when the engine can (off, as in
     #                     the dump: ShardPipeline's default)
     compare_blocking: bool = False  # also time the dump with one blocking call per group
-    call_tokens: int = ENGINE_CALL_TOKENS  # the dump's engine groups (smaller for tiny windows)
+    call_tokens: int | None = None  # the dump's engine groups (None: the dump's, by k)
     # fed: caps on the requests / prompt tokens in vLLM's engine (None: from its scheduler)
     feed_max_requests: int | None = None
     feed_max_tokens: int | None = None
@@ -164,7 +164,7 @@ class _Writer:
     def dump_fn(self, engine, windows, c: BenchConfig,
                 feed: bool | None = None) -> Callable[[], float]:
         """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
-        into shards, the engine called on ~16k-token groups on this thread while the writer's
+        into shards, the engine called on the dump's groups (engine_call_tokens) on this thread while the writer's
         threads encode the previous group and finish the previous shard. The function returns
         the seconds until the engine's thread was done with the last shard. `feed`: None
         for the config's."""
@@ -267,13 +267,14 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
                 sec["dump_tail"] = statistics.median(t - e for t, e in timed[0])
                 sec["engine"] = _median_seconds(lambda: engine.topk(wins), c.rounds,
                                                 lambda: engine.topk(wins[:WARMUP_WINDOWS]))
-                # the same, called in the dump's ~16k-token groups (one round, warm by now):
-                # what the calls themselves cost against one call of every window
+                # the same, called in the dump's groups (one round, warm by now): what the
+                # calls themselves cost against one call of every window
+                call = c.call_tokens or engine_call_tokens(c.k)
                 sec["engine_grouped"] = _median_seconds(
-                    lambda: grouped_targets(engine, wins, c.call_tokens), 1, lambda: None)
+                    lambda: grouped_targets(engine, wins, call), 1, lambda: None)
                 if engine.feeds:  # the same groups, each queued before the last is collected
                     sec["engine_fed"] = _median_seconds(
-                        lambda: grouped_targets(engine, wins, c.call_tokens, feed=True), 1,
+                        lambda: grouped_targets(engine, wins, call, feed=True), 1,
                         lambda: None)
                 capture("pooler" if first.engine == "vllm" else "hf", engine, c, wins)
                 if c.feed and engine.feeds:
@@ -339,7 +340,7 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
             "engine_tokens_per_s": round(tokens / sec["engine"], 1),
             "engine_ratio": round(tokens / sec["engine"] / ceiling, 3),
             "engine_grouped_tokens_per_s": round(tokens / sec["engine_grouped"], 1),
-            "feed": bool(c.feed and "engine_fed" in sec), "call_tokens": c.call_tokens,
+            "feed": bool(c.feed and "engine_fed" in sec), "call_tokens": c.call_tokens or engine_call_tokens(c.k),
             "ratio": round(tokens / sec["dump"] / ceiling, 3),
             "vllm_path": "pooler" if c.engine == "vllm" else None,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),

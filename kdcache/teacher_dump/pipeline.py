@@ -1,7 +1,7 @@
 """Shards written while the teacher computes the next: the overlap every dump path shares.
 
 The engine is called on the thread that drives the pipeline, in groups of about
-`ENGINE_CALL_TOKENS` tokens (all requests of a group, thousands of short documents included, go
+`engine_call_tokens(k)` tokens (all requests of a group, thousands of short documents included, go
 to the engine together), one blocking call per group; with `feed`, an engine that can queue work
 ahead (vLLM's pooler path) gets the next group's requests before this group's results are
 collected, so its scheduler never runs dry between groups (`computed_groups`). That thread does
@@ -35,11 +35,20 @@ from kdcache.formats.writer import write_shard
 from kdcache.teacher_dump.engines.base import TeacherEngine
 from kdcache.teacher_dump.pack import PackedWindow
 
-ENGINE_CALL_TOKENS = 16384  # windows are sent to the engine in groups of about this many tokens
+ENGINE_CALL_TOKENS = 16384  # windows are sent to the engine in groups of at least this many tokens
+# ... and of about this many (token, rank) entries of engine output: at small k a 16k-token group
+# is cheap to convert and encode, and the per-call cost is what bounds the dump (H200, 8k windows,
+# k = 16: 0.875-0.920 of the ceiling in 16k-token groups, 0.889-0.951 in 64k; BENCHMARKS.md)
+ENGINE_CALL_ENTRIES = ENGINE_CALL_TOKENS * 64
 FEED_AHEAD = 1  # groups queued in a feeding engine behind the one being collected
 MAX_WRITING = 2  # shards being encoded / written at once behind the engine
 _QUEUED_GROUPS = 2  # engine groups converted or converting ahead of a shard's writer
 _END = object()
+
+
+def engine_call_tokens(k: int) -> int:
+    """Tokens per engine group for top-`k` targets (k = 64 and up: ENGINE_CALL_TOKENS)."""
+    return max(ENGINE_CALL_TOKENS, ENGINE_CALL_ENTRIES // max(1, k))
 
 
 def engine_groups(windows: Iterable[PackedWindow],
@@ -155,9 +164,9 @@ class ShardPipeline:
     """An engine and the writers of the shards it computes (see the module docstring)."""
 
     def __init__(self, engine: TeacherEngine, *, max_writing: int = MAX_WRITING,
-                 call_tokens: int = ENGINE_CALL_TOKENS, feed: bool = False) -> None:
+                 call_tokens: int | None = None, feed: bool = False) -> None:
         self.engine = engine
-        self.call_tokens = call_tokens
+        self.call_tokens = call_tokens  # None: engine_call_tokens(the shard's k)
         # queue the next group ahead when the engine can (computed_groups). Off by default: on
         # an H200 (8k windows, one round) fed dumps were not faster than blocking ones in 3 of
         # 4 cells (BENCHMARKS.md); the benches measure both
@@ -183,7 +192,8 @@ class ShardPipeline:
         written.add_done_callback(lambda _: self._slots.release())
         finish = self.engine.finish
         sampled = _sampled(self.engine)
-        computed_all = computed_groups(self.engine, engine_groups(windows, self.call_tokens),
+        computed_all = computed_groups(self.engine, engine_groups(
+            windows, self.call_tokens or engine_call_tokens(header.k)),
                                        self.feed)
         try:
             for group, computed in computed_all:

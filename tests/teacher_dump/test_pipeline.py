@@ -127,6 +127,33 @@ def test_engine_groups_cover_windows_in_order(windows):
     assert list(engine_groups(windows, call_tokens=1)) == [[w] for w in windows]
 
 
+def test_engine_call_tokens_grow_as_k_shrinks():
+    from kdcache.teacher_dump.pipeline import ENGINE_CALL_TOKENS, engine_call_tokens
+
+    assert engine_call_tokens(64) == engine_call_tokens(256) == ENGINE_CALL_TOKENS
+    assert engine_call_tokens(16) == 4 * ENGINE_CALL_TOKENS
+    assert engine_call_tokens(0) == 64 * ENGINE_CALL_TOKENS  # sampled-only rows: bounded
+
+
+def test_pipeline_groups_by_the_shards_k(engine, windows, tmp_path, monkeypatch):
+    """With no call_tokens a shard's groups hold about ENGINE_CALL_ENTRIES token-ranks at its
+    k: here 600 x 8 entries at k = 8, groups of 600 tokens (3 of the 256-token windows)."""
+    import kdcache.teacher_dump.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "ENGINE_CALL_TOKENS", 1)
+    monkeypatch.setattr(pipeline_module, "ENGINE_CALL_ENTRIES", 600 * K)
+    expected = list(engine_groups(windows, call_tokens=600))
+    assert 1 < len(expected) < len(windows)
+    header, codec = _header()
+    split = _Split(engine)
+    pipeline = ShardPipeline(split)
+    try:
+        info = pipeline.write(str(tmp_path), "shard-00000", windows, header, codec)
+    finally:
+        pipeline.close()
+    assert len(split.compute_threads) == len(expected) and info.windows == len(windows)
+
+
 @pytest.mark.parametrize("queued", [False, True], ids=["compute", "fed"])
 def test_writer_error_reaches_the_caller(engine, windows, tmp_path, queued):
     """... and a queueing engine is left with nothing queued (none runs on into the next
