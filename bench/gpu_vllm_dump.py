@@ -250,8 +250,8 @@ def writer(smoke: bool = False) -> None:
     rounds = int(os.environ.get("WRITER_ROUNDS", "1" if smoke else "2"))
     # smoke: groups of 2-3 windows, as the dump's 16k-token groups of 8k windows on a GPU;
     # else None: the dump's own groups for each cell's k (pipeline.engine_call_tokens)
-    call = os.environ.get("WRITER_CALL_TOKENS") or (1024 if smoke else None)
-    call = int(call) if call else None
+    env_call = os.environ.get("WRITER_CALL_TOKENS")
+    call = int(env_call) if env_call else (1024 if smoke else None)
     caps = {f"feed_max_{what}": int(os.environ[f"WRITER_FEED_MAX_{what.upper()}"])
             for what in ("requests", "tokens") if os.environ.get(f"WRITER_FEED_MAX_{what.upper()}")}
     base = BenchConfig(model=model, dtype=dtype, rounds=rounds, baseline=False,

@@ -164,8 +164,8 @@ class _Writer:
     def dump_fn(self, engine, windows, c: BenchConfig,
                 feed: bool | None = None) -> Callable[[], float]:
         """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
-        into shards, the engine called on the dump's groups (engine_call_tokens) on this thread while the writer's
-        threads encode the previous group and finish the previous shard. The function returns
+        into shards, the engine called on the dump's groups (engine_call_tokens) on this thread
+        while the writer's threads encode the previous group and finish the previous shard. The function returns
         the seconds until the engine's thread was done with the last shard. `feed`: None
         for the config's."""
         header, codec = self.header(c.k, c.window, c.mode)
@@ -239,7 +239,9 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
     results = [{"bench": "dump", "engine": c.engine, "mode": c.mode, "k": c.k,
                 "window": c.window, "windows": len(w),
                 "tokens": int(sum(x.n_tokens for x in w)), "vocab_size": vocab,
-                "rounds": c.rounds, "dtype": c.dtype} for c, w in zip(cfgs, windows)]
+                "rounds": c.rounds, "dtype": c.dtype,
+                "call_tokens": c.call_tokens or engine_call_tokens(c.k)}  # the dump's groups
+               for c, w in zip(cfgs, windows)]
     seconds: list[dict[str, float]] = [{} for _ in cfgs]
     writer = _Writer(vocab)
 
@@ -269,7 +271,7 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
                                                 lambda: engine.topk(wins[:WARMUP_WINDOWS]))
                 # the same, called in the dump's groups (one round, warm by now): what the
                 # calls themselves cost against one call of every window
-                call = c.call_tokens or engine_call_tokens(c.k)
+                call = res["call_tokens"]
                 sec["engine_grouped"] = _median_seconds(
                     lambda: grouped_targets(engine, wins, call), 1, lambda: None)
                 if engine.feeds:  # the same groups, each queued before the last is collected
@@ -340,7 +342,7 @@ def bench_many(cfgs: list[BenchConfig], log: Callable[[str], None] = lambda m: N
             "engine_tokens_per_s": round(tokens / sec["engine"], 1),
             "engine_ratio": round(tokens / sec["engine"] / ceiling, 3),
             "engine_grouped_tokens_per_s": round(tokens / sec["engine_grouped"], 1),
-            "feed": bool(c.feed and "engine_fed" in sec), "call_tokens": c.call_tokens or engine_call_tokens(c.k),
+            "feed": bool(c.feed and "engine_fed" in sec),
             "ratio": round(tokens / sec["dump"] / ceiling, 3),
             "vllm_path": "pooler" if c.engine == "vllm" else None,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),

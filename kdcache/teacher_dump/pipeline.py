@@ -93,9 +93,11 @@ def computed_groups(engine: TeacherEngine, groups: Iterable[list[PackedWindow]],
 
 
 def grouped_targets(engine: TeacherEngine, windows: list[PackedWindow],
-                    call_tokens: int = ENGINE_CALL_TOKENS, feed: bool = False) -> list:
-    """The engine's targets for `windows`, called as a dump calls it (in groups, fed ahead
-    when `feed` and the engine can) but with no writer: benches and tests."""
+                    call_tokens: int | None = None, feed: bool = False) -> list:
+    """The engine's targets for `windows`, called as a dump calls it (in groups, by default
+    the dump's for the engine's k; fed ahead when `feed` and the engine can) but with no
+    writer: benches and tests."""
+    call_tokens = call_tokens or engine_call_tokens(engine.cfg.k)
     return [t for group, computed in computed_groups(engine, engine_groups(windows, call_tokens),
                                                       feed)
             for t in engine.finish(group, computed)]
@@ -192,8 +194,8 @@ class ShardPipeline:
         written.add_done_callback(lambda _: self._slots.release())
         finish = self.engine.finish
         sampled = _sampled(self.engine)
-        computed_all = computed_groups(self.engine, engine_groups(
-            windows, self.call_tokens or engine_call_tokens(header.k)),
+        call_tokens = self.call_tokens or engine_call_tokens(header.k)
+        computed_all = computed_groups(self.engine, engine_groups(windows, call_tokens),
                                        self.feed)
         try:
             for group, computed in computed_all:
