@@ -37,6 +37,10 @@ Recomputation (checkpointed layers) is not model work and is not counted.
 GPU (one call; zstandard and Liger, when not installed, from the wheels carried in .whl/,
 unpacked onto sys.path by the script):
   python3 bench/bench_hf_student.py --out-dir $OUT
+Where a step's time goes (GPU): --profile adds one profiled step per cell (device time by kernel
+category, the busiest kernels, idle gaps); --attention times each SDPA backend's causal forward +
+backward (and FlexAttention's) on each model's 16k shape; --sdpa-backend forces one backend for
+every cell; --compile-mode passes a torch.compile mode to kdcache's layers.
 CPU (`make bench`): tiny Qwen3 and Llama, 256 and 2,048 tokens, to show every cell works (Liger
 only under TRITON_INTERPRET=1); its figures mean nothing.
 """
@@ -190,8 +194,134 @@ def load_liger():
     return LigerFusedLinearCrossEntropyLoss
 
 
+def kernel_category(name: str) -> str:
+    """A CUDA kernel's kind, from its name (cuBLAS / cuDNN / Triton / PyTorch naming)."""
+    n = name.lower()
+    if "sparse_kl" in n:
+        return "sparse_kl_kernel"
+    if n.startswith("triton_tem") or "flex" in n:
+        return "flex_or_template"
+    if any(s in n for s in ("fmha", "flash", "cudnn", "attn", "attention", "sdpa")):
+        return "attention"
+    if any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma")):
+        return "matmul"
+    if "adam" in n or "multi_tensor" in n or "foreach" in n:
+        return "optimizer_and_clip"
+    if n.startswith("triton_"):
+        return "inductor_fused"
+    if "embedding" in n or "index" in n or "scatter" in n or "gather" in n:
+        return "embedding_index"
+    if "reduce" in n or "norm" in n or "softmax" in n:
+        return "reduction"
+    if any(s in n for s in ("copy", "elementwise", "vectorized", "fill", "cast")):
+        return "elementwise"
+    return "other"
+
+
+def profile_step(step) -> dict:
+    """One step under torch.profiler: device seconds per kernel category, the 15 busiest
+    kernels, and how much of the step's span the GPU sat idle."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")
+               and e.time_range.end > e.time_range.start]
+    if not kernels:
+        return {"error": "no CUDA kernel events"}
+    by_cat: dict[str, float] = {}
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        us = e.time_range.end - e.time_range.start
+        cat = kernel_category(e.name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + us
+        item = by_name.setdefault(e.name, [0.0, 0, cat])
+        item[0] += us
+        item[1] += 1
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, (cur_s, cur_e) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = spans[-1][1] - spans[0][0]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"span_s": span / 1e6, "busy_s": busy / 1e6, "idle_s": (span - busy) / 1e6,
+            "kernels": len(kernels),
+            "by_category_s": {c: round(v / 1e6, 5) for c, v in
+                              sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [[n[:120], round(v[0] / 1e6, 5), v[1], v[2]] for n, v in top]}
+
+
+def attention_bench(config, length: int) -> dict:
+    """Causal self-attention forward and forward + backward on one model's shape (bf16, GQA as
+    transformers calls SDPA), per SDPA backend and FlexAttention: ms and TFLOP/s (the causal
+    half counted: forward 2 x 2 x S^2/2 x heads x head_dim, backward 2.5x that)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def tensors():
+        q = torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, kvh, length, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, kvh, length, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        return [t.requires_grad_() for t in (q, k, v)]
+
+    fwd_flops = 4 * length * length / 2 * h * d
+    out: dict = {}
+
+    def time_ms(fn, reps: int = 5) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return float(np.median(times))
+
+    def record(name: str, forward) -> None:
+        q, k, v = tensors()
+        grad = torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        try:
+            with torch.no_grad():
+                f_ms = time_ms(lambda: forward(q, k, v))
+            fb_ms = time_ms(lambda: forward(q, k, v).backward(grad))
+            out[name] = {"fwd_ms": round(f_ms, 3), "fwd_bwd_ms": round(fb_ms, 3),
+                         "fwd_tflops": round(fwd_flops / f_ms / 1e9, 1),
+                         "fwd_bwd_tflops": round(3.5 * fwd_flops / fb_ms / 1e9, 1)}
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        def forward(q, k, v, backend=backend):
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+        record(backend.lower(), forward)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        mask = create_block_mask(lambda b, hh, qi, ki: qi >= ki, None, None, length, length)
+        flex = torch.compile(flex_attention)
+        record("flex", lambda q, k, v: flex(q, k, v, block_mask=mask, enable_gqa=True))
+    except Exception as exc:
+        out["flex"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return out
+
+
 def run_cell(variant: str, config, seg_rows: np.ndarray, *, device: str, k: int, ckpt: int,
-             warmup: int, steps: int, liger_cls=None) -> dict:
+             warmup: int, steps: int, liger_cls=None, profile: bool = False,
+             sdpa_backend: str | None = None, compile_mode: str | None = None) -> dict:
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     model = build_model(config, device)
     optimizer = optimizer_for(model, device)
@@ -234,7 +364,8 @@ def run_cell(variant: str, config, seg_rows: np.ndarray, *, device: str, k: int,
             student.attn_implementation = FLEX_IMPL
         student.set_checkpoint_layers(ckpt)
         if device == "cuda":
-            student.compile_blocks()
+            student.compile_blocks(**({"mode": compile_mode} if compile_mode else {}))
+            entry["compile_mode"] = compile_mode
         loss_cfg = LossConfig(alpha=0.5)
         entry["ckpt_layers"] = ckpt
         loss_dtype = torch.bfloat16 if device == "cuda" else None
@@ -247,6 +378,16 @@ def run_cell(variant: str, config, seg_rows: np.ndarray, *, device: str, k: int,
     else:
         raise ValueError(f"unknown variant {variant!r}")
     losses = []
+    if sdpa_backend:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        chosen = getattr(SDPBackend, sdpa_backend.upper())
+        inner_loss_fn = loss_fn
+        entry["sdpa_backend_forced"] = sdpa_backend
+
+        def loss_fn():
+            with sdpa_kernel(chosen):
+                return inner_loss_fn()
 
     def step():
         loss = loss_fn()
@@ -262,6 +403,11 @@ def run_cell(variant: str, config, seg_rows: np.ndarray, *, device: str, k: int,
     entry.update(seconds=seconds, peak_gib=peak, warmup_s=warmup_s, steps=steps,
                  loss_first_last=[float(losses[0]), float(losses[-1])],
                  flop_params=flop_params(model), params=n_params)
+    if profile and device == "cuda":
+        try:
+            entry["profile"] = profile_step(step)
+        except Exception as exc:  # informational: the timing above stands
+            entry["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     if device == "cuda":
         # weights + optimizer state held between steps; the grads (fp32) come on top at the peak
         entry["static_gib"] = torch.cuda.memory_allocated() / 2**30
@@ -397,7 +543,9 @@ class Cells:
         try:
             liger_cls = self.liger() if variant == "liger" else None
             entry = run_cell(variant, config, seg_rows, device=self.device, k=self.opts.k,
-                             ckpt=ckpt, warmup=warmup, steps=steps, liger_cls=liger_cls)
+                             ckpt=ckpt, warmup=warmup, steps=steps, liger_cls=liger_cls,
+                             profile=self.opts.profile, sdpa_backend=self.opts.sdpa_backend,
+                             compile_mode=self.opts.compile_mode)
         except Exception as exc:  # keep timing the other cells; report what broke
             # cuBLAS / cuDNN workspaces report running out as a RuntimeError
             oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
@@ -468,6 +616,17 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=330.0 if cuda else 1e9,
                         help="start no cell whose estimated cost passes this many seconds "
                         "since start")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step per cell (GPU): device time by kernel kind")
+    parser.add_argument("--attention", action="store_true",
+                        help="time each SDPA backend and FlexAttention on each model's 16k "
+                        "causal shape first (GPU)")
+    parser.add_argument("--sdpa-backend", default=None,
+                        choices=("cudnn_attention", "flash_attention", "efficient_attention"),
+                        help="force one SDPA backend in every cell")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode for kdcache's layers (e.g. "
+                        "max-autotune-no-cudagraphs)")
     parser.add_argument("--out-dir", default=os.environ.get("OUT"),
                         help="where bench_hf_student.jsonl / .json go (default $OUT)")
     opts = parser.parse_args()
@@ -511,6 +670,10 @@ def main() -> int:
                 handle.write(json.dumps(result) + "\n")
             os.replace(json_path + ".tmp", json_path)
 
+    if opts.attention and cuda:
+        result["attention_16k"] = {m: attention_bench(model_config(m, cuda), opts.length)
+                                   for m in MODELS}
+        print(json.dumps({"attention_16k": result["attention_16k"]}), file=sys.stderr, flush=True)
     cells = Cells(opts, cuda, result, ckpt_given, tflops)
     last_model = None
     for spec in [c for c in opts.cells.split(",") if c]:

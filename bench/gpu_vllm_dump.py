@@ -10,6 +10,7 @@ prompt-logprobs path and the hf engine, and the targets checked against the hf e
     python bench/gpu_vllm_dump.py writer-smoke  # the same on a tiny teacher (CPU: tests the path)
     WRITER_CELLS=causal:32768:256,... python bench/gpu_vllm_dump.py writer   # only those cells
     WRITER_CELLS=causal:8192:16:65536:6,...  # a cell with 65,536-token engine groups, 6 encoders
+    WRITER_CELLS=causal:131072:64            # another window: as many tokens as the 8k cells
     WRITER_FEED=both|fed|blocking WRITER_ROUNDS=3 WRITER_SCALE=4 ... writer
         # the dump's engine calls: fed (the next group queued before this one is collected,
         # ShardPipeline(feed=True)), blocking (one vLLM call per group: the dump's default),
@@ -269,11 +270,19 @@ def writer(smoke: bool = False) -> None:
     cfgs.append(replace(heaviest, encode_workers=2 if smoke else 12))
     if only:
         # mode:window:k[:call_tokens[:encode_workers]]: a cell once per variant given
+        # another window (128k, say): as many windows as the short cells' tokens, at least 2
         by_cell = {(c.mode, str(c.window), str(c.k)): c for c in cfgs[:-1]}
-        cfgs = [replace(by_cell[cell[:3]],
+
+        def cell_config(cell: tuple) -> BenchConfig:
+            mode, window, k = cell[0], int(cell[1]), int(cell[2])
+            return by_cell.get(cell[:3]) or replace(
+                base, mode=mode, window=window, k=k,
+                windows=max(2, counts[0] * short // window))
+
+        cfgs = [replace(cell_config(cell),
                         **({"call_tokens": int(cell[3])} if len(cell) > 3 and cell[3] else {}),
                         **({"encode_workers": int(cell[4])} if len(cell) > 4 else {}))
-                for cell in only if cell[:3] in by_cell]
+                for cell in only]
     run_series(model, cfgs, "tiny" if smoke else "gpu-1b")
     emit({"step": "writer_done", "seconds": round(time.perf_counter() - t0, 1)})
 
@@ -281,7 +290,9 @@ def writer(smoke: bool = False) -> None:
 def big() -> None:
     from kdcache.teacher_dump.bench import BenchConfig
 
-    cfg = BenchConfig(model=BIG, dtype="bfloat16", window=32768, windows=2, k=64, rounds=2,
+    # BIG_WINDOWS: windows of 32k per measurement (default 2)
+    cfg = BenchConfig(model=BIG, dtype="bfloat16", window=32768,
+                      windows=int(os.environ.get("BIG_WINDOWS", "2")), k=64, rounds=2,
                       baseline=False, mode="causal")
     run_series(BIG, [cfg], "llama3-8b-shape")
 
