@@ -34,12 +34,12 @@ step() {
     HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
   cd "$SRC" || return 1
   case $name in
-    # 64 windows of 8k (four shards: the end-of-dump tail paid once per four), every k and mode;
+    # 32 windows of 8k (two shards: the end-of-dump tail paid once per two), every k and mode;
     # document k = 16 also in 131,072-token engine groups
-    dump8k) env $dump_env WRITER_SCALE=4 WRITER_CELLS=causal:8192:16,causal:8192:64,causal:8192:256,document:8192:16,document:8192:16:131072,document:8192:64,document:8192:256 \
+    dump8k) env $dump_env WRITER_SCALE=2 WRITER_CELLS=causal:8192:16,causal:8192:64,causal:8192:256,document:8192:16,document:8192:16:131072,document:8192:64,document:8192:256 \
       timeout 900 $PY bench/gpu_vllm_dump.py writer ;;
-    # 16 windows of 32k (one shard), every k and mode
-    dump32k) env $dump_env WRITER_SCALE=2 WRITER_CELLS=causal:32768:16,causal:32768:64,causal:32768:256,document:32768:16,document:32768:64,document:32768:256 \
+    # 16 windows of 32k (one shard), every k and mode (CELLS32K: fewer)
+    dump32k) env $dump_env WRITER_SCALE=2 WRITER_CELLS=${CELLS32K:-causal:32768:16,causal:32768:64,causal:32768:256,document:32768:16,document:32768:64,document:32768:256} \
       timeout 900 $PY bench/gpu_vllm_dump.py writer ;;
     # 128k windows, causal and many-document (as many tokens as 32 windows of 8k: two windows)
     dump128k) env $dump_env WRITER_SCALE=2 WRITER_CELLS=causal:131072:64,document:131072:64 \
