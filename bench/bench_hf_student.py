@@ -277,18 +277,8 @@ def attention_bench(config, length: int) -> dict:
     fwd_flops = 4 * length * length / 2 * h * d
     out: dict = {}
 
-    def time_ms(fn, reps: int = 5) -> float:
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return float(np.median(times))
+    def time_ms(fn) -> float:
+        return 1e3 * timed_steps(fn, "cuda", 1, 5)[0]
 
     def record(name: str, forward) -> None:
         q, k, v = tensors()
