@@ -165,9 +165,9 @@ class _Writer:
                 feed: bool | None = None) -> Callable[[], float]:
         """What a dump worker does (pipeline.ShardPipeline, the dump's own code): the windows cut
         into shards, the engine called on the dump's groups (engine_call_tokens) on this thread
-        while the writer's threads encode the previous group and finish the previous shard. The function returns
-        the seconds until the engine's thread was done with the last shard. `feed`: None
-        for the config's."""
+        while the writer's threads encode the previous group and finish the previous shard. The
+        function returns the seconds until the engine's thread was done with the last shard.
+        `feed`: None for the config's."""
         header, codec = self.header(c.k, c.window, c.mode)
         pipeline = ShardPipeline(engine, call_tokens=c.call_tokens,
                                  feed=c.feed if feed is None else feed)
