@@ -32,7 +32,8 @@ from typing import Any, Iterator
 import torch
 
 from kdcache.kernels import fused_sparse_kl
-from kdcache.student_train.data import IGNORE_INDEX, DataConfig, DataState, WindowBatches
+from kdcache.student_train.data import (IGNORE_INDEX, DataConfig, DataState, WindowBatches,
+                                        target_rows)
 from kdcache.student_train.hf_student import HFStudent
 from kdcache.student_train.model import mode_for_packing
 from kdcache.student_train.rope import positions_for
@@ -134,9 +135,7 @@ def distill_loss(outputs: Any, lm_head: torch.nn.Module | torch.Tensor,
         weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     else:
         weight, bias = lm_head, None
-    labels = batch["labels"]
-    rows = labels != IGNORE_INDEX
-    h = hidden[rows]
+    h, target_ids, target_logprobs, labels = target_rows(hidden, batch)
     if loss_dtype is None and h.is_cuda and torch.is_autocast_enabled("cuda"):
         loss_dtype = torch.get_autocast_dtype("cuda")
     if loss_dtype is not None:
@@ -145,9 +144,8 @@ def distill_loss(outputs: Any, lm_head: torch.nn.Module | torch.Tensor,
         weight = weight.to(h.dtype)
     if bias is not None:
         bias = bias.to(weight.dtype)
-    return fused_sparse_kl(h, weight, batch["target_ids"][rows], batch["target_logprobs"][rows],
-                           labels[rows], bias=bias, tail=tail, temperature=temperature,
-                           ignore_index=IGNORE_INDEX, reduction="mean",
+    return fused_sparse_kl(h, weight, target_ids, target_logprobs, labels, bias=bias, tail=tail,
+                           temperature=temperature, ignore_index=IGNORE_INDEX, reduction="mean",
                            loss_weights=(alpha, 1.0 - alpha))
 
 

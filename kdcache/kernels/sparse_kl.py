@@ -134,11 +134,15 @@ class _FusedSparseKL(torch.autograd.Function):
 
 def _common_scale(g_kd: torch.Tensor, g_ce: torch.Tensor, w_kd: float, w_ce: float) -> float | None:
     """The scalar s with (g_kd, g_ce) == s * (w_kd, w_ce) everywhere, or None if there is none."""
-    if g_kd.numel() != 1 and not bool((g_kd == g_kd.flatten()[0]).all()):
+    # one device -> host read for all four facts: each read stalls the GPU queue
+    first_kd, first_ce = g_kd.flatten()[0], g_ce.flatten()[0]
+    one = torch.ones((), dtype=torch.bool, device=g_kd.device)
+    same_kd = (g_kd == first_kd).all() if g_kd.numel() != 1 else one
+    same_ce = (g_ce == first_ce).all() if g_ce.numel() != 1 else one
+    gk, gc, uniform_kd, uniform_ce = torch.stack(
+        [first_kd.double(), first_ce.double(), same_kd.double(), same_ce.double()]).tolist()
+    if not (uniform_kd and uniform_ce):
         return None
-    if g_ce.numel() != 1 and not bool((g_ce == g_ce.flatten()[0]).all()):
-        return None
-    gk, gc = float(g_kd.flatten()[0]), float(g_ce.flatten()[0])
     ref = w_kd if w_kd != 0 else w_ce
     s = (gk if w_kd != 0 else gc) / ref if ref != 0 else 0.0
     tol = 1e-6 * max(abs(gk), abs(gc), 1e-30)
@@ -185,10 +189,35 @@ def _validate(hidden, weight, target_ids, target_logprobs, labels, bias, tail, t
         bad(f"temperature must be > 0, got {temperature}")
     if tail == "bucket" and temperature != 1.0:
         bad(f'tail="bucket" is defined at temperature 1 only (got {temperature}); use tail="renormalize"')
+
+
+def _check_id_ranges(target_ids: torch.Tensor, labels: torch.Tensor | None, active: torch.Tensor,
+                     V: int, ignore_index: int) -> None:
+    """target_ids in [-1, V) and the active labels in [0, V), read back to the host at once:
+    each device -> host read stalls the GPU queue."""
+    facts = []
     if target_ids.numel():
-        lo, hi = int(target_ids.min()), int(target_ids.max())
+        facts += [target_ids.min().long(), target_ids.max().long()]
+    if labels is not None and labels.numel():
+        wide = labels.long()
+        big = 2**62  # fills that no active label beats: the range read is the active labels'
+        facts += [active.any().long(), torch.where(active, wide, big).min(),
+                  torch.where(active, wide, -big).max()]
+    if not facts:
+        return
+    values = torch.stack(facts).tolist()
+    if target_ids.numel():
+        lo, hi = values[:2]
         if lo < -1 or hi >= V:
-            bad(f"target_ids must lie in [-1, V={V}) (-1 pads); found values in [{lo}, {hi}]")
+            raise SparseKLInputError(f"fused_sparse_kl: target_ids must lie in [-1, V={V}) "
+                                     f"(-1 pads); found values in [{lo}, {hi}]")
+        values = values[2:]
+    if values and values[0]:  # some label is active
+        lo, hi = values[1:]
+        if lo < 0 or hi >= V:
+            raise SparseKLInputError(
+                f"fused_sparse_kl: labels must lie in [0, V={V}) or equal "
+                f"ignore_index={ignore_index}; found values in [{lo}, {hi}]")
 
 
 def fused_sparse_kl(
@@ -233,19 +262,10 @@ def fused_sparse_kl(
     if labels is not None:
         labels = labels.reshape(-1)
     _validate(hidden, weight, target_ids, target_logprobs, labels, bias, tail, temperature, reduction)
+    active = labels != ignore_index if labels is not None else (target_ids >= 0).any(dim=1)
+    _check_id_ranges(target_ids, labels, active, weight.shape[0], ignore_index)
     if labels is not None:
-        active = labels != ignore_index
-        V = weight.shape[0]
-        if active.any():
-            act_labels = labels[active]
-            lo, hi = int(act_labels.min()), int(act_labels.max())
-            if lo < 0 or hi >= V:
-                raise SparseKLInputError(
-                    f"fused_sparse_kl: labels must lie in [0, V={V}) or equal ignore_index={ignore_index}; "
-                    f"found values in [{lo}, {hi}]")
         labels = torch.where(active, labels, 0).long()
-    else:
-        active = (target_ids >= 0).any(dim=1)
     opts = (_pick_impl(impl, hidden.device), tail, float(temperature), reduction,
             tuple(loss_weights), chunk_rows, torch.is_grad_enabled())
     kd, ce = _FusedSparseKL.apply(hidden, weight, bias, target_ids, target_logprobs.float(), labels,

@@ -225,6 +225,20 @@ def pad_rows(rows: list[tuple[Sample, Layout]], length: int) -> dict[str, torch.
 # Datasets
 # ---------------------------------------------------------------------------------------------
 
+def target_rows(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The positions with a teacher target and a next token (labels != IGNORE_INDEX), flattened:
+    (hidden [n, d], target_ids [n, k], target_logprobs [n, k], labels [n]). One device -> host
+    read (the row count) serves all four selections."""
+    labels = batch["labels"].reshape(-1)
+    index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+
+    def rows(t: torch.Tensor, lead: int) -> torch.Tensor:
+        return t.reshape(-1, *t.shape[lead:]).index_select(0, index)
+
+    return (rows(hidden, 2), rows(batch["target_ids"], 2), rows(batch["target_logprobs"], 2),
+            labels.index_select(0, index))
+
+
 class DatasetSet:
     """Several logit datasets seen as one list of windows; checks that they agree."""
 

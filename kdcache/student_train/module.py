@@ -25,7 +25,7 @@ import torch
 
 from kdcache.errors import ConfigMismatchError, KdcacheError
 from kdcache.kernels import fused_sparse_kl
-from kdcache.student_train.data import IGNORE_INDEX
+from kdcache.student_train.data import IGNORE_INDEX, target_rows
 from kdcache.student_train.hf_student import load_hf_student
 from kdcache.student_train.model import ModelArgs, Student, load_hf
 
@@ -79,21 +79,19 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 def distillation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_cfg: LossConfig,
-                      loss_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Forward the student on a batch and return {'loss', 'kd', 'ce', 'rows'}."""
+                      loss_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Forward the student on a batch and return {'loss', 'kd', 'ce'} (tensors) and 'rows' (the
+    number of positions in the loss)."""
     hidden = model(batch["tokens"], batch["seg_ids"])  # (R, L, d)
-    labels = batch["labels"]
-    rows = labels != IGNORE_INDEX  # rows with a teacher target and a next token
-    h = hidden[rows]
+    h, target_ids, target_logprobs, labels = target_rows(hidden, batch)
     weight = model.lm_head_weight
     bias = getattr(model, "lm_head_bias", None)  # an HF student's head may carry one
     if loss_dtype is not None:
         h, weight = h.to(loss_dtype), weight.to(loss_dtype)
     if bias is not None:
         bias = bias.to(weight.dtype)
-    kd, ce = fused_sparse_kl(h, weight, batch["target_ids"][rows], batch["target_logprobs"][rows],
-                             labels[rows], bias=bias, tail=loss_cfg.tail,
-                             temperature=loss_cfg.temperature,
+    kd, ce = fused_sparse_kl(h, weight, target_ids, target_logprobs, labels, bias=bias,
+                             tail=loss_cfg.tail, temperature=loss_cfg.temperature,
                              ignore_index=IGNORE_INDEX, reduction="mean",
                              loss_weights=(loss_cfg.alpha, 1.0 - loss_cfg.alpha))
     alpha = loss_cfg.alpha
@@ -103,7 +101,7 @@ def distillation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], lo
         loss = ce
     else:
         loss = alpha * kd + (1.0 - alpha) * ce
-    return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "rows": rows.sum()}
+    return {"loss": loss, "kd": kd.detach(), "ce": ce.detach(), "rows": len(labels)}
 
 
 class StudentModule(pl.LightningModule):

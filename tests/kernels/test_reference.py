@@ -141,6 +141,18 @@ def test_bad_tensors_raise():
     bad_labels[0] = 99
     with pytest.raises(SparseKLInputError, match="labels must lie in"):
         fused_sparse_kl(p["h"], p["W"], p["ids"], p["lp"], bad_labels)
+    # the range read is the active labels' alone: a negative one is caught, ignored ones are not
+    negative = p["labels"].clone()
+    negative[:] = -100
+    negative[1] = -5
+    with pytest.raises(SparseKLInputError, match=r"found values in \[-5, -5\]"):
+        fused_sparse_kl(p["h"], p["W"], p["ids"], p["lp"], negative)
+    negative[1] = 3
+    kd, ce = fused_sparse_kl(p["h"], p["W"], p["ids"], p["lp"], negative)
+    assert torch.isfinite(kd) and torch.isfinite(ce)
+    negative[1] = -100  # nothing active: no label to check, zero losses
+    kd, ce = fused_sparse_kl(p["h"], p["W"], p["ids"], p["lp"], negative)
+    assert float(kd) == 0.0 and float(ce) == 0.0
     with pytest.raises(SparseKLInputError, match="weight is"):
         fused_sparse_kl(p["h"], p["W"][:, :2], p["ids"], p["lp"], p["labels"])
     with pytest.raises(SparseKLInputError, match=r"\[N=4, k\]"):

@@ -10,7 +10,7 @@ from kdcache.errors import ConfigMismatchError, TargetValidationError
 from kdcache.formats.reader import open_dataset
 from kdcache.student_train.data import (IGNORE_INDEX, DataConfig, DataState, WindowBatches,
                                         WindowDataModule, epoch_order, rank_step_windows,
-                                        steps_in_epoch)
+                                        steps_in_epoch, target_rows)
 
 
 def _consume(n, seed, epoch, start, world, b, steps):
@@ -188,3 +188,19 @@ def test_every_batch_has_the_window_length_whatever_its_windows_fill(tmp_path):
         assert batch["tokens"].shape[1] == 128
         pad = batch["seg_ids"] < 0
         assert pad.any() and (batch["labels"][pad] == IGNORE_INDEX).all()
+
+
+def test_target_rows_are_the_labelled_positions_in_order_with_their_gradient():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    labels[0, 3] = labels[1, 0] = labels[1, 8] = IGNORE_INDEX
+    batch = {"labels": labels, "target_ids": torch.randint(0, 50, (2, 9, 4), generator=g),
+             "target_logprobs": torch.randn(2, 9, 4, generator=g)}
+    hidden = torch.randn(2, 9, 5, generator=g, requires_grad=True)
+    h, ids, lps, lab = target_rows(hidden, batch)
+    keep = labels != IGNORE_INDEX
+    assert torch.equal(h, hidden[keep]) and torch.equal(lab, labels[keep])
+    assert torch.equal(ids, batch["target_ids"][keep])
+    assert torch.equal(lps, batch["target_logprobs"][keep])
+    h.sum().backward()
+    assert torch.equal(hidden.grad, keep[..., None].expand_as(hidden).float())
