@@ -38,9 +38,14 @@ GPU (one call; zstandard and Liger, when not installed, from the wheels carried 
 unpacked onto sys.path by the script):
   python3 bench/bench_hf_student.py --out-dir $OUT
 Where a step's time goes (GPU): --profile adds one profiled step per cell (device time by kernel
-category, the busiest kernels, idle gaps); --attention times each SDPA backend's causal forward +
-backward (and FlexAttention's) on each model's 16k shape; --sdpa-backend forces one backend for
-every cell; --compile-mode passes a torch.compile mode to kdcache's layers.
+category, the busiest kernels, idle time by gap size and the largest gaps, host waits on the
+device); --attention times each SDPA backend's causal forward + backward (and FlexAttention's) on
+each model's 16k shape, on heads-major and [B, T, H, D] memory and with repeated key/value heads;
+--sdpa-backend forces one backend for every cell; --compile-mode passes a torch.compile mode to
+kdcache's layers. One cell's own variant: `MODEL/SHAPE/VARIANT@sdpa=flash_attention`,
+`@compile=max-autotune-no-cudagraphs`, `@attn=kdcache_flex` (options combine; the key names the
+cell in the results). Compiled layers are reset between cells: their guards do not see every
+option.
 CPU (`make bench`): tiny Qwen3 and Llama, 256 and 2,048 tokens, to show every cell works (Liger
 only under TRITON_INTERPRET=1); its figures mean nothing.
 """
@@ -220,14 +225,19 @@ def kernel_category(name: str) -> str:
 
 def profile_step(step) -> dict:
     """One step under torch.profiler: device seconds per kernel category, the 15 busiest
-    kernels, and how much of the step's span the GPU sat idle."""
+    kernels, how much of the step's span the GPU sat idle (by gap size, and the largest gaps
+    with the kernels around them), and the host's waits on the device."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")
+    events = prof.events()
+    # user annotations (e.g. "Optimizer.step#AdamW.step") are ranges on the device timeline,
+    # not kernels: counting them would double the time they cover and hide its gaps
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+               and not getattr(e, "is_user_annotation", False)
                and e.time_range.end > e.time_range.start]
     if not kernels:
         return {"error": "no CUDA kernel events"}
@@ -240,19 +250,38 @@ def profile_step(step) -> dict:
         item = by_name.setdefault(e.name, [0.0, 0, cat])
         item[0] += us
         item[1] += 1
-    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, (cur_s, cur_e) = 0.0, spans[0]
-    for s, e in spans[1:]:
+    kernels.sort(key=lambda e: e.time_range.start)
+    t0 = kernels[0].time_range.start
+    busy, gaps = 0.0, []
+    cur_s, cur_e, cur_name = t0, kernels[0].time_range.end, kernels[0].name
+    for e in kernels[1:]:
+        s, end = e.time_range.start, e.time_range.end
         if s > cur_e:
             busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
+            gaps.append((s - cur_e, cur_e - t0, cur_name, e.name))
+            cur_s, cur_e = s, end
+        elif end > cur_e:
+            cur_e = end
+        if end >= cur_e:
+            cur_name = e.name
     busy += cur_e - cur_s
-    span = spans[-1][1] - spans[0][0]
+    span = cur_e - t0
+    bins = {"under_10us": 0.0, "10_to_100us": 0.0, "100us_to_1ms": 0.0, "over_1ms": 0.0}
+    for g, *_ in gaps:
+        key = ("under_10us" if g < 10 else "10_to_100us" if g < 100 else
+               "100us_to_1ms" if g < 1000 else "over_1ms")
+        bins[key] += g / 1e6
+    waits = [e for e in events if not str(getattr(e, "device_type", "")).endswith("CUDA")
+             and any(w in e.name for w in ("Synchronize", "cudaMemcpy", "EventSynchronize"))]
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
     return {"span_s": span / 1e6, "busy_s": busy / 1e6, "idle_s": (span - busy) / 1e6,
-            "kernels": len(kernels),
+            "kernels": len(kernels), "gaps": len(gaps),
+            "idle_by_gap_s": {k: round(v, 5) for k, v in bins.items()},
+            "largest_gaps": [[round(g / 1e3, 3), round(at / 1e3, 2), a[:60], b[:60]]
+                             for g, at, a, b in sorted(gaps, reverse=True)[:8]],
+            "host_waits": {"count": len(waits),
+                           "s": round(sum(e.time_range.end - e.time_range.start
+                                          for e in waits) / 1e6, 5)},
             "by_category_s": {c: round(v / 1e6, 5) for c, v in
                               sorted(by_cat.items(), key=lambda kv: -kv[1])},
             "top_kernels": [[n[:120], round(v[0] / 1e6, 5), v[1], v[2]] for n, v in top]}
@@ -261,18 +290,23 @@ def profile_step(step) -> dict:
 def attention_bench(config, length: int) -> dict:
     """Causal self-attention forward and forward + backward on one model's shape (bf16, GQA as
     transformers calls SDPA), per SDPA backend and FlexAttention: ms and TFLOP/s (the causal
-    half counted: forward 2 x 2 x S^2/2 x heads x head_dim, backward 2.5x that)."""
+    half counted: forward 2 x 2 x S^2/2 x heads x head_dim, backward 2.5x that). Heads-major
+    tensors ([B, H, T, D] in memory) unless the name ends in `_bthd`: the [B, T, H, D] memory
+    that a model's projections give when viewed and transposed to heads."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     h, kvh, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     gen = torch.Generator(device="cuda").manual_seed(0)
 
-    def tensors():
-        q = torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(1, kvh, length, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(1, kvh, length, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        return [t.requires_grad_() for t in (q, k, v)]
+    def tensor(heads: int, tokens_major: bool, grad: bool = True) -> torch.Tensor:
+        shape = (1, length, heads, d) if tokens_major else (1, heads, length, d)
+        t = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+        t.requires_grad_(grad)
+        return t.transpose(1, 2) if tokens_major else t
+
+    def tensors(tokens_major: bool):
+        return [tensor(n, tokens_major) for n in (h, kvh, kvh)]
 
     fwd_flops = 4 * length * length / 2 * h * d
     out: dict = {}
@@ -281,8 +315,9 @@ def attention_bench(config, length: int) -> dict:
         return 1e3 * timed_steps(fn, "cuda", 1, 5)[0]
 
     def record(name: str, forward) -> None:
-        q, k, v = tensors()
-        grad = torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        tokens_major = name.endswith("_bthd")
+        q, k, v = tensors(tokens_major)
+        grad = tensor(h, tokens_major, grad=False)
         try:
             with torch.no_grad():
                 f_ms = time_ms(lambda: forward(q, k, v))
@@ -298,6 +333,15 @@ def attention_bench(config, length: int) -> dict:
             with sdpa_kernel(getattr(SDPBackend, backend)):
                 return sdpa(q, k, v, is_causal=True, enable_gqa=True)
         record(backend.lower(), forward)
+        if backend != "EFFICIENT_ATTENTION":
+            record(backend.lower() + "_bthd", forward)
+
+        def forward_repeated(q, k, v, backend=backend):  # GQA as plain multi-head attention
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                k, v = (t.repeat_interleave(h // kvh, dim=1) for t in (k, v))
+                return sdpa(q, k, v, is_causal=True)
+        if backend != "EFFICIENT_ATTENTION" and h != kvh:
+            record(backend.lower() + "_repeat_kv_bthd", forward_repeated)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -311,7 +355,8 @@ def attention_bench(config, length: int) -> dict:
 
 def run_cell(variant: str, config, seg_rows: np.ndarray, *, device: str, k: int, ckpt: int,
              warmup: int, steps: int, liger_cls=None, profile: bool = False,
-             sdpa_backend: str | None = None, compile_mode: str | None = None) -> dict:
+             sdpa_backend: str | None = None, compile_mode: str | None = None,
+             attn: str | None = None) -> dict:
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     model = build_model(config, device)
     optimizer = optimizer_for(model, device)
@@ -352,6 +397,9 @@ def run_cell(variant: str, config, seg_rows: np.ndarray, *, device: str, k: int,
                             positions="global")
         if variant == "kdcache-flex":
             student.attn_implementation = FLEX_IMPL
+        if attn:
+            student.attn_implementation = attn
+            entry["attn_forced"] = attn
         student.set_checkpoint_layers(ckpt)
         if device == "cuda":
             student.compile_blocks(**({"mode": compile_mode} if compile_mode else {}))
@@ -527,15 +575,17 @@ class Cells:
         return self.opts.budget_s - (time.time() - T_START)
 
     def attempt(self, variant: str, config, seg_rows, ckpt: int, warmup: int,
-                steps: int) -> tuple[dict, bool]:
+                steps: int, options: dict[str, str]) -> tuple[dict, bool]:
         """(entry, out_of_memory); the failed run's memory is freed before returning."""
         entry, oom = None, False
         try:
             liger_cls = self.liger() if variant == "liger" else None
             entry = run_cell(variant, config, seg_rows, device=self.device, k=self.opts.k,
                              ckpt=ckpt, warmup=warmup, steps=steps, liger_cls=liger_cls,
-                             profile=self.opts.profile, sdpa_backend=self.opts.sdpa_backend,
-                             compile_mode=self.opts.compile_mode)
+                             profile=self.opts.profile,
+                             sdpa_backend=options.get("sdpa", self.opts.sdpa_backend),
+                             compile_mode=options.get("compile", self.opts.compile_mode),
+                             attn=options.get("attn"))
         except Exception as exc:  # keep timing the other cells; report what broke
             # cuBLAS / cuDNN workspaces report running out as a RuntimeError
             oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
@@ -548,7 +598,7 @@ class Cells:
         return entry, oom
 
     def run(self, model_name: str, shape: str, variant: str, ckpt_text: str,
-            estimate: float) -> dict:
+            estimate: float, options: dict[str, str] | None = None) -> dict:
         """One cell: out of memory -> every layer checkpointed (kdcache; hf at 16k); another
         failure of kdcache at 16k -> FlexAttention for the causal row (the path measured before)."""
         config = model_config(model_name, self.cuda)
@@ -570,19 +620,21 @@ class Cells:
                 ckpt = CKPT_131K_FALLBACK[model_name]
             ckpt = min(ckpt, layers)
         retry = variant.startswith("kdcache") or (variant == "hf" and shape == "16k")
-        entry, oom = self.attempt(variant, config, seg_rows, ckpt, warmup, steps)
+        entry, oom = self.attempt(variant, config, seg_rows, ckpt, warmup, steps, options or {})
         if oom and retry and ckpt < layers and self.left_s() + 30 >= estimate:
             print(f"{model_name}/{shape}/{variant}: out of memory with {ckpt} checkpointed "
                   f"layers; once more with all {layers}", file=sys.stderr, flush=True)
             first = entry
-            entry, _ = self.attempt(variant, config, seg_rows, layers, warmup, steps)
+            entry, _ = self.attempt(variant, config, seg_rows, layers, warmup, steps,
+                                     options or {})
             entry["first_attempt"] = first
         elif ("error" in entry and not oom and variant == "kdcache" and shape == "16k"
               and self.cuda and self.left_s() + 30 >= EST_S[("16k", "kdcache-flex")]):
             print(f"{model_name}/{shape}/{variant}: {entry['error'][:80]}; once more with "
                   "FlexAttention", file=sys.stderr, flush=True)
             first = entry
-            entry, _ = self.attempt("kdcache-flex", config, seg_rows, ckpt, warmup, steps)
+            entry, _ = self.attempt("kdcache-flex", config, seg_rows, ckpt, warmup, steps,
+                                     options or {})
             entry["first_attempt"] = {"variant": "kdcache", **first}
         entry.update(tokens=int(seg_rows.size), documents=int(seg_rows.max()) + 1)
         if "seconds" in entry:
@@ -590,11 +642,31 @@ class Cells:
         return entry
 
 
+CELL_OPTIONS = ("sdpa", "compile", "attn")
+ATTN_IMPLS = ("sdpa", FLEX_IMPL)
+SDPA_BACKENDS = ("cudnn_attention", "flash_attention", "efficient_attention")
+
+
+def cell_options(text: str) -> dict[str, str] | None:
+    """`VARIANT@sdpa=flash_attention@compile=max-autotune-no-cudagraphs` -> its options (None
+    when one is unknown)."""
+    options = {}
+    for item in text.split("@")[1:]:
+        key, _, value = item.partition("=")
+        if key not in CELL_OPTIONS or not value or (key == "sdpa" and value not in SDPA_BACKENDS) \
+                or (key == "attn" and value not in ATTN_IMPLS):
+            return None
+        options[key] = value
+    return options
+
+
 def main() -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cells", default=",".join(DEFAULT_CELLS),
-                        help="comma list of MODEL/SHAPE/VARIANT[:CHECKPOINTED_LAYERS], in order")
+                        help="comma list of MODEL/SHAPE/VARIANT[@KEY=VALUE...][:CHECKPOINTED_LAYERS] "
+                        "in order; KEY sdpa (an SDPA backend), compile (a torch.compile mode) "
+                        "or attn (kdcache's attention implementation) sets that cell's option")
     parser.add_argument("--length", type=int, default=16_384 if cuda else 256,
                         help="tokens of the 16k shape (131k is 8x this)")
     parser.add_argument("--ckpt131k", default="auto",
@@ -612,7 +684,7 @@ def main() -> int:
                         help="time each SDPA backend and FlexAttention on each model's 16k "
                         "causal shape first (GPU)")
     parser.add_argument("--sdpa-backend", default=None,
-                        choices=("cudnn_attention", "flash_attention", "efficient_attention"),
+                        choices=SDPA_BACKENDS,
                         help="force one SDPA backend in every cell")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for kdcache's layers (e.g. "
@@ -670,13 +742,19 @@ def main() -> int:
         cell, _, ckpt_text = spec.partition(":")
         t0 = time.time()
         parts = cell.split("/")
+        options = cell_options(parts[-1]) if len(parts) == 3 else None
+        if parts[-1:] and "@" in parts[-1]:
+            parts[-1] = parts[-1].split("@")[0]
         if len(parts) != 3 or parts[0] not in MODELS or parts[1] not in ("16k", "131k") or \
-                parts[2] not in VARIANTS:
-            save(cell, {"error": f"bad cell {spec!r}: MODEL/SHAPE/VARIANT with MODEL in "
-                        f"{MODELS}, SHAPE 16k or 131k, VARIANT in {VARIANTS}"})
+                parts[2] not in VARIANTS or options is None:
+            save(cell, {"error": f"bad cell {spec!r}: MODEL/SHAPE/VARIANT[@KEY=VALUE...] with "
+                        f"MODEL in {MODELS}, SHAPE 16k or 131k, VARIANT in {VARIANTS}, KEY in "
+                        f"{CELL_OPTIONS}"})
             continue
         model_name, shape, variant = parts
         estimate = EST_S[(shape, variant)] if cuda else 0
+        if cuda and "autotune" in options.get("compile", opts.compile_mode or ""):
+            estimate += 150  # inductor benchmarks its matmul and fusion choices first
         if cells.left_s() < estimate:
             save(cell, {"skipped": f"time budget: {time.time() - T_START:.0f} s gone, "
                         f"~{estimate} s needed, budget {opts.budget_s:.0f} s"})
@@ -684,16 +762,18 @@ def main() -> int:
         if variant == "kdcache-flex" and not cuda:
             save(cell, {"skipped": "FlexAttention training needs CUDA (no CPU backward)"})
             continue
-        if cuda and last_model not in (None, model_name):
-            torch._dynamo.reset()  # the previous model's compiled layers cannot serve this one
+        if cuda and last_model is not None:
+            # the previous cell's compiled layers do not guard on every option (an SDPA
+            # backend, the model) a cell can change
+            torch._dynamo.reset()
         last_model = model_name
         try:
-            entry = cells.run(model_name, shape, variant, ckpt_text, estimate)
+            entry = cells.run(model_name, shape, variant, ckpt_text, estimate, options)
         except Exception as exc:  # the bench itself goes on: record and continue
             traceback.print_exc()
             entry = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
             free()
-        entry.update(model=model_name, shape=shape, variant=variant,
+        entry.update(model=model_name, shape=shape, variant=variant, options=options,
                      wall_s=round(time.time() - t0, 1))
         save(cell, entry)
     result["elapsed_s"] = round(time.time() - T_START, 1)
