@@ -647,17 +647,18 @@ ATTN_IMPLS = ("sdpa", FLEX_IMPL)
 SDPA_BACKENDS = ("cudnn_attention", "flash_attention", "efficient_attention")
 
 
-def cell_options(text: str) -> dict[str, str] | None:
-    """`VARIANT@sdpa=flash_attention@compile=max-autotune-no-cudagraphs` -> its options (None
-    when one is unknown)."""
+def parse_variant(text: str) -> tuple[str, dict[str, str] | None]:
+    """`kdcache@sdpa=flash_attention@compile=max-autotune-no-cudagraphs` -> the variant and its
+    options (None when one is unknown)."""
+    variant, *items = text.split("@")
     options = {}
-    for item in text.split("@")[1:]:
+    for item in items:
         key, _, value = item.partition("=")
         if key not in CELL_OPTIONS or not value or (key == "sdpa" and value not in SDPA_BACKENDS) \
                 or (key == "attn" and value not in ATTN_IMPLS):
-            return None
+            return variant, None
         options[key] = value
-    return options
+    return variant, options
 
 
 def main() -> int:
@@ -742,9 +743,9 @@ def main() -> int:
         cell, _, ckpt_text = spec.partition(":")
         t0 = time.time()
         parts = cell.split("/")
-        options = cell_options(parts[-1]) if len(parts) == 3 else None
-        if parts[-1:] and "@" in parts[-1]:
-            parts[-1] = parts[-1].split("@")[0]
+        options = None
+        if len(parts) == 3:
+            parts[2], options = parse_variant(parts[2])
         if len(parts) != 3 or parts[0] not in MODELS or parts[1] not in ("16k", "131k") or \
                 parts[2] not in VARIANTS or options is None:
             save(cell, {"error": f"bad cell {spec!r}: MODEL/SHAPE/VARIANT[@KEY=VALUE...] with "

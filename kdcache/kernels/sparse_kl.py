@@ -151,44 +151,45 @@ def _common_scale(g_kd: torch.Tensor, g_ce: torch.Tensor, w_kd: float, w_ce: flo
     return None
 
 
+def _bad(msg: str):
+    raise SparseKLInputError(f"fused_sparse_kl: {msg}")
+
+
 def _validate(hidden, weight, target_ids, target_logprobs, labels, bias, tail, temperature,
               reduction) -> None:
-    def bad(msg: str):
-        raise SparseKLInputError(f"fused_sparse_kl: {msg}")
-
     if hidden.dim() != 2 or weight.dim() != 2:
-        bad(f"hidden must be [N, d] and weight [V, d]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        _bad(f"hidden must be [N, d] and weight [V, d]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     N, d = hidden.shape
     V = weight.shape[0]
     if weight.shape[1] != d:
-        bad(f"hidden has d={d} but weight is {tuple(weight.shape)} (expected [V, {d}])")
+        _bad(f"hidden has d={d} but weight is {tuple(weight.shape)} (expected [V, {d}])")
     if not hidden.is_floating_point() or weight.dtype != hidden.dtype:
-        bad(f"hidden and weight must share one floating dtype; got {hidden.dtype} and {weight.dtype}")
+        _bad(f"hidden and weight must share one floating dtype; got {hidden.dtype} and {weight.dtype}")
     if target_ids.shape != target_logprobs.shape or target_ids.dim() != 2 or target_ids.shape[0] != N:
-        bad(f"target_ids and target_logprobs must both be [N={N}, k]; got {tuple(target_ids.shape)} "
-            f"and {tuple(target_logprobs.shape)}")
+        _bad(f"target_ids and target_logprobs must both be [N={N}, k]; got {tuple(target_ids.shape)} "
+             f"and {tuple(target_logprobs.shape)}")
     if target_ids.dtype not in (torch.int32, torch.int64):
-        bad(f"target_ids must be int32 or int64, got {target_ids.dtype}")
+        _bad(f"target_ids must be int32 or int64, got {target_ids.dtype}")
     if not target_logprobs.is_floating_point():
-        bad(f"target_logprobs must be floating point, got {target_logprobs.dtype}")
+        _bad(f"target_logprobs must be floating point, got {target_logprobs.dtype}")
     if target_ids.shape[1] < 1:
-        bad("target_ids needs at least one column (k >= 1)")
+        _bad("target_ids needs at least one column (k >= 1)")
     for name, t in (("weight", weight), ("target_ids", target_ids), ("target_logprobs", target_logprobs),
                     ("labels", labels), ("bias", bias)):
         if t is not None and t.device != hidden.device:
-            bad(f"{name} is on {t.device} but hidden is on {hidden.device}")
+            _bad(f"{name} is on {t.device} but hidden is on {hidden.device}")
     if labels is not None and (labels.shape != (N,) or labels.is_floating_point()):
-        bad(f"labels must be an integer tensor [N={N}]; got {labels.dtype} {tuple(labels.shape)}")
+        _bad(f"labels must be an integer tensor [N={N}]; got {labels.dtype} {tuple(labels.shape)}")
     if bias is not None and bias.shape != (V,):
-        bad(f"bias must be [V={V}]; got {tuple(bias.shape)}")
+        _bad(f"bias must be [V={V}]; got {tuple(bias.shape)}")
     if tail not in TAIL_MODES:
-        bad(f"tail must be one of {TAIL_MODES}, got {tail!r}")
+        _bad(f"tail must be one of {TAIL_MODES}, got {tail!r}")
     if reduction not in REDUCTIONS:
-        bad(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        _bad(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not temperature > 0:
-        bad(f"temperature must be > 0, got {temperature}")
+        _bad(f"temperature must be > 0, got {temperature}")
     if tail == "bucket" and temperature != 1.0:
-        bad(f'tail="bucket" is defined at temperature 1 only (got {temperature}); use tail="renormalize"')
+        _bad(f'tail="bucket" is defined at temperature 1 only (got {temperature}); use tail="renormalize"')
 
 
 def _check_id_ranges(target_ids: torch.Tensor, labels: torch.Tensor | None, active: torch.Tensor,
@@ -209,15 +210,13 @@ def _check_id_ranges(target_ids: torch.Tensor, labels: torch.Tensor | None, acti
     if target_ids.numel():
         lo, hi = values[:2]
         if lo < -1 or hi >= V:
-            raise SparseKLInputError(f"fused_sparse_kl: target_ids must lie in [-1, V={V}) "
-                                     f"(-1 pads); found values in [{lo}, {hi}]")
+            _bad(f"target_ids must lie in [-1, V={V}) (-1 pads); found values in [{lo}, {hi}]")
         values = values[2:]
     if values and values[0]:  # some label is active
         lo, hi = values[1:]
         if lo < 0 or hi >= V:
-            raise SparseKLInputError(
-                f"fused_sparse_kl: labels must lie in [0, V={V}) or equal "
-                f"ignore_index={ignore_index}; found values in [{lo}, {hi}]")
+            _bad(f"labels must lie in [0, V={V}) or equal ignore_index={ignore_index}; "
+                 f"found values in [{lo}, {hi}]")
 
 
 def fused_sparse_kl(
